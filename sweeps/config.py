@@ -1,0 +1,275 @@
+"""Experiment configuration: dataclasses that flatten to dotted keys and take `key=value` overrides.
+
+One trial is fully described by an :class:`ExperimentConfig`: the model (``models.ModelConfig``),
+the data (``tasks.DataConfig``), the optimisation (:class:`TrainConfig`) and the resources
+(:class:`ResourcesConfig`). Every leaf is a ``str``, ``int``, ``float`` or ``bool``, so a config
+round-trips through MLflow params, grid files and the command line::
+
+    cfg = ExperimentConfig()
+    cfg = apply_overrides(cfg, {"model.attention.name": "span", "train.lr": "3e-4"})
+    flat = flatten(cfg)            # {"model.attention.name": "span", "train.lr": 0.0003, ...}
+    assert unflatten(ExperimentConfig, flat) == cfg
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from models import ModelConfig
+from tasks import DataConfig
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is invalid; the message names the key and where it came from."""
+
+
+OPTIMIZERS = ("adamw", "lookahead_lamb")
+SCHEDULES = ("linear", "cyclic", "constant")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and evaluation of one trial.
+
+    The two recipes: ``adamw`` + ``linear`` (LXMERT's VQA fine-tuning: AdamW, linear warm-up over
+    ``warmup_ratio`` of the steps, then linear decay to 0) and ``lookahead_lamb`` + ``cyclic``
+    (the paper: Lookahead(k, alpha) around LAMB, triangular cyclical learning rate between
+    ``lr_min`` and ``lr`` with half-period ``cycle_steps``).
+    """
+
+    seed: int = 0
+    epochs: int = 3
+    batch_size: int = 64
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    lr_min: float = 1e-5
+    schedule: str = "linear"
+    warmup_ratio: float = 0.1
+    cycle_steps: int = 2000
+    weight_decay: float = 0.01
+    lookahead_k: int = 5
+    lookahead_alpha: float = 0.8
+    grad_clip: float = 5.0
+    precision: str = "auto"
+    eval_batch_size: int = 512
+    #: Fixed example questions (the first N of the evaluation split) whose top-5 answers are
+    #: logged at the end of the trial (the paper's Fig. 4).
+    n_examples: int = 4
+    #: Path to pretrained LXMERT weights (HF directory, state dict, or original ``.pth``); empty
+    #: means random initialisation.
+    init_checkpoint: str = ""
+    #: Allow a partial weight import (missing/unexpected keys are reported, not refused).
+    init_allow_partial: bool = False
+    #: Log the best model's weights as an MLflow artifact at the end of the trial.
+    log_best_checkpoint: bool = True
+
+    def validate(self) -> None:
+        _choice("train.optimizer", self.optimizer, OPTIMIZERS)
+        _choice("train.schedule", self.schedule, SCHEDULES)
+        _choice("train.precision", self.precision, PRECISIONS)
+        _positive("train.epochs", self.epochs)
+        _positive("train.batch_size", self.batch_size)
+        _positive("train.eval_batch_size", self.eval_batch_size)
+        _positive("train.lr", self.lr)
+        _positive("train.cycle_steps", self.cycle_steps)
+        _positive("train.lookahead_k", self.lookahead_k)
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not 0.0 < self.lookahead_alpha <= 1.0:
+            raise ConfigError(f"train.lookahead_alpha must be in (0, 1], got {self.lookahead_alpha}")
+        if self.schedule == "cyclic" and not 0.0 < self.lr_min < self.lr:
+            raise ConfigError(f"train.lr_min must be in (0, train.lr={self.lr}), got {self.lr_min}")
+        if self.n_examples < 0:
+            raise ConfigError(f"train.n_examples must be >= 0, got {self.n_examples}")
+
+
+@dataclass
+class ResourcesConfig:
+    """What one trial asks of the cluster.
+
+    ``gpus_per_worker`` may be fractional (several trials share one GPU). ``threads_per_worker``
+    0 means one torch thread per CPU the worker holds.
+    """
+
+    num_workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    threads_per_worker: int = 0
+    #: Trials run at once; 0 means as many as the cluster's CPUs/GPUs allow.
+    max_concurrent: int = 0
+    #: Worker-group restarts per trial (from the last checkpoint) before the trial fails.
+    max_failures: int = 2
+
+    def validate(self) -> None:
+        _positive("resources.num_workers", self.num_workers)
+        if self.cpus_per_worker <= 0:
+            raise ConfigError(f"resources.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        if self.gpus_per_worker < 0:
+            raise ConfigError(f"resources.gpus_per_worker must be >= 0, got {self.gpus_per_worker}")
+        if self.gpus_per_worker > 1 and self.gpus_per_worker != int(self.gpus_per_worker):
+            raise ConfigError(
+                f"resources.gpus_per_worker above 1 must be whole, got {self.gpus_per_worker}"
+            )
+        for name in ("threads_per_worker", "max_concurrent", "max_failures"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"resources.{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass
+class ExperimentConfig:
+    """Everything one trial needs; flattened, it is the trial's MLflow params."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+
+    def validate(self) -> None:
+        """Validate every section; raises :class:`ConfigError` naming the key at fault."""
+        for section in ("model", "data", "train", "resources"):
+            value = getattr(self, section)
+            try:
+                value.validate()
+            except ConfigError:
+                raise
+            except (ValueError, KeyError, TypeError) as err:
+                # The models/tasks packages raise their own ValueErrors; name the section.
+                message = str(err)
+                if not message.startswith(f"{section}."):
+                    message = f"{section}: {message}"
+                raise ConfigError(message) from err
+
+
+# --------------------------------------------------------------------------------------------
+# flatten / unflatten / overrides: generic over nested dataclasses with scalar leaves
+# --------------------------------------------------------------------------------------------
+
+Scalar = typing.Union[str, int, float, bool]
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Scalar]:
+    """Nested dataclass -> ``{"a.b.c": scalar}`` in field order."""
+    out: dict[str, Scalar] = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            out.update(flatten(value, key + "."))
+        else:
+            out[key] = value
+    return out
+
+
+def keys(cls: type) -> list[str]:
+    """All dotted keys of a dataclass type (its defaults flattened)."""
+    return list(flatten(cls()).keys())
+
+
+def unflatten(cls: type, flat: dict[str, Any], source: str = "config") -> Any:
+    """``{"a.b": v}`` -> ``cls`` instance; unknown keys raise, missing keys keep defaults."""
+    return apply_overrides(cls(), flat, source=source)
+
+
+def apply_overrides(obj: Any, overrides: dict[str, Any], source: str = "overrides") -> Any:
+    """Return a copy of the dataclass ``obj`` with dotted-key ``overrides`` applied.
+
+    Values may be typed (from YAML) or strings (from the command line); each is coerced to the
+    field's type. An unknown key or a value of the wrong type raises :class:`ConfigError` naming
+    the key, ``source`` and, for a typo, the closest valid keys.
+    """
+    obj = copy.deepcopy(obj)  # not dataclasses.replace: that would validate half-applied overrides
+    valid = None
+    for key, raw in overrides.items():
+        parts = key.split(".")
+        target = obj
+        try:
+            for part in parts[:-1]:
+                child = getattr(target, part)
+                if not dataclasses.is_dataclass(child):
+                    raise AttributeError(part)
+                target = child
+            f = {fl.name: fl for fl in dataclasses.fields(target)}[parts[-1]]
+            if dataclasses.is_dataclass(getattr(target, parts[-1])):
+                raise KeyError(parts[-1])
+        except (AttributeError, KeyError):
+            valid = valid or keys(type(obj))
+            near = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
+            hint = f" Did you mean: {', '.join(near)}?" if near else ""
+            raise ConfigError(f"{source}: unknown key '{key}'.{hint}") from None
+        setattr(target, f.name, coerce(key, raw, _field_type(type(target), f.name), source))
+    return obj
+
+
+def coerce(key: str, raw: Any, typ: type, source: str = "overrides") -> Scalar:
+    """Convert ``raw`` (typed or a command-line string) to ``typ`` or raise naming ``key``."""
+    try:
+        if typ is bool:
+            if isinstance(raw, bool):
+                return raw
+            if isinstance(raw, str) and raw.strip().lower() in ("1", "true", "yes", "on"):
+                return True
+            if isinstance(raw, str) and raw.strip().lower() in ("0", "false", "no", "off"):
+                return False
+            if isinstance(raw, int) and raw in (0, 1):
+                return bool(raw)
+            raise ValueError
+        if typ is int:
+            if isinstance(raw, bool):
+                raise ValueError
+            if isinstance(raw, float):
+                if raw != int(raw):
+                    raise ValueError
+                return int(raw)
+            return int(str(raw).strip())
+        if typ is float:
+            if isinstance(raw, bool):
+                raise ValueError
+            return float(raw)
+        if typ is str:
+            if isinstance(raw, (list, tuple)):
+                return ",".join(str(x) for x in raw)
+            if isinstance(raw, (dict, bool)) or raw is None:
+                raise ValueError
+            return str(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"{source}: '{key}' expects {typ.__name__}, got {raw!r}"
+        ) from None
+    raise ConfigError(f"{source}: '{key}' has unsupported type {typ}")
+
+
+def parse_cli_overrides(items: list[str]) -> dict[str, str]:
+    """``["a.b=1", "c=x"]`` -> ``{"a.b": "1", "c": "x"}``; raises on items without ``=``."""
+    out: dict[str, str] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"command line: override '{item}' is not of the form key=value")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _field_type(cls: type, name: str) -> type:
+    hints = typing.get_type_hints(cls)
+    typ = hints[name]
+    if isinstance(typ, types.UnionType) or typing.get_origin(typ) is typing.Union:
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        typ = args[0]
+    return typ
+
+
+def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise ConfigError(f"{key} must be one of {', '.join(options)}; got '{value}'")
+
+
+def _positive(key: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key} must be > 0, got {value}")

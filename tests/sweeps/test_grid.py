@@ -1,0 +1,173 @@
+"""Grids and presets: expansion, precedence, and validation that names the key at fault."""
+
+import textwrap
+
+import pytest
+
+from sweeps.config import (
+    ConfigError,
+    ExperimentConfig,
+    apply_overrides,
+    flatten,
+    parse_cli_overrides,
+    unflatten,
+)
+from sweeps.grid import GRIDS_DIR, PRESETS_DIR, expand, load_grid, load_preset
+
+
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+@pytest.fixture
+def preset(tmp_path):
+    return load_preset(str(write(tmp_path, "p.yaml", """
+        name: p
+        grid: paper
+        set: {model.hidden_size: 32, model.num_heads: 2, model.intermediate_size: 64, train.epochs: 1}
+    """)))
+
+
+def test_flatten_round_trip_and_cli_strings():
+    cfg = apply_overrides(ExperimentConfig(), parse_cli_overrides(
+        ["model.attention.name=span", "train.lr=3e-4", "model.l_layers=2", "train.log_best_checkpoint=false"]))
+    assert cfg.model.attention.name == "span" and cfg.train.lr == 3e-4 and cfg.model.l_layers == 2
+    assert cfg.train.log_best_checkpoint is False
+    flat = flatten(cfg)
+    assert all(isinstance(v, (str, int, float, bool)) for v in flat.values())
+    assert unflatten(ExperimentConfig, flat) == cfg
+    # MLflow hands params back as strings: they must round-trip too.
+    assert unflatten(ExperimentConfig, {k: str(v) for k, v in flat.items()}) == cfg
+
+
+def test_unknown_key_names_it_and_suggests():
+    with pytest.raises(ConfigError, match=r"unknown key 'train.lrr'.*train.lr"):
+        apply_overrides(ExperimentConfig(), {"train.lrr": 1})
+    with pytest.raises(ConfigError, match=r"'train.epochs' expects int, got 'three'"):
+        apply_overrides(ExperimentConfig(), {"train.epochs": "three"})
+    with pytest.raises(ConfigError, match="not of the form key=value"):
+        parse_cli_overrides(["train.lr"])
+
+
+def test_paper_grid_expands_cells_times_seeds_and_names_pending(preset):
+    grid = load_grid("paper")
+    plan = expand(grid, preset)
+    cells = {t.cell.name for t in plan.trials}
+    assert cells == {"softmax", "span", "entmax", "span_entmax", "layerdrop_955", "layerdrop_1066", "base_1066"}
+    assert len(plan.trials) == 7 * 3
+    assert "grad_std" in plan.pending and "pretraining" in plan.pending["grad_std"]
+    keys = [t.key for t in plan.trials]
+    assert len(set(keys)) == len(keys) and "span-s2" in keys
+    by_key = {t.key: t.config for t in plan.trials}
+    assert by_key["layerdrop_1066-s0"].model.l_layers == 10
+    assert by_key["layerdrop_1066-s0"].model.layerdrop.mode == "fixed"
+    assert by_key["layerdrop_955-s1"].model.l_layers == 9 and by_key["layerdrop_955-s1"].train.seed == 1
+    # preset values reach every trial; cells override them only where they say so
+    assert all(t.config.model.hidden_size == 32 for t in plan.trials)
+
+
+def test_precedence_cli_over_cell_over_preset(preset):
+    grid = load_grid("paper")
+    plan = expand(grid, preset, cli_overrides={"train.lr": "0.5"}, axis_replace={"train.seed": [7]},
+                  cells=["span"])
+    assert [t.key for t in plan.trials] == ["span-s7"]
+    assert plan.trials[0].config.train.lr == 0.5
+    assert plan.trials[0].config.model.attention.name == "span"
+
+
+def test_fingerprint_changes_with_config(preset):
+    grid = load_grid("paper")
+    a = expand(grid, preset).fingerprint
+    assert a == expand(grid, preset).fingerprint
+    assert a != expand(grid, preset, cli_overrides={"train.lr": "0.1"}).fingerprint
+
+
+@pytest.mark.parametrize("body, message", [
+    ("""
+        cells: {a: {set: {model.attention.name: nope}}}
+        axes: [{product: {cell: [a]}}]
+     """, r"cell 'a'.*attention.name"),
+    ("""
+        cells: {a: {set: {model.l_layers: 2, model.layerdrop.mode: fixed, model.layerdrop.n_drop: 2}}}
+        axes: [{product: {cell: [a]}}]
+     """, r"cell 'a'.*n_drop"),
+    ("""
+        cells: {a: {set: {model.hidden_sise: 8}}}
+        axes: [{product: {cell: [a]}}]
+     """, r"cells.a.set: unknown key 'model.hidden_sise'.*model.hidden_size"),
+    ("""
+        cells: {a: {set: {}}}
+        axes: [{product: {cell: [a, b]}}]
+     """, r"cell 'b', which is not defined"),
+    ("""
+        cells: {a: {sett: {}}}
+        axes: [{product: {cell: [a]}}]
+     """, r"cells.a: unknown key\(s\) sett"),
+    ("""
+        cells: {a: {}}
+        axes: [{zip: {cell: [a, a], train.seed: [1]}}]
+     """, r"equal lengths"),
+    ("""
+        cells: {a: {set: {model.l_layers: -1}}}
+        axes: [{product: {cell: [a]}}]
+     """, r"l_layers"),
+    ("""
+        cells: {a: {}}
+        axes: [{product: {cell: [a], train.seed: [1, 1]}}]
+     """, r"share the name"),
+])
+def test_bad_grids_fail_before_any_trial_naming_the_key(tmp_path, preset, body, message):
+    path = write(tmp_path, "bad.yaml", "name: bad\n" + textwrap.dedent(body))
+    with pytest.raises(ConfigError, match=message) as err:
+        expand(load_grid(str(path)), preset)
+    assert "bad.yaml" in str(err.value)
+
+
+def test_zip_and_fixed_axes(tmp_path, preset):
+    path = write(tmp_path, "g.yaml", """
+        name: g
+        cells: {a: {}, b: {set: {model.attention.name: span}}}
+        axes:
+          - zip: {cell: [a, b], train.lr: [0.1, 0.2]}
+          - fixed: {train.epochs: 2}
+          - product: {train.seed: [0, 1]}
+    """)
+    plan = expand(load_grid(str(path)), preset)
+    assert [(t.key, t.config.train.lr, t.config.train.epochs) for t in plan.trials] == [
+        ("a-lr0.1-epochs2-s0", 0.1, 2), ("a-lr0.1-epochs2-s1", 0.1, 2),
+        ("b-lr0.2-epochs2-s0", 0.2, 2), ("b-lr0.2-epochs2-s1", 0.2, 2)]
+
+
+def test_replacing_a_missing_axis_is_an_error(tmp_path, preset):
+    path = write(tmp_path, "g.yaml", "name: g\ncells: {a: {}}\naxes: [{product: {cell: [a]}}]\n")
+    with pytest.raises(ConfigError, match="'train.seed'.*not an axis"):
+        expand(load_grid(str(path)), preset, axis_replace={"train.seed": [0]})
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
+def test_every_shipped_preset_expands_with_its_grid(name):
+    preset = load_preset(name)
+    required = {key: "/somewhere" for key in preset.required}
+    plan = expand(load_grid(preset.grid), preset, cli_overrides=required)
+    assert plan.trials
+    assert "Run:" in preset.path.read_text().split("\n\n")[0], "presets carry their command in the header"
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in GRIDS_DIR.glob("*.yaml")))
+def test_every_shipped_grid_has_its_command_in_the_header(name):
+    text = (GRIDS_DIR / f"{name}.yaml").read_text()
+    assert "Run:" in text.split("\n\n")[0]
+    load_grid(name)
+
+
+def test_unknown_preset_lists_known():
+    with pytest.raises(ConfigError, match="unknown preset 'nope'; known: .*default"):
+        load_preset("nope")
+
+
+def test_preset_required_keys_are_named():
+    preset = load_preset("paper")
+    with pytest.raises(ConfigError, match=r"preset 'paper' needs: data.root=.*train.init_checkpoint="):
+        expand(load_grid("paper"), preset)
