@@ -1,0 +1,483 @@
+"""Format a report: one document model, rendered to Markdown, self-contained HTML and LaTeX.
+
+:func:`document` turns the numbers of :mod:`reports.tables` and the figure list of
+:mod:`reports.figures` into a list of blocks; :func:`to_markdown`, :func:`to_html` and
+:func:`to_latex` render those blocks. Because the three come from the same blocks, the Markdown
+page, the HTML page and the LaTeX tables can never disagree about a number.
+
+Inline markup inside text is a small subset of Markdown: ``**bold**`` and ```code```.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from reports.tables import DEFINITIONS, TYPE_LABELS
+
+NA = "n/a"
+DASH = "—"
+PAPER_MARK = "†"
+PARTIAL_MARK = "‡"
+
+
+@dataclass
+class Table:
+    """A rendered table: header, rows of cell strings, notes printed under it."""
+
+    key: str
+    title: str
+    header: list[str]
+    rows: list[list[str]]
+    align: list[str]
+    notes: list[str] = field(default_factory=list)
+
+
+Block = tuple  # ("h", level, text) | ("p", text) | ("ul", [text]) | ("table", Table) | ("fig", file, caption)
+
+
+# --------------------------------------------------------------------------------------------
+# number formatting
+# --------------------------------------------------------------------------------------------
+
+
+def pct(x: float | None, digits: int = 2) -> str:
+    """A fraction as percent (``0.7242`` -> ``72.42``)."""
+    return DASH if x is None else f"{100.0 * x:.{digits}f}"
+
+
+def mean_std(s: dict[str, Any], scale: float = 100.0, digits: int = 2) -> str:
+    """``mean ± std`` of a summary; ``± n/a`` with one seed (never ``± 0``)."""
+    if not s or s["n"] == 0:
+        return DASH
+    mean = f"{scale * s['mean']:.{digits}f}"
+    std = NA if s["std"] is None else f"{scale * s['std']:.{digits}f}"
+    return f"{mean} ± {std}"
+
+
+def interval(s: dict[str, Any], scale: float = 100.0, digits: int = 2) -> str:
+    """``[low, high]`` of a summary's 95% interval, ``n/a`` for fewer than two seeds."""
+    if not s or s["n"] == 0:
+        return DASH
+    if s["ci95"] is None:
+        return NA
+    lo, hi = s["ci95"]
+    return f"[{scale * lo:.{digits}f}, {scale * hi:.{digits}f}]"
+
+
+def si(x: float | None, unit: str = "") -> str:
+    """``213900000`` -> ``213.9 M``."""
+    if x is None or not math.isfinite(x):
+        return DASH
+    for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= factor:
+            return f"{x / factor:.1f} {prefix}{unit}".rstrip()
+    return f"{x:.0f} {unit}".rstrip()
+
+
+def duration(s: dict[str, Any]) -> str:
+    """Mean wall time of a summary, in s / min / h."""
+    if not s or s["n"] == 0:
+        return DASH
+    x = s["mean"]
+    if x < 120:
+        return f"{x:.1f} s"
+    if x < 7200:
+        return f"{x / 60:.1f} min"
+    return f"{x / 3600:.2f} h"
+
+
+def p_text(p: float) -> str:
+    """``p=0.43`` / ``p<0.001``."""
+    return "p<0.001" if p < 0.001 else f"p={p:.3f}"
+
+
+def verdict(comp: dict[str, Any] | None, ref_label: str) -> str:
+    """Plain words for a comparison: "no significant difference" when the interval covers 0."""
+    if comp is None:
+        return DASH
+    b = comp["bootstrap"]
+    if b is None:
+        return f"not tested: {comp['reason']}"
+    if not b["significant"]:
+        return f"no significant difference ({p_text(b['p_value'])})"
+    side = "better" if b["mean"] > 0 else "worse"
+    return f"{side} than {ref_label} ({p_text(b['p_value'])})"
+
+
+def delta(comp: dict[str, Any] | None) -> str:
+    """``-0.81 [-1.20, -0.40]`` in percentage points."""
+    if comp is None or comp["bootstrap"] is None:
+        return DASH
+    b = comp["bootstrap"]
+    lo, hi = b["ci95"]
+    return f"{100 * b['mean']:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]"
+
+
+def seeds_cell(row: dict[str, Any]) -> str:
+    """``3/3``; ``2/3 ‡`` when planned seeds are missing; ``not run`` for pending cells."""
+    if row["status"] == "not run":
+        return "not run"
+    text = f"{row['n']}/{row['n_planned']}"
+    return text + f" {PARTIAL_MARK}" if row["n"] < row["n_planned"] else text
+
+
+def paper_cell(row: dict[str, Any]) -> str:
+    paper = row["paper"]
+    if not paper:
+        return DASH
+    dev = paper.get("test_dev")
+    std = paper.get("test_std")
+    return f"{dev:.2f} / {std:.2f}" if std is not None else f"{dev:.2f} / {DASH}"
+
+
+def constant(x: float | None, vary: bool, unit: str = "") -> str:
+    text = si(x, unit)
+    return text + " (varies)" if vary and x is not None else text
+
+
+def best_epochs(row: dict[str, Any]) -> str:
+    return ", ".join(str(e) for e in row["best_epoch"]) if row["best_epoch"] else DASH
+
+
+# --------------------------------------------------------------------------------------------
+# the document
+# --------------------------------------------------------------------------------------------
+
+
+def _label(tables: dict[str, Any], cell: str | None) -> str:
+    if cell is None:
+        return DASH
+    row = tables["cells"].get(cell)
+    return row["label"] if row else cell
+
+
+def _common_columns(row: dict[str, Any]) -> list[str]:
+    return [
+        paper_cell(row),
+        constant(row["params"], row["params_vary"]),
+        constant(row["flops_per_sample"], row["flops_vary"]),
+        DASH if row["samples_per_s"]["n"] == 0 else f"{row['samples_per_s']['mean']:.0f}",
+        duration(row["wall_s"]),
+        best_epochs(row),
+    ]
+
+
+_COMMON_HEADER = [f"Paper test-dev / test-std {PAPER_MARK}", "Params", "FLOPs / sample",
+                  "Train samples/s", "Wall time / trial", "Best epoch (per seed)"]
+
+
+def table1(tables: dict[str, Any]) -> Table:
+    """Table 1: one row per main variant."""
+    cells = [tables["cells"][c] for c in tables["tables"]["table1"]]
+    types = tables["answer_types"]
+    show_last = any(r["last_differs"] for r in cells)
+    header = ["Variant", "Seeds", "Acc. (best epoch) mean ± std", "95% CI over seeds"]
+    header += [f"{TYPE_LABELS.get(t, t.replace('_', ' '))} acc." for t in types]
+    if show_last:
+        header.append("Acc. (last epoch)")
+    header += _COMMON_HEADER
+    rows = []
+    for r in cells:
+        line = [r["label"], seeds_cell(r), mean_std(r["acc"]), interval(r["acc"])]
+        line += [mean_std(r["acc_by_type"].get(t, {})) for t in types]
+        if show_last:
+            line.append(mean_std(r["acc_last"]))
+        rows.append(line + _common_columns(r))
+    notes = _table_notes(cells)
+    if not show_last and cells:
+        notes.append("Last-epoch accuracy equals best-epoch accuracy for every trial (the best epoch was the last).")
+    return Table("table1", "Table 1: VQA accuracy on the evaluation split (percent)", header, rows,
+                 ["l", "r"] + ["r"] * (len(header) - 2), notes)
+
+
+def table2(tables: dict[str, Any], key: str = "table2", title: str | None = None) -> Table:
+    """Table 2: the ablations, with the difference from the reference cell."""
+    cells = [tables["cells"][c] for c in tables["tables"][key]]
+    ref_label = _label(tables, tables["reference"])
+    show_last = any(r["last_differs"] for r in cells)
+    header = ["Variant", "Seeds", "Acc. (best epoch) mean ± std", "95% CI over seeds"]
+    if show_last:
+        header.append("Acc. (last epoch)")
+    header += [f"Δ vs {ref_label} (pp) [95% CI]", "Paired bootstrap"] + _COMMON_HEADER
+    rows = []
+    for r in cells:
+        line = [r["label"], seeds_cell(r), mean_std(r["acc"]), interval(r["acc"])]
+        if show_last:
+            line.append(mean_std(r["acc_last"]))
+        line += [delta(r["vs_reference"]), verdict(r["vs_reference"], ref_label)]
+        rows.append(line + _common_columns(r))
+    title = title or "Table 2: ablations (percent)"
+    return Table(key, title, header, rows, ["l", "r"] + ["r"] * (len(header) - 2), _table_notes(cells))
+
+
+def _table_notes(cells: list[dict[str, Any]]) -> list[str]:
+    notes = [f"{PAPER_MARK} The paper's numbers (Bhargava 2020): VQA v2 test-dev / test-std with LXMERT-base on "
+             "the paper's data. They are not comparable with ours unless this sweep ran the paper preset "
+             "on VQA v2; they are printed for orientation only."]
+    partial = [r for r in cells if r["status"] in ("partial", "no finished trial")]
+    if partial:
+        notes.append(f"{PARTIAL_MARK} Seeds missing or failed: "
+                     + "; ".join(f"{r['label']} ({r['n']}/{r['n_planned']})" for r in partial)
+                     + ". Means are over the finished seeds only; see 'Incomplete'.")
+    pending = [r for r in cells if r["status"] == "not run"]
+    if pending:
+        notes.append("Not run: " + "; ".join(f"{r['label']}: {r['pending']}" for r in pending))
+    return notes
+
+
+def comparisons_table(tables: dict[str, Any]) -> Table:
+    """Every paired comparison (each cell vs the reference; LayerDrop vs its baseline)."""
+    header = ["Variant", "Compared with", "Seeds paired", "Questions", "Δ (pp) [95% CI]", "p", "Verdict"]
+    rows = []
+    for comp in tables["comparisons"]:
+        b = comp["bootstrap"]
+        ref_label = _label(tables, comp["reference"])
+        rows.append([
+            _label(tables, comp["variant"]), ref_label,
+            ", ".join(str(s) for s in comp["seeds"]) or DASH,
+            str(b["n_questions"]) if b else DASH,
+            delta(comp),
+            p_text(b["p_value"]) if b else DASH,
+            verdict(comp, ref_label),
+        ])
+    return Table("comparisons", "Paired comparisons over questions", header, rows,
+                 ["l", "l", "r", "r", "r", "r", "l"])
+
+
+def attention_table(tables: dict[str, Any]) -> Table:
+    """Learned span / alpha per cell and stack, first vs last epoch."""
+    header = ["Variant", "Statistic", "Stack", "Mean (first epoch)", "Mean (last epoch)", "Min - max (last epoch)"]
+    rows = []
+    for a in tables["attention"]:
+        digits = 1 if a["stat"] == "span" else 3
+        rows.append([
+            _label(tables, a["cell"]), a["stat"] + (" (tokens)" if a["stat"] == "span" else ""), a["stack"],
+            f"{a['mean_first']:.{digits}f} (epoch {a['first_epoch']})",
+            f"{a['mean_last']:.{digits}f} (epoch {a['last_epoch']})",
+            f"{a['min_last']:.{digits}f} - {a['max_last']:.{digits}f}",
+        ])
+    notes = ["Over every head (every layer and attention of the stack) and every finished seed. "
+             "The paper reports text heads preferring sparse attention (alpha toward 2) and vision / "
+             "cross-modal heads dense (alpha below 1.5)."]
+    if any(not a["per_head"] for a in tables["attention"]):
+        notes.append("Some runs logged no `stats/attention_heads.csv`; their rows use per-layer means "
+                     "(min - max is then over layers).")
+    return Table("attention", "Learned attention parameters", header, rows, ["l", "l", "l", "r", "r", "r"], notes)
+
+
+def incomplete_table(tables: dict[str, Any]) -> Table:
+    """Trials that were planned (or found) but are not averaged, and why."""
+    header = ["Trial", "Cell", "Seed", "Status", "Reason"]
+    rows = [[t["key"], t["cell"], DASH if t["seed"] is None else str(t["seed"]), t["status"],
+             _one_line(t["reason"])] for t in tables["incomplete"]["trials"]]
+    return Table("incomplete", "Trials not averaged", header, rows, ["l", "l", "r", "l", "l"])
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def document(tables: dict[str, Any], figures: dict[str, Any]) -> list[Block]:
+    """The report as blocks, in reading order."""
+    sw = tables["sweep"]
+    blocks: list[Block] = [("h", 1, f"Ablation report: sweep `{sw['id']}`")]
+    blocks.append(("ul", [
+        f"Experiment `{sw['experiment']}`, parent run `{sw['parent_run_id']}`",
+        f"Grid `{sw['grid'] or '?'}`, preset `{sw['preset'] or '?'}`, sweep status **{sw['status'] or '?'}**",
+        f"Code: git `{sw['git_commit'] or '?'}`" + (" (dirty)" if sw["git_dirty"] == "true" else "")
+        + f", source hash `{sw['source_hash'] or '?'}`",
+        f"Trials: {sw['usable_trials']} of {sw['planned_trials']} planned are finished and averaged",
+    ]))
+    inc = tables["incomplete"]
+    if inc["trials"] or inc["pending"]:
+        parts = []
+        if inc["trials"]:
+            parts.append(f"{len(inc['trials'])} trial(s) are missing, failed or unfinished and are not averaged")
+        if inc["pending"]:
+            parts.append(f"{len(inc['pending'])} cell(s) were not run")
+        blocks.append(("p", "**This sweep is incomplete:** " + "; ".join(parts) + ". See 'Incomplete' below."))
+    blocks.append(("p", "**Accuracy.** " + DEFINITIONS["accuracy"] + " " + DEFINITIONS["answer_types"]))
+    blocks.append(("p", "**Over seeds.** " + DEFINITIONS["over_seeds"]))
+    if tables["tables"]["table1"]:
+        blocks.append(("table", table1(tables)))
+    if tables["tables"]["table2"]:
+        blocks.append(("table", table2(tables)))
+    if tables["tables"]["other"]:
+        blocks.append(("table", table2(tables, "other", "Other cells (percent)")))
+    blocks.append(("h", 2, "Differences from " + _label(tables, tables["reference"])))
+    if tables["reference"] is None:
+        blocks.append(("p", "No `softmax` cell in this sweep: no paired comparison was made."))
+    elif tables["comparisons"]:
+        blocks.append(("p", "**Paired bootstrap.** " + DEFINITIONS["bootstrap"]))
+        blocks.append(("table", comparisons_table(tables)))
+    else:
+        blocks.append(("p", "No other cell has finished trials to compare."))
+    if tables["attention"]:
+        blocks.append(("table", attention_table(tables)))
+    blocks.append(("h", 2, "Figures"))
+    by_number: dict[int, list[dict[str, Any]]] = {}
+    for f in figures["files"]:
+        by_number.setdefault(f["figure"], []).append(f)
+    for number in (1, 2, 3, 4):
+        for f in by_number.get(number, []):
+            blocks.append(("fig", f["file"], f["caption"]))
+        if str(number) in figures["missing"]:
+            blocks.append(("p", f"**Fig. {number}: no figure.** {figures['missing'][str(number)]}."))
+    blocks.append(("h", 2, "Incomplete"))
+    if not inc["trials"] and not inc["pending"]:
+        blocks.append(("p", "Nothing: every planned trial finished and every declared cell ran."))
+    if inc["pending"]:
+        blocks.append(("ul", [f"**{p['label']}** (`{p['cell']}`) not run: {_one_line(p['reason'])}"
+                              for p in inc["pending"]]))
+    if inc["trials"]:
+        blocks.append(("table", incomplete_table(tables)))
+    if tables["notes"]:
+        blocks.append(("h", 2, "Notes"))
+        blocks.append(("ul", list(tables["notes"])))
+    blocks.append(("p", "**Throughput and time.** " + DEFINITIONS["throughput"] + " " + DEFINITIONS["wall_time"]))
+    return blocks
+
+
+# --------------------------------------------------------------------------------------------
+# renderers
+# --------------------------------------------------------------------------------------------
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def to_markdown(blocks: list[Block]) -> str:
+    """Markdown (GitHub flavour); figures are relative links into ``figures/``."""
+    out: list[str] = []
+    for block in blocks:
+        kind = block[0]
+        if kind == "h":
+            out.append("#" * block[1] + " " + block[2])
+        elif kind == "p":
+            out.append(block[1])
+        elif kind == "ul":
+            out.append("\n".join(f"- {item}" for item in block[1]))
+        elif kind == "fig":
+            out.append(f"![{block[2]}]({block[1]})\n\n*{block[2]}*")
+        elif kind == "table":
+            t: Table = block[1]
+            lines = [f"### {t.title}", "", "| " + " | ".join(_md_cell(h) for h in t.header) + " |",
+                     "|" + "|".join("---:" if a == "r" else "---" for a in t.align) + "|"]
+            lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in t.rows]
+            if not t.rows:
+                lines.append("| " + " | ".join(["(none)"] + [""] * (len(t.header) - 1)) + " |")
+            if t.notes:
+                lines.append("")
+                lines += [f"{n}  " for n in t.notes[:-1]] + [t.notes[-1]]
+            out.append("\n".join(lines))
+    return "\n\n".join(out) + "\n"
+
+
+def _inline_html(text: str) -> str:
+    text = html.escape(text, quote=False)
+    text = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", text)
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
+
+
+_CSS = """
+body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; margin: 2em auto;
+       max-width: 1400px; padding: 0 1em; color: #1b1b1b; line-height: 1.45; }
+h1 { font-size: 1.6em; border-bottom: 2px solid #ddd; padding-bottom: .3em; }
+h2 { font-size: 1.3em; margin-top: 1.6em; border-bottom: 1px solid #eee; }
+h3 { font-size: 1.05em; margin-top: 1.4em; }
+code { background: #f3f3f3; padding: 0 .25em; border-radius: 3px; font-size: .92em; }
+.table-wrap { overflow-x: auto; }
+table { border-collapse: collapse; font-size: .86em; margin: .4em 0; }
+th, td { border: 1px solid #d0d0d0; padding: .3em .55em; white-space: nowrap; }
+th { background: #f0f3f7; text-align: center; }
+td.r { text-align: right; font-variant-numeric: tabular-nums; }
+td.l { text-align: left; }
+tr:nth-child(even) td { background: #fafafa; }
+p.note { font-size: .82em; color: #555; margin: .2em 0; }
+figure { margin: 1.2em 0; }
+figure img { max-width: 100%; border: 1px solid #eee; }
+figcaption { font-size: .88em; color: #444; }
+"""
+
+
+def to_html(blocks: list[Block], base: Path, title: str) -> str:
+    """A self-contained HTML page: inline CSS, figures embedded as base64 data URIs.
+
+    Args:
+        blocks: From :func:`document`.
+        base: Folder the figure paths are relative to.
+        title: The page title.
+    """
+    out = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
+           f"<title>{html.escape(title)}</title>", f"<style>{_CSS}</style>", "</head>", "<body>"]
+    for block in blocks:
+        kind = block[0]
+        if kind == "h":
+            out.append(f"<h{block[1]}>{_inline_html(block[2])}</h{block[1]}>")
+        elif kind == "p":
+            out.append(f"<p>{_inline_html(block[1])}</p>")
+        elif kind == "ul":
+            out.append("<ul>" + "".join(f"<li>{_inline_html(i)}</li>" for i in block[1]) + "</ul>")
+        elif kind == "fig":
+            data = base64.b64encode((base / block[1]).read_bytes()).decode("ascii")
+            alt = html.escape(block[2])
+            out.append(f'<figure><img alt="{alt}" src="data:image/png;base64,{data}">'
+                       f"<figcaption>{_inline_html(block[2])}</figcaption></figure>")
+        elif kind == "table":
+            t: Table = block[1]
+            rows = ["<tr>" + "".join(f"<th>{_inline_html(h)}</th>" for h in t.header) + "</tr>"]
+            for row in t.rows:
+                rows.append("<tr>" + "".join(f'<td class="{a}">{_inline_html(c)}</td>'
+                                             for c, a in zip(row, t.align)) + "</tr>")
+            if not t.rows:
+                rows.append(f'<tr><td class="l" colspan="{len(t.header)}">(none)</td></tr>')
+            notes = "".join(f'<p class="note">{_inline_html(n)}</p>' for n in t.notes)
+            out.append(f'<h3>{_inline_html(t.title)}</h3><div class="table-wrap"><table id="{t.key}">'
+                       + "".join(rows) + f"</table></div>{notes}")
+    out += ["</body>", "</html>"]
+    return "\n".join(out) + "\n"
+
+
+_TEX_REPLACE = {
+    "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+    "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+    "±": r"$\pm$", "Δ": r"$\Delta$", "—": "--", "†": r"$^\dagger$", "‡": r"$^\ddagger$",
+    "<": r"$<$", ">": r"$>$", "…": "...",
+}
+
+
+def tex_escape(text: str) -> str:
+    """LaTeX-escape plain text (inline ``**`` / backticks are dropped)."""
+    text = text.replace("**", "").replace("`", "")
+    return "".join(_TEX_REPLACE.get(ch, ch) for ch in text)
+
+
+def to_latex(blocks: list[Block], sweep_id: str) -> str:
+    """Every table of the report as a LaTeX ``table`` (needs ``booktabs``; wide ones ``graphicx``)."""
+    out = [f"% Tables of sweep {tex_escape(sweep_id)}, generated by `python -m reports`.",
+           "% Needs \\usepackage{booktabs} and \\usepackage{graphicx} in the preamble.", ""]
+    for block in blocks:
+        if block[0] != "table":
+            continue
+        t: Table = block[1]
+        spec = "".join(t.align)
+        out += [r"\begin{table}[t]", r"\centering", r"\small",
+                rf"\caption{{{tex_escape(t.title)}}}", rf"\label{{tab:{t.key}}}",
+                r"\resizebox{\textwidth}{!}{%", rf"\begin{{tabular}}{{{spec}}}", r"\toprule",
+                " & ".join(tex_escape(h) for h in t.header) + r" \\", r"\midrule"]
+        out += [" & ".join(tex_escape(c) for c in row) + r" \\" for row in t.rows]
+        if not t.rows:
+            out.append(rf"\multicolumn{{{len(t.header)}}}{{l}}{{(none)}} \\")
+        out += [r"\bottomrule", r"\end{tabular}}"]
+        for note in t.notes:
+            out.append(r"\par\smallskip\footnotesize " + tex_escape(note))
+        out += [r"\end{table}", ""]
+    return "\n".join(out)

@@ -1,0 +1,307 @@
+"""The numbers of a report, computed from a :class:`~reports.store.Sweep`.
+
+The result is a plain, JSON-ready dict (written as ``tables.json``); every rendered table
+(Markdown, HTML, LaTeX) is formatted from it, so the three always agree. Accuracies are kept as
+fractions in [0, 1], exactly as MLflow holds them; renderers show percent.
+
+Definitions (also stated in every report, see :data:`DEFINITIONS`):
+
+* a cell's accuracy over seeds is built from each usable trial's ``best/acc`` (evaluation accuracy
+  at the best epoch, ``best/epoch``); the last epoch's ``eval/acc`` is kept beside it;
+* mean, sample standard deviation (ddof=1; none for one seed) and 95% t-interval over seeds;
+* difference from the reference cell (softmax): paired bootstrap over questions, see
+  :func:`compare`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from reports.stats import N_RESAMPLES, paired_bootstrap, rng_for, summarize
+from reports.store import Sweep, Trial
+
+#: The cell every other cell is compared with.
+REFERENCE_CELL = "softmax"
+#: Answer types in the order the paper lists them; others follow alphabetically.
+TYPE_ORDER = ("yes_no", "number", "other")
+TYPE_LABELS = {"yes_no": "yes/no", "number": "number", "other": "other"}
+
+DEFINITIONS = {
+    "accuracy": (
+        "VQA accuracy on the evaluation split (the soft score of the top answer, averaged over "
+        "questions) at each trial's best epoch: MLflow's `best/acc`, logged with `best/epoch`. The "
+        "paper reports one end-of-training number; `best/acc` is the closest equivalent that does "
+        "not depend on when training stopped. The last epoch's `eval/acc` is shown beside it where "
+        "it differs."
+    ),
+    "answer_types": "Per answer type: `eval/acc_<type>` at the trial's best epoch.",
+    "over_seeds": (
+        "Mean over seeds, sample standard deviation (ddof=1; 'n/a' with one seed) and the two-sided "
+        "95% Student-t interval mean +- t(0.975, n-1) * std / sqrt(n). Only FINISHED trials listed in "
+        "the sweep's plan are averaged; every other trial is listed under 'Incomplete'."
+    ),
+    "bootstrap": (
+        f"Paired bootstrap over questions: for every seed run by both the variant and the reference, "
+        f"per-question score differences from `eval/predictions.csv` (best epoch) are averaged over "
+        f"those seeds; the {N_RESAMPLES} resamples draw questions with replacement from a generator "
+        f"seeded by the two cell names (deterministic). Reported: the observed mean difference, the "
+        f"percentile 95% interval, and the two-sided p-value 2 * min(P(b <= 0), P(b >= 0)) "
+        f"(with +1 smoothing). The interval reflects question sampling only: seed-to-seed variance "
+        f"is shown separately by the 95% interval over seeds."
+    ),
+    "throughput": "Training samples/s: per trial, the mean over epochs of `train/samples_per_s`; then over seeds.",
+    "wall_time": "Wall time per trial: `time/trial_s` (training + evaluation).",
+    "units": "Accuracies in tables.json are fractions in [0, 1]; rendered tables show percent.",
+}
+
+
+def _summary(values: list[float]) -> dict[str, Any]:
+    return summarize(values).as_dict()
+
+
+def type_order(types: set[str]) -> list[str]:
+    """Answer types in display order."""
+    return [t for t in TYPE_ORDER if t in types] + sorted(types - set(TYPE_ORDER))
+
+
+def _trial_numbers(trial: Trial) -> dict[str, Any]:
+    """What one usable trial contributes to its row."""
+    m, h = trial.metrics, trial.history
+    best_epoch = int(round(m.get("best/epoch", 0)))
+    eval_hist = h.get("eval/acc", {})
+    last_epoch = max(eval_hist) if eval_hist else None
+    by_type = {}
+    for name, hist in h.items():
+        if name.startswith("eval/acc_") and best_epoch in hist:
+            by_type[name[len("eval/acc_"):]] = hist[best_epoch]
+    sps = list(h.get("train/samples_per_s", {}).values())
+    wall = m.get("time/trial_s")
+    if wall is None and h.get("time/elapsed_s"):
+        wall = h["time/elapsed_s"][max(h["time/elapsed_s"])]
+    return {
+        "seed": trial.seed,
+        "key": trial.key,
+        "run_id": trial.run_id,
+        "acc": m["best/acc"],
+        "best_epoch": best_epoch,
+        "last_epoch": last_epoch,
+        "acc_last": eval_hist[last_epoch] if last_epoch is not None else None,
+        "by_type": by_type,
+        "samples_per_s": float(np.mean(sps)) if sps else None,
+        "wall_s": wall,
+        "params": m.get("model/params"),
+        "flops_per_sample": m.get("model/flops_per_sample"),
+    }
+
+
+def _constant(values: list[float | None]) -> tuple[float | None, bool]:
+    """The common value of per-seed constants (params, FLOPs) and whether they all agreed."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return None, True
+    return float(np.mean(present)), len(set(present)) == 1
+
+
+def _signature(trials: list[Trial]) -> tuple[tuple[str, ...] | None, bool]:
+    """(architecture signature, uses LayerDrop) of a cell from its runs' params."""
+    for t in trials:
+        p = t.params
+        if "model.l_layers" in p:
+            sig = tuple(p.get(k, "") for k in ("model.l_layers", "model.x_layers", "model.r_layers",
+                                               "model.attention.name", "model.attention.stacks",
+                                               "model.hidden_size"))
+            return sig, p.get("model.layerdrop.mode", "none") not in ("", "none")
+    return None, False
+
+
+def compare(sweep: Sweep, variant: str, reference: str) -> dict[str, Any]:
+    """Paired bootstrap of ``variant`` minus ``reference`` over questions.
+
+    Seeds are paired (seed s of the variant with seed s of the reference, so both saw the same
+    initialisation of everything the seed controls); the per-question differences are averaged
+    over the paired seeds, then questions are resampled. Questions are those present in every
+    paired predictions file.
+    """
+    out: dict[str, Any] = {"variant": variant, "reference": reference, "seeds": [], "bootstrap": None,
+                           "reason": ""}
+    var = {t.seed: t for t in sweep.usable(variant) if t.predictions}
+    ref = {t.seed: t for t in sweep.usable(reference) if t.predictions}
+    if not ref:
+        out["reason"] = f"no finished {reference} trial with eval/predictions.csv"
+        return out
+    if not var:
+        out["reason"] = "no finished trial of this cell with eval/predictions.csv"
+        return out
+    seeds = sorted(s for s in set(var) & set(ref) if s is not None)
+    if not seeds:
+        out["reason"] = (f"no seed run by both (this cell: {sorted(s for s in var if s is not None)}, "
+                         f"{reference}: {sorted(s for s in ref if s is not None)})")
+        return out
+    common = set.intersection(*(set(var[s].predictions) & set(ref[s].predictions) for s in seeds))
+    qids = sorted(common)
+    if not qids:
+        out["reason"] = "the paired predictions share no question"
+        return out
+    diffs = np.zeros(len(qids))
+    for s in seeds:
+        vp, rp = var[s].predictions, ref[s].predictions
+        diffs += np.array([vp[q][0] - rp[q][0] for q in qids])
+    diffs /= len(seeds)
+    result = paired_bootstrap(diffs, rng_for(variant, reference))
+    out["seeds"] = seeds
+    out["bootstrap"] = result.as_dict()
+    return out
+
+
+def compute(sweep: Sweep, reference: str = REFERENCE_CELL) -> dict[str, Any]:
+    """All numbers of the report for ``sweep`` (JSON-ready, deterministic for a given store)."""
+    rows: dict[str, dict[str, Any]] = {}
+    all_types: set[str] = set()
+    signatures: dict[str, tuple[tuple[str, ...] | None, bool]] = {}
+    for name, cell in sweep.cells.items():
+        trials = sweep.cell_trials(name)
+        used = [t for t in trials if t.usable]
+        per = [_trial_numbers(t) for t in used]
+        planned = [t for t in trials if t.planned]
+        for p in per:
+            all_types.update(p["by_type"])
+        params, params_same = _constant([p["params"] for p in per])
+        flops, flops_same = _constant([p["flops_per_sample"] for p in per])
+        signatures[name] = _signature(trials)
+        if cell.pending and not used:
+            status = "not run"
+        elif not used:
+            status = "no finished trial"
+        elif len(used) < len(planned):
+            status = "partial"
+        else:
+            status = "complete"
+        acc_last = [p["acc_last"] for p in per if p["acc_last"] is not None]
+        rows[name] = {
+            "cell": name,
+            "label": cell.label,
+            "table": cell.table,
+            "status": status,
+            "pending": cell.pending,
+            "seeds_planned": [t.seed for t in planned],
+            "seeds": [p["seed"] for p in per],
+            "n_planned": len(planned),
+            "n": len(per),
+            "acc": _summary([p["acc"] for p in per]),
+            "acc_last": _summary(acc_last),
+            "last_differs": any(p["acc_last"] is not None and p["acc_last"] != p["acc"] for p in per),
+            "acc_by_type": {},
+            "best_epoch": [p["best_epoch"] for p in per],
+            "last_epoch": [p["last_epoch"] for p in per],
+            "paper": dict(cell.paper),
+            "params": params,
+            "params_vary": not params_same,
+            "flops_per_sample": flops,
+            "flops_vary": not flops_same,
+            "samples_per_s": _summary([p["samples_per_s"] for p in per if p["samples_per_s"] is not None]),
+            "wall_s": _summary([p["wall_s"] for p in per if p["wall_s"] is not None]),
+            "layerdrop": signatures[name][1],
+            "baseline": None,
+            "vs_reference": None,
+            "run_ids": [p["run_id"] for p in per],
+        }
+        rows[name]["_per"] = per
+    types = type_order(all_types)
+    for row in rows.values():
+        per = row.pop("_per")
+        row["acc_by_type"] = {
+            t: _summary([p["by_type"][t] for p in per if t in p["by_type"]]) for t in types
+        }
+
+    # LayerDrop's baseline: the cell with the same architecture and attention, without LayerDrop.
+    for name, (sig, layerdrop) in signatures.items():
+        if layerdrop and sig is not None:
+            for other, (osig, olayerdrop) in signatures.items():
+                if other != name and osig == sig and not olayerdrop:
+                    rows[name]["baseline"] = other
+                    break
+
+    comparisons = []
+    ref_ok = reference in rows
+    for name, row in rows.items():
+        if name == reference or row["n"] == 0:
+            continue
+        if ref_ok:
+            comp = compare(sweep, name, reference)
+            comp["kind"] = "vs reference"
+            row["vs_reference"] = comp
+            comparisons.append(comp)
+        if row["baseline"] and row["baseline"] != reference:
+            comp = compare(sweep, name, row["baseline"])
+            comp["kind"] = "vs baseline without LayerDrop"
+            comparisons.append(comp)
+
+    incomplete = [
+        {"key": t.key, "cell": t.cell, "seed": t.seed, "status": t.status, "run_id": t.run_id, "reason": t.reason}
+        for t in sweep.trials if not t.usable
+    ]
+    pending = [{"cell": c.name, "label": c.label, "reason": c.pending} for c in sweep.cells.values() if c.pending]
+    tags = sweep.tags
+    return {
+        "sweep": {
+            "id": sweep.sweep_id,
+            "experiment": sweep.experiment,
+            "parent_run_id": sweep.parent_run_id,
+            "grid": tags.get("sweep.grid", ""),
+            "preset": tags.get("sweep.preset", ""),
+            "status": tags.get("sweep.status", ""),
+            "parent_run_status": sweep.parent_status,
+            "git_commit": tags.get("git.commit", ""),
+            "git_dirty": tags.get("git.dirty", ""),
+            "source_hash": tags.get("source.hash", ""),
+            "planned_trials": sum(t.planned for t in sweep.trials),
+            "usable_trials": sum(t.usable for t in sweep.trials),
+        },
+        "definitions": DEFINITIONS,
+        "reference": reference if ref_ok else None,
+        "answer_types": types,
+        "cells": rows,
+        "tables": {
+            "table1": [n for n, r in rows.items() if r["table"] == 1],
+            "table2": [n for n, r in rows.items() if r["table"] == 2],
+            "other": [n for n, r in rows.items() if r["table"] not in (1, 2)],
+        },
+        "comparisons": comparisons,
+        "attention": attention_summary(sweep),
+        "incomplete": {"trials": incomplete, "pending": pending},
+        "notes": list(sweep.notes),
+    }
+
+
+def attention_summary(sweep: Sweep) -> list[dict[str, Any]]:
+    """Learned span / alpha per cell and stack: first and last epoch, over every head and seed.
+
+    The paper's claims (text heads sparse, alpha toward 2; vision and cross-modal heads dense;
+    spans shrink in single-modality layers) are read off this table.
+    """
+    out = []
+    for name in sweep.cells:
+        rows = [r for t in sweep.usable(name) for r in (t.heads or [])]
+        if not rows:
+            continue
+        for stat in ("span", "alpha"):
+            for stack in ("lang", "visn", "cross"):
+                sel = [r for r in rows if r["stat"] == stat and r["stack"] == stack]
+                if not sel:
+                    continue
+                first = min(r["epoch"] for r in sel)
+                last = max(r["epoch"] for r in sel)
+                v_first = [r["value"] for r in sel if r["epoch"] == first]
+                v_last = [r["value"] for r in sel if r["epoch"] == last]
+                out.append({
+                    "cell": name, "stat": stat, "stack": stack,
+                    "first_epoch": first, "last_epoch": last,
+                    "mean_first": float(np.mean(v_first)), "mean_last": float(np.mean(v_last)),
+                    "min_last": float(np.min(v_last)), "max_last": float(np.max(v_last)),
+                    "n_values_last": len(v_last),
+                    # head -1: per-layer means from metric histories (the run lacked the CSV).
+                    "per_head": all(r["head"] >= 0 for r in sel),
+                })
+    return out
