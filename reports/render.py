@@ -397,7 +397,7 @@ code { background: #f3f3f3; padding: 0 .25em; border-radius: 3px; font-size: .92
 .table-wrap { overflow-x: auto; }
 table { border-collapse: collapse; font-size: .86em; margin: .4em 0; }
 th, td { border: 1px solid #d0d0d0; padding: .3em .55em; white-space: nowrap; }
-th { background: #f0f3f7; text-align: center; }
+th { background: #f0f3f7; text-align: center; white-space: normal; min-width: 4em; max-width: 11em; }
 td.r { text-align: right; font-variant-numeric: tabular-nums; }
 td.l { text-align: left; }
 tr:nth-child(even) td { background: #fafafa; }
