@@ -81,11 +81,12 @@ def _contractions() -> dict[str, str]:
         y'all'd've: yall'd've y'alld've y'all'dve | you'd: youd | you'd've: youd've you'dve
         you'll: youll | you're: youre | you've: youve
     """
-    out = {}
-    for entry in " ".join(table.split()).split(" | "):
-        target, variants = entry.split(": ")
-        for v in variants.split():
-            out[v] = target
+    out, target = {}, ""
+    for token in table.split():
+        if token.endswith(":"):
+            target = token[:-1]
+        elif token != "|":
+            out[token] = target
     return out
 
 
