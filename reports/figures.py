@@ -94,6 +94,20 @@ def _epoch_axis(ax) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
+def _legend(ax, keys: list[tuple], n_layers: int) -> None:
+    """One entry per layer (colour) and, when a stack has several attentions, one per attention
+    (line style), instead of one per line: a cross-modality stack has 3 lines per layer."""
+    from matplotlib.lines import Line2D
+
+    layers = sorted({k[1] for k in keys})
+    attentions = sorted({k[2] for k in keys})
+    handles = [Line2D([], [], color=_layer_colour(layer, n_layers), label=f"layer {layer}") for layer in layers]
+    if len(attentions) > 1:
+        handles += [Line2D([], [], color="black", linestyle=ATTENTION_STYLES.get(a, "-"), label=a)
+                    for a in attentions]
+    ax.legend(handles=handles, ncol=2 if len(handles) > 8 else 1, loc="best")
+
+
 def _layer_colour(layer: int, n_layers: int):
     from matplotlib import colormaps
 
@@ -144,11 +158,11 @@ def fig_span(sweep: Sweep, cell: str, label: str, path: Path) -> dict[str, Any] 
             for key in keys:
                 epochs, mean, _, _ = _epochs_mean(series[key])
                 ax.plot(epochs, mean, ATTENTION_STYLES.get(key[2], "-"), marker="o", markersize=2.5,
-                        color=_layer_colour(key[1], n_layers), label=f"L{key[1]} {key[2]}")
+                        color=_layer_colour(key[1], n_layers))
             ax.set_title(STACK_TITLES[stack])
             _epoch_axis(ax)
             ax.set_ylabel("span (tokens), mean over heads")
-            ax.legend(ncol=2 if len(keys) > 8 else 1, loc="best")
+            _legend(ax, keys, n_layers)
         fig.suptitle(f"Fig. 1: adaptive span per layer, {label} (mean over {len(by_seed)} seed(s))")
         _save(fig, path)
     return {"seeds": sorted(s for s in by_seed if s is not None)}
@@ -178,20 +192,16 @@ def fig_alpha(sweep: Sweep, cell: str, label: str, path: Path) -> dict[str, Any]
         for ax, stack in zip(axes, stacks):
             keys = sorted(k for k in per if k[0] == stack)
             n_layers = max(k[1] for k in keys) + 1
-            labelled: set[tuple[int, str]] = set()
             for key in keys:
                 epochs = sorted(per[key])
-                first = (key[1], key[2]) not in labelled
-                labelled.add((key[1], key[2]))
                 ax.plot(epochs, [per[key][e] for e in epochs], ATTENTION_STYLES.get(key[2], "-"),
-                        linewidth=0.8, alpha=0.8, color=_layer_colour(key[1], n_layers),
-                        label=f"L{key[1]} {key[2]}" if first else None)
+                        linewidth=0.8, alpha=0.8, color=_layer_colour(key[1], n_layers))
             ax.set_ylim(0.95, 2.05)
             ax.axhline(1.5, color="grey", linewidth=0.6, linestyle=":")
             ax.set_title(STACK_TITLES[stack])
             _epoch_axis(ax)
             ax.set_ylabel("alpha (1 softmax, 2 sparsemax)")
-            ax.legend(ncol=2 if len(labelled) > 8 else 1, loc="best")
+            _legend(ax, keys, n_layers)
         fig.suptitle(f"Fig. 3: entmax alpha per head, {label} (seed {seed})")
         _save(fig, path)
     return {"seeds": [seed]}

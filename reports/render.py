@@ -131,9 +131,8 @@ def paper_cell(row: dict[str, Any]) -> str:
     paper = row["paper"]
     if not paper:
         return DASH
-    dev = paper.get("test_dev")
-    std = paper.get("test_std")
-    return f"{dev:.2f} / {std:.2f}" if std is not None else f"{dev:.2f} / {DASH}"
+    dev, std = paper.get("test_dev"), paper.get("test_std")
+    return " / ".join(DASH if v is None else f"{v:.2f}" for v in (dev, std))
 
 
 def constant(x: float | None, vary: bool, unit: str = "") -> str:
@@ -169,7 +168,7 @@ def _common_columns(row: dict[str, Any]) -> list[str]:
 
 
 _COMMON_HEADER = [f"Paper test-dev / test-std {PAPER_MARK}", "Params", "FLOPs / sample",
-                  "Train samples/s", "Wall time / trial", "Best epoch (per seed)"]
+                  "Train samples/s", "Train + eval time / trial", "Best epoch (per seed)"]
 
 
 def table1(tables: dict[str, Any]) -> Table:
@@ -294,15 +293,17 @@ def document(tables: dict[str, Any], figures: dict[str, Any]) -> list[Block]:
         f"Code: git `{sw['git_commit'] or '?'}`" + (" (dirty)" if sw["git_dirty"] == "true" else "")
         + f", source hash `{sw['source_hash'] or '?'}`",
         f"Trials: {sw['usable_trials']} of {sw['planned_trials']} planned are finished and averaged",
-    ]))
+    ] + ([f"Sweep wall time {duration({'n': 1, 'mean': sw['wall_s']})}"
+          + (f", {sw['concurrency']:.0f} trial(s) at once" if sw["concurrency"] else "")
+          + (f", overhead ratio {sw['overhead_ratio']:.2f} (wall time of the trials phase / ideal)"
+             if sw["overhead_ratio"] else "")] if sw["wall_s"] is not None else [])))
     inc = tables["incomplete"]
-    if inc["trials"] or inc["pending"]:
-        parts = []
-        if inc["trials"]:
-            parts.append(f"{len(inc['trials'])} trial(s) are missing, failed or unfinished and are not averaged")
-        if inc["pending"]:
-            parts.append(f"{len(inc['pending'])} cell(s) were not run")
-        blocks.append(("p", "**This sweep is incomplete:** " + "; ".join(parts) + ". See 'Incomplete' below."))
+    if inc["trials"]:
+        blocks.append(("p", f"**This sweep is incomplete:** {len(inc['trials'])} planned trial(s) are missing, "
+                            "failed or unfinished and are not averaged. See 'Incomplete' below."))
+    if inc["pending"]:
+        blocks.append(("p", f"**Cells not run:** {len(inc['pending'])} cell(s) of the grid are declared but "
+                            "not runnable yet. See 'Incomplete' below."))
     blocks.append(("p", "**Accuracy.** " + DEFINITIONS["accuracy"] + " " + DEFINITIONS["answer_types"]))
     blocks.append(("p", "**Over seeds.** " + DEFINITIONS["over_seeds"]))
     if tables["tables"]["table1"]:
@@ -311,7 +312,8 @@ def document(tables: dict[str, Any], figures: dict[str, Any]) -> list[Block]:
         blocks.append(("table", table2(tables)))
     if tables["tables"]["other"]:
         blocks.append(("table", table2(tables, "other", "Other cells (percent)")))
-    blocks.append(("h", 2, "Differences from " + _label(tables, tables["reference"])))
+    blocks.append(("h", 2, "Differences from " + (_label(tables, tables["reference"]) if tables["reference"]
+                                                  else "softmax")))
     if tables["reference"] is None:
         blocks.append(("p", "No `softmax` cell in this sweep: no paired comparison was made."))
     elif tables["comparisons"]:

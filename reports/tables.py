@@ -52,7 +52,10 @@ DEFINITIONS = {
         f"is shown separately by the 95% interval over seeds."
     ),
     "throughput": "Training samples/s: per trial, the mean over epochs of `train/samples_per_s`; then over seeds.",
-    "wall_time": "Wall time per trial: `time/trial_s` (training + evaluation).",
+    "wall_time": (
+        "Train + eval time per trial: `time/trial_s`, the time the trial spent training and "
+        "evaluating (without Ray start-up or checkpoint restores); mean over seeds."
+    ),
     "units": "Accuracies in tables.json are fractions in [0, 1]; rendered tables show percent.",
 }
 
@@ -256,6 +259,10 @@ def compute(sweep: Sweep, reference: str = REFERENCE_CELL) -> dict[str, Any]:
             "git_commit": tags.get("git.commit", ""),
             "git_dirty": tags.get("git.dirty", ""),
             "source_hash": tags.get("source.hash", ""),
+            "wall_s": sweep.metrics.get("sweep/wall_s"),
+            "trials_wall_s": sweep.metrics.get("sweep/trials_wall_s"),
+            "overhead_ratio": sweep.metrics.get("sweep/overhead_ratio"),
+            "concurrency": sweep.metrics.get("sweep/concurrency"),
             "planned_trials": sum(t.planned for t in sweep.trials),
             "usable_trials": sum(t.usable for t in sweep.trials),
         },

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy.stats import t as student_t
 
-import reports
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _store_view(uri: str, sweep: str, experiment: str) -> dict:
@@ -136,8 +140,14 @@ def test_html_is_self_contained(built_report):
 
 
 def test_rebuild_is_identical(built_report, tmp_path):
-    again = reports.build(built_report["uri"], built_report["sweep"], experiment=built_report["experiment"],
-                          out_dir=tmp_path, log_to_mlflow=False)
+    """A second build, in another process with another string-hash seed (so no set or dict order
+    can leak into the output), through the command line, gives the same bytes."""
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    cmd = [sys.executable, "-m", "reports", "--tracking-uri", built_report["uri"], "--sweep", built_report["sweep"],
+           "--experiment", built_report["experiment"], "--out", str(tmp_path), "--no-log"]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    again = Path(done.stdout.strip().splitlines()[-1])  # the path is printed last
     first = built_report["out"]
     for name in ("report.md", "tables.tex", "tables.json", "report.html"):
         assert (tmp_path / name).read_bytes() == (first / name).read_bytes(), name
