@@ -1,0 +1,34 @@
+"""The network: an LXMERT-style encoder with swappable attention, LayerDrop and weight import.
+
+Pure PyTorch; never imports ray, mlflow, tasks or transformers. See ``docs/models.md``.
+"""
+
+from models.builders import build_model, lxmert, lxmert_10_6_6, lxmert_base, lxmert_tiny
+from models.config import (
+    AttentionConfig,
+    ConfigError,
+    LayerDropConfig,
+    ModelConfig,
+    apply_overrides,
+    from_flat_dict,
+    to_flat_dict,
+)
+from models.lxmert import LxmertForVQA, LxmertModel, LxmertOutput
+
+__all__ = [
+    "AttentionConfig",
+    "ConfigError",
+    "LayerDropConfig",
+    "LxmertForVQA",
+    "LxmertModel",
+    "LxmertOutput",
+    "ModelConfig",
+    "apply_overrides",
+    "build_model",
+    "from_flat_dict",
+    "lxmert",
+    "lxmert_10_6_6",
+    "lxmert_base",
+    "lxmert_tiny",
+    "to_flat_dict",
+]

@@ -1,0 +1,154 @@
+"""Adaptive attention span (Sukhbaatar et al. 2019, https://arxiv.org/abs/1905.07799).
+
+Each head h has a learnable ``z_h`` in [0, 1]; its span is ``z_h * S_max`` tokens. A key at distance
+``x = |i - j|`` from query i is weighted by the soft mask::
+
+    m(x) = clamp((R + z * S_max - x) / R, 0, 1)        # R: ramp length
+
+and attention is ``m * exp(score)`` renormalised, i.e. ``softmax(score + log m)``: we hand
+``log m`` (with -1e4 where m = 0) to the fused ``scaled_dot_product_attention`` as an additive float
+mask, so span costs one (H, Q, K) mask on top of softmax. ``aux_loss()`` returns the span penalty
+``coeff * S_max * mean(z)`` (add it to the training loss); ``post_step()`` clamps z to [0, 1].
+
+Distances. In self-attention ``x = |i - j|`` between token (or region) positions, as in an encoder.
+In LXMERT's cross-attention the query and key index different modalities (tokens vs regions in
+detector order); like the paper's code we still use ``|i - j|`` between the token index and the region
+index (and its transpose for the region-to-text direction, since one module serves both). It is a
+position-agnostic budget on "how many keys from the start of the other sequence", not a locality prior.
+
+Unlike the paper's code, z is one value per head (not per batch slot) and the mask is applied for
+every batch size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.attention.entmax import EntmaxAttention
+from models.attention.softmax import attention_dropout, cast_mask
+from models.config import AttentionConfig
+
+# log m where m = 0: exp(-1e4) underflows to exactly 0 in every float dtype, and -1e4 plus the
+# padding mask value cannot overflow float16.
+_CUT = -1e4
+
+
+class SpanMask(nn.Module):
+    """The learnable soft span mask shared by ``span`` and ``span_entmax``.
+
+    Args:
+        num_heads: Heads H (one z each).
+        span_max: S_max in tokens.
+        ramp: Ramp length R.
+        init: Initial z.
+        penalty: Coefficient of the span penalty.
+    """
+
+    def __init__(self, num_heads: int, span_max: int, ramp: int, init: float, penalty: float):
+        super().__init__()
+        self.span_max, self.ramp, self.penalty = span_max, ramp, penalty
+        self.z = nn.Parameter(torch.full((num_heads,), float(init)))
+        self._dist: dict[tuple[int, int, torch.device], Tensor] = {}
+
+    def distance(self, q_len: int, k_len: int, device: torch.device) -> Tensor:
+        """(Q, K) float32 ``|i - j|``, cached per shape."""
+        key = (q_len, k_len, device)
+        if key not in self._dist:
+            i = torch.arange(q_len, device=device, dtype=torch.float32)
+            j = torch.arange(k_len, device=device, dtype=torch.float32)
+            self._dist[key] = (i[:, None] - j[None, :]).abs()
+        return self._dist[key]
+
+    def forward(self, q_len: int, k_len: int, device: torch.device) -> Tensor:
+        """(H, Q, K) float32 soft mask m in [0, 1]."""
+        x = self.distance(q_len, k_len, device)
+        return ((self.ramp + self.z[:, None, None] * self.span_max - x) / self.ramp).clamp(0, 1)
+
+    def log_mask(self, q_len: int, k_len: int, device: torch.device) -> Tensor:
+        """(H, Q, K) float32 ``log m``, with -1e4 where m = 0 (finite: no NaN in any row)."""
+        m = self(q_len, k_len, device)
+        # The clamp_min keeps the unused branch of where() finite, so its gradient is 0, not NaN.
+        return torch.where(m > 0, torch.log(m.clamp_min(1e-30)), torch.full_like(m, _CUT))
+
+    def aux_loss(self) -> Tensor:
+        """Span penalty ``coeff * S_max * mean(z)`` (0-d); add to the loss in training."""
+        return self.penalty * self.span_max * self.z.mean()
+
+    @torch.no_grad()
+    def post_step(self) -> None:
+        """Clamp z to [0, 1] after the optimizer step."""
+        self.z.clamp_(0.0, 1.0)
+
+    def stats(self) -> dict[str, Tensor]:
+        """``{"span": (H,) span in tokens}``."""
+        return {"span": (self.z.detach().clamp(0, 1) * self.span_max).float().cpu()}
+
+    def extra_repr(self) -> str:
+        return f"heads={self.z.numel()}, span_max={self.span_max}, ramp={self.ramp}, penalty={self.penalty}"
+
+
+class AdaptiveSpanAttention(nn.Module):
+    """Softmax attention under a learned soft span per head.
+
+    Args:
+        num_heads: Heads H.
+        cfg: ``span_ramp``, ``span_init``, ``span_penalty``.
+        span_max: S_max for this attention (from ``span_max_lang | span_max_visn | span_max_cross``).
+        dropout: Dropout on the attention probabilities in training.
+    """
+
+    def __init__(self, num_heads: int, cfg: AttentionConfig, *, span_max: int, dropout: float = 0.0):
+        super().__init__()
+        self.dropout = dropout
+        self.span = SpanMask(num_heads, span_max, cfg.span_ramp, cfg.span_init, cfg.span_penalty)
+
+    def forward(
+        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, need_probs: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        """Args/returns as :meth:`models.attention.softmax.SoftmaxAttention.forward`."""
+        bias = self.span.log_mask(q.shape[-2], k.shape[-2], q.device).to(q.dtype)
+        mask = cast_mask(mask, q.dtype)
+        bias = bias if mask is None else bias + mask  # (1|B, H, Q, K)
+        if not need_probs:
+            p = self.dropout if self.training else 0.0
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p), None
+        scores = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5) + bias
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        out = torch.matmul(attention_dropout(probs, self.dropout, self.training), v)
+        return out, probs
+
+
+class SpanEntmaxAttention(nn.Module):
+    """The paper's ablation: alpha-entmax first, then the span mask, then renormalise.
+
+    Where the span mask removes the whole entmax support of a row (possible: entmax can give the
+    nearest keys zero weight), the row falls back to the entmax distribution instead of dividing by 0.
+
+    Args:
+        num_heads: Heads H.
+        cfg: The span and the entmax fields.
+        span_max: S_max for this attention.
+        dropout: Dropout on the attention probabilities in training.
+    """
+
+    def __init__(self, num_heads: int, cfg: AttentionConfig, *, span_max: int, dropout: float = 0.0):
+        super().__init__()
+        self.dropout = dropout
+        self.entmax = EntmaxAttention(num_heads, cfg, dropout=0.0)
+        self.span = SpanMask(num_heads, span_max, cfg.span_ramp, cfg.span_init, cfg.span_penalty)
+
+    def forward(
+        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, need_probs: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        """Args/returns as :meth:`models.attention.softmax.SoftmaxAttention.forward`."""
+        scores = torch.matmul(q, k.transpose(-1, -2)).float() * (q.shape[-1] ** -0.5)
+        if mask is not None:
+            scores = scores + mask.float()
+        probs = self.entmax.normalise(scores)
+        masked = probs * self.span(q.shape[-2], k.shape[-2], q.device)
+        total = masked.sum(-1, keepdim=True)
+        probs = torch.where(total > 0, masked / total.clamp_min(1e-30), probs)
+        out = torch.matmul(attention_dropout(probs.to(v.dtype), self.dropout, self.training), v)
+        return out, probs if need_probs else None

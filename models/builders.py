@@ -1,0 +1,139 @@
+"""Builders: :func:`lxmert` assembles a model from a config; the presets are numbers only.
+
+Usage::
+
+    from models import build_model, lxmert_base, lxmert_tiny
+    model = build_model(lxmert_base("attention.name=entmax", "attention.stacks=cross"))
+    model = build_model(lxmert_tiny(l_layers=9, x_layers=5, r_layers=5))
+
+Presets accept ``key=value`` strings (dotted keys, as on the command line) and keyword fields.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from models.attention import MultiHeadAttention, build_kernel
+from models.config import AttentionConfig, ModelConfig, apply_overrides
+from models.heads import VQAHead
+from models.layerdrop import LayerDrop
+from models.lxmert import (
+    AttentionBlock,
+    CrossLayer,
+    EncoderLayer,
+    FeedForward,
+    LxmertEncoder,
+    LxmertForVQA,
+    LxmertModel,
+    Pooler,
+    TextEmbeddings,
+    VisualEmbeddings,
+)
+
+
+def _span_max(cfg: ModelConfig, keys: str) -> int:
+    """S_max for an attention whose keys are ``lang`` tokens, ``visn`` regions or ``cross``."""
+    att = cfg.attention
+    return {"lang": att.span_max_lang, "visn": att.span_max_visn, "cross": att.span_max_cross}[keys]
+
+
+def attention_block(cfg: ModelConfig, stack: str, attention: str, keys: str) -> AttentionBlock:
+    """The attention sub-layer at one site, with the kernel the config assigns to that site.
+
+    Args:
+        cfg: Model config.
+        stack: ``lang | visn | cross``.
+        attention: ``self | cross | lang_self | visn_self``.
+        keys: Which modality the keys come from (``lang | visn | cross``), for the span's S_max.
+    """
+    name = cfg.attention.name if cfg.attention.uses(stack, attention) else "softmax"
+    kernel = build_kernel(
+        name, cfg.num_heads, cfg.attention, span_max=_span_max(cfg, keys), dropout=cfg.attention_dropout
+    )
+    mha = MultiHeadAttention(cfg.hidden_size, cfg.num_heads, kernel)
+    return AttentionBlock(mha, cfg.hidden_size, cfg.layer_norm_eps, cfg.hidden_dropout)
+
+
+def feed_forward(cfg: ModelConfig) -> FeedForward:
+    """The feed-forward sub-layer."""
+    return FeedForward(cfg.hidden_size, cfg.intermediate_size, cfg.layer_norm_eps, cfg.hidden_dropout)
+
+
+def init_weights(model: nn.Module, std: float) -> None:
+    """BERT / HuggingFace initialisation: N(0, std) linear and embedding weights, zero biases,
+    LayerNorm (1, 0), the padding row zero. Kernel parameters (span z, alpha) keep their own init."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, 0.0, std)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, 0.0, std)
+            if module.padding_idx is not None:
+                nn.init.zeros_(module.weight[module.padding_idx])
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
+def lxmert(cfg: ModelConfig) -> LxmertForVQA:
+    """Assemble an :class:`LxmertForVQA` from ``cfg`` (validated), initialised like BERT."""
+    cfg.validate()
+    lang_layers = [EncoderLayer(attention_block(cfg, "lang", "self", "lang"), feed_forward(cfg))
+                   for _ in range(cfg.l_layers)]  # fmt: skip
+    visn_layers = [EncoderLayer(attention_block(cfg, "visn", "self", "visn"), feed_forward(cfg))
+                   for _ in range(cfg.r_layers)]  # fmt: skip
+    cross_layers = [
+        CrossLayer(
+            cross_att=attention_block(cfg, "cross", "cross", "cross"),
+            lang_self_att=attention_block(cfg, "cross", "lang_self", "lang"),
+            visn_self_att=attention_block(cfg, "cross", "visn_self", "visn"),
+            lang_ffn=feed_forward(cfg),
+            visn_ffn=feed_forward(cfg),
+        )
+        for _ in range(cfg.x_layers)
+    ]
+    encoder = LxmertEncoder(cfg, lang_layers, visn_layers, cross_layers, LayerDrop(cfg.layerdrop, cfg.depths))
+    backbone = LxmertModel(cfg, TextEmbeddings(cfg), VisualEmbeddings(cfg), encoder, Pooler(cfg.hidden_size))
+    model = LxmertForVQA(cfg, backbone, VQAHead(cfg.hidden_size, cfg.num_answers, cfg.layer_norm_eps))
+    init_weights(model, cfg.initializer_range)
+    return model
+
+
+def build_model(cfg: ModelConfig) -> LxmertForVQA:
+    """``ModelConfig -> LxmertForVQA`` (the name other packages use)."""
+    return lxmert(cfg)
+
+
+def _preset(base: ModelConfig, overrides: tuple[str, ...], fields: dict[str, Any]) -> ModelConfig:
+    cfg = apply_overrides(base, fields) if fields else base
+    return apply_overrides(cfg, list(overrides)) if overrides else cfg
+
+
+def lxmert_base(*overrides: str, **fields: Any) -> ModelConfig:
+    """LXMERT base: 9-5-5 layers, hidden 768, 12 heads, 2,048-d regions, 3,129 answers (213.9M params)."""
+    return _preset(ModelConfig(), overrides, fields)
+
+
+def lxmert_10_6_6(*overrides: str, **fields: Any) -> ModelConfig:
+    """LXMERT with 10 language, 6 cross-modality, 6 vision layers (the paper's LayerDrop model)."""
+    return _preset(ModelConfig(l_layers=10, x_layers=6, r_layers=6), overrides, fields)
+
+
+def lxmert_tiny(*overrides: str, **fields: Any) -> ModelConfig:
+    """A tiny model for tests: hidden 32, 4 heads, 2-2-2 layers, 16-d regions, 64 words, 10 answers."""
+    base = ModelConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_heads=4,
+        intermediate_size=64,
+        l_layers=2,
+        x_layers=2,
+        r_layers=2,
+        visual_feat_dim=16,
+        max_position_embeddings=32,
+        num_answers=10,
+        attention=AttentionConfig(span_max_lang=8, span_max_visn=8, span_max_cross=8, span_ramp=2),
+    )
+    return _preset(base, overrides, fields)

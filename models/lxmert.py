@@ -1,0 +1,357 @@
+"""LXMERT: a two-stream (language, vision) transformer with cross-modality layers.
+
+Tan & Bansal 2019, "LXMERT: Learning Cross-Modality Encoder Representations from Transformers",
+https://arxiv.org/abs/1908.07490. Read top to bottom:
+
+1. :class:`TextEmbeddings`   token + position + segment embeddings, LayerNorm.
+2. :class:`VisualEmbeddings` (LayerNorm(fc(features)) + LayerNorm(fc(boxes))) / 2.
+3. :class:`AttentionBlock`   post-norm residual around a :class:`MultiHeadAttention`.
+4. :class:`FeedForward`      post-norm residual around Linear-GeLU-Linear.
+5. :class:`EncoderLayer`     self-attention + feed-forward (language layers and vision "r" layers).
+6. :class:`CrossLayer`       one cross-attention serving both directions, then self-attention and
+                             feed-forward per modality.
+7. :class:`LxmertEncoder`    language layers, vision layers, cross layers; LayerDrop picks which run.
+8. :class:`LxmertModel`      embeddings + encoder + pooler ([CLS] -> Linear -> tanh).
+9. :class:`LxmertForVQA`     the model + the VQA answer head (:mod:`models.heads`).
+
+The numerics follow HuggingFace's ``LxmertModel`` exactly (tested to 1e-5); the parameter names are
+ours, mapped to HuggingFace's and the original code's in :mod:`models.checkpoint`. Modules are built
+by :mod:`models.builders` and receive their attention kernels and LayerDrop from there (injected, no
+branching on the variant in here).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.attention import MultiHeadAttention, additive_mask
+from models.config import ModelConfig
+from models.heads import VQAHead
+from models.layerdrop import LayerDrop
+
+
+class TextEmbeddings(nn.Module):
+    """Word + learned position + segment embeddings, then LayerNorm and dropout.
+
+    (HuggingFace / the original code give the position and segment tables ``padding_idx=0``, which
+    only freezes row 0 of each in training; we keep ``padding_idx`` for words only.)
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        h = cfg.hidden_size
+        self.word = nn.Embedding(cfg.vocab_size, h, padding_idx=0)
+        self.position = nn.Embedding(cfg.max_position_embeddings, h)
+        self.token_type = nn.Embedding(cfg.type_vocab_size, h)
+        self.norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+
+    def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
+        """(B, T) ids -> (B, T, H)."""
+        x = self.word(input_ids) + self.position.weight[: input_ids.shape[1]]
+        if token_type_ids is None:
+            x = x + self.token_type.weight[0]
+        else:
+            x = x + self.token_type(token_type_ids)
+        return self.dropout(self.norm(x))
+
+
+class VisualEmbeddings(nn.Module):
+    """Region features and boxes -> (LayerNorm(fc(feat)) + LayerNorm(fc(box))) / 2, then dropout."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        h = cfg.hidden_size
+        self.feat_fc = nn.Linear(cfg.visual_feat_dim, h)
+        self.feat_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
+        self.box_fc = nn.Linear(cfg.visual_pos_dim, h)
+        self.box_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+
+    def forward(self, feats: Tensor, boxes: Tensor) -> Tensor:
+        """(B, R, F) features and (B, R, 4) boxes -> (B, R, H)."""
+        x = self.feat_norm(self.feat_fc(feats)) + self.box_norm(self.box_fc(boxes))
+        return self.dropout(x * 0.5)
+
+
+class AttentionBlock(nn.Module):
+    """``LayerNorm(x + Dropout(Attention(x, ctx)))`` (post-norm, as BERT / LXMERT)."""
+
+    def __init__(self, attention: MultiHeadAttention, hidden_size: int, eps: float, dropout: float):
+        super().__init__()
+        self.attention = attention
+        self.norm = nn.LayerNorm(hidden_size, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(
+        self, x: Tensor, ctx: Tensor | None, mask: Tensor | None, need_probs: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        """(B, Q, H) queries, (B, K, H) context or None (self), (B, 1, 1, K) mask -> (B, Q, H), probs."""
+        out, probs = self.attention(x, ctx, mask, need_probs)
+        return self.norm(x + self.dropout(out)), probs
+
+
+class FeedForward(nn.Module):
+    """``LayerNorm(x + Dropout(fc2(GeLU(fc1(x)))))``."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, eps: float, dropout: float):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, intermediate_size)
+        self.fc2 = nn.Linear(intermediate_size, hidden_size)
+        self.norm = nn.LayerNorm(hidden_size, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, N, H) -> (B, N, H)."""
+        return self.norm(x + self.dropout(self.fc2(F.gelu(self.fc1(x)))))
+
+
+class EncoderLayer(nn.Module):
+    """A single-modality layer: self-attention then feed-forward (language and vision stacks)."""
+
+    def __init__(self, self_att: AttentionBlock, ffn: FeedForward):
+        super().__init__()
+        self.self_att = self_att
+        self.ffn = ffn
+
+    def forward(self, x: Tensor, mask: Tensor | None, need_probs: bool = False) -> tuple[Tensor, dict]:
+        """(B, N, H), (B, 1, 1, N) mask -> (B, N, H), {"self": probs} if need_probs."""
+        x, probs = self.self_att(x, None, mask, need_probs)
+        return self.ffn(x), ({"self": probs} if need_probs else {})
+
+
+class CrossLayer(nn.Module):
+    """A cross-modality layer.
+
+    One cross-attention module (shared weights and kernel) serves both directions, language queries
+    over regions and region queries over tokens, both from the layer's inputs; then each modality
+    runs its own self-attention and feed-forward.
+    """
+
+    def __init__(
+        self,
+        cross_att: AttentionBlock,
+        lang_self_att: AttentionBlock,
+        visn_self_att: AttentionBlock,
+        lang_ffn: FeedForward,
+        visn_ffn: FeedForward,
+    ):
+        super().__init__()
+        self.cross_att = cross_att
+        self.lang_self_att = lang_self_att
+        self.visn_self_att = visn_self_att
+        self.lang_ffn = lang_ffn
+        self.visn_ffn = visn_ffn
+
+    def forward(
+        self,
+        lang: Tensor,
+        lang_mask: Tensor | None,
+        visn: Tensor,
+        visn_mask: Tensor | None,
+        need_probs: bool = False,
+    ) -> tuple[Tensor, Tensor, dict]:
+        """(B, T, H), (B, 1, 1, T), (B, R, H), (B, 1, 1, R) -> (B, T, H), (B, R, H), probs."""
+        lang_x, p_lv = self.cross_att(lang, visn, visn_mask, need_probs)
+        visn_x, p_vl = self.cross_att(visn, lang, lang_mask, need_probs)
+        lang, p_l = self.lang_self_att(lang_x, None, lang_mask, need_probs)
+        visn, p_v = self.visn_self_att(visn_x, None, visn_mask, need_probs)
+        probs = {"cross": p_lv, "cross_visn": p_vl, "lang_self": p_l, "visn_self": p_v} if need_probs else {}
+        return self.lang_ffn(lang), self.visn_ffn(visn), probs
+
+
+class LxmertEncoder(nn.Module):
+    """Language layers, then vision layers, then cross-modality layers.
+
+    Args:
+        cfg: The model config.
+        lang_layers: The language stack (HF ``encoder.layer``).
+        visn_layers: The vision stack (HF ``encoder.r_layers``).
+        cross_layers: The cross-modality stack (HF ``encoder.x_layers``).
+        layerdrop: Which layers run in each forward.
+
+    Attributes:
+        layers_ran: ``{"lang": [...], "visn": [...], "cross": [...]}`` indices run by the last forward.
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        lang_layers: list[EncoderLayer],
+        visn_layers: list[EncoderLayer],
+        cross_layers: list[CrossLayer],
+        layerdrop: LayerDrop,
+    ):
+        super().__init__()
+        self.config = cfg
+        self.lang_layers = nn.ModuleList(lang_layers)
+        self.visn_layers = nn.ModuleList(visn_layers)
+        self.cross_layers = nn.ModuleList(cross_layers)
+        self.layerdrop = layerdrop
+
+    @property
+    def layers_ran(self) -> dict[str, list[int]]:
+        return self.layerdrop.last
+
+    def forward(
+        self,
+        lang: Tensor,
+        lang_mask: Tensor | None,
+        visn: Tensor,
+        visn_mask: Tensor | None,
+        need_probs: bool = False,
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """Run the three stacks.
+
+        Args:
+            lang: (B, T, H) text embeddings.
+            lang_mask: (B, 1, 1, T) additive mask or None.
+            visn: (B, R, H) region embeddings.
+            visn_mask: (B, 1, 1, R) additive mask or None.
+            need_probs: Collect attention probabilities, keyed ``<stack>/<layer>/<attention>``.
+
+        Returns:
+            (lang (B, T, H), visn (B, R, H), probs dict).
+        """
+        plan = self.layerdrop.plan(self.training)
+        probs: dict[str, Tensor] = {}
+        for i in plan["lang"]:
+            lang, p = self.lang_layers[i](lang, lang_mask, need_probs)
+            probs.update({f"lang/{i}/{k}": v for k, v in p.items()})
+        for i in plan["visn"]:
+            visn, p = self.visn_layers[i](visn, visn_mask, need_probs)
+            probs.update({f"visn/{i}/{k}": v for k, v in p.items()})
+        for i in plan["cross"]:
+            lang, visn, p = self.cross_layers[i](lang, lang_mask, visn, visn_mask, need_probs)
+            probs.update({f"cross/{i}/{k}": v for k, v in p.items()})
+        return lang, visn, probs
+
+
+class Pooler(nn.Module):
+    """[CLS] hidden state -> Linear -> tanh."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.dense = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, lang: Tensor) -> Tensor:
+        """(B, T, H) -> (B, H)."""
+        return torch.tanh(self.dense(lang[:, 0]))
+
+
+@dataclass
+class LxmertOutput:
+    """Outputs of :class:`LxmertModel` / :class:`LxmertForVQA`.
+
+    Attributes:
+        lang: (B, T, H) language output.
+        visn: (B, R, H) vision output.
+        pooled: (B, H) pooled [CLS].
+        logits: (B, A) answer logits (None without a head).
+        attentions: ``{"<stack>/<layer>/<attention>": (B, heads, Q, K)}`` when requested; attention in
+            ``self | cross (text queries) | cross_visn (region queries) | lang_self | visn_self``.
+    """
+
+    lang: Tensor
+    visn: Tensor
+    pooled: Tensor
+    logits: Tensor | None = None
+    attentions: dict[str, Tensor] | None = None
+
+
+class LxmertModel(nn.Module):
+    """Embeddings, encoder and pooler (HuggingFace ``LxmertModel``)."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        embeddings: TextEmbeddings,
+        visual_embeddings: VisualEmbeddings,
+        encoder: LxmertEncoder,
+        pooler: Pooler,
+    ):
+        super().__init__()
+        self.config = cfg
+        self.embeddings = embeddings
+        self.visual_embeddings = visual_embeddings
+        self.encoder = encoder
+        self.pooler = pooler
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        visual_feats: Tensor | None = None,
+        visual_pos: Tensor | None = None,
+        visual_attention_mask: Tensor | None = None,
+        output_attentions: bool = False,
+    ) -> LxmertOutput:
+        """Encode a batch.
+
+        Args:
+            input_ids: (B, T) WordPiece ids.
+            attention_mask: (B, T) 1 for real tokens, 0 for padding (None: all real).
+            token_type_ids: (B, T) segment ids (None: zeros).
+            visual_feats: (B, R, F) region features.
+            visual_pos: (B, R, 4) boxes in [0, 1].
+            visual_attention_mask: (B, R) 1 for real regions (None: all real).
+            output_attentions: Return the attention probabilities.
+
+        Returns:
+            :class:`LxmertOutput` with ``lang``, ``visn``, ``pooled`` (and ``attentions``).
+        """
+        if visual_feats is None or visual_pos is None:
+            raise ValueError("visual_feats and visual_pos are required")
+        lang = self.embeddings(input_ids, token_type_ids)
+        visn = self.visual_embeddings(visual_feats, visual_pos)
+        # Additive masks built once per forward, shared by every layer.
+        lang_mask = additive_mask(attention_mask, lang.dtype)
+        visn_mask = additive_mask(visual_attention_mask, visn.dtype)
+        lang, visn, probs = self.encoder(lang, lang_mask, visn, visn_mask, output_attentions)
+        return LxmertOutput(
+            lang=lang, visn=visn, pooled=self.pooler(lang), attentions=probs if output_attentions else None
+        )
+
+
+class LxmertForVQA(nn.Module):
+    """LXMERT with the VQA answer head: pooled [CLS] -> 2H -> GeLU -> LayerNorm -> answers.
+
+    ``forward(input_ids, attention_mask, token_type_ids, visual_feats, visual_pos,
+    visual_attention_mask=None)`` returns an :class:`LxmertOutput` with ``logits (B, A)``,
+    ``lang (B, T, H)``, ``visn (B, R, H)``, ``pooled (B, H)``. Build it with
+    :func:`models.build_model`.
+    """
+
+    def __init__(self, cfg: ModelConfig, lxmert: LxmertModel, head: VQAHead):
+        super().__init__()
+        self.config = cfg
+        self.lxmert = lxmert
+        self.head = head
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        visual_feats: Tensor | None = None,
+        visual_pos: Tensor | None = None,
+        visual_attention_mask: Tensor | None = None,
+        output_attentions: bool = False,
+    ) -> LxmertOutput:
+        """As :meth:`LxmertModel.forward`, plus ``logits`` (B, A)."""
+        out = self.lxmert(
+            input_ids, attention_mask, token_type_ids, visual_feats, visual_pos, visual_attention_mask,
+            output_attentions,
+        )  # fmt: skip
+        out.logits = self.head(out.pooled)
+        return out
+
+    @property
+    def layers_ran(self) -> dict[str, list[int]]:
+        """Layer indices per stack that ran in the last forward (LayerDrop)."""
+        return self.lxmert.encoder.layers_ran
