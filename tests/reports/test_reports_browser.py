@@ -44,7 +44,9 @@ def test_html_renders_in_headless_chromium(built_report, tmp_path):
     assert ink > 0.01, f"the page looks blank ({ink:.4f} of pixels drawn)"
     n_figs = len(built_report["tables"]["figures"]["files"])
     if n_figs:
-        # Saturated colour comes only from the plots (tables and text are grey scale): the embedded
-        # PNGs were decoded and drawn.
+        # Saturated colour comes only from the plots (text, tables and their light header are grey
+        # scale, saturation < 10): the embedded PNGs were decoded and drawn. Even flat curves of a
+        # model that learned nothing leave thousands of such pixels.
         saturation = img.max(axis=2) - img.min(axis=2)
-        assert (saturation > 80).mean() > 0.002, "no figure pixels on the page"
+        coloured = int((saturation > 80).sum())
+        assert coloured > 1000, f"no figure pixels on the page ({coloured} coloured pixels)"
