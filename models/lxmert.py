@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from models.attention import MultiHeadAttention, additive_mask
 from models.config import ModelConfig
+from models.dropout import Dropout
 from models.heads import VQAHead
 from models.layerdrop import LayerDrop
 
@@ -48,7 +49,7 @@ class TextEmbeddings(nn.Module):
         self.position = nn.Embedding(cfg.max_position_embeddings, h)
         self.token_type = nn.Embedding(cfg.type_vocab_size, h)
         self.norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.hidden_dropout)
+        self.dropout = Dropout(cfg.hidden_dropout)
 
     def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
         """(B, T) ids -> (B, T, H)."""
@@ -70,7 +71,7 @@ class VisualEmbeddings(nn.Module):
         self.feat_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
         self.box_fc = nn.Linear(cfg.visual_pos_dim, h)
         self.box_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.hidden_dropout)
+        self.dropout = Dropout(cfg.hidden_dropout)
 
     def forward(self, feats: Tensor, boxes: Tensor) -> Tensor:
         """(B, R, F) features and (B, R, 4) boxes -> (B, R, H)."""
@@ -85,7 +86,7 @@ class AttentionBlock(nn.Module):
         super().__init__()
         self.attention = attention
         self.norm = nn.LayerNorm(hidden_size, eps=eps)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(
         self, x: Tensor, ctx: Tensor | None, mask: Tensor | None, need_probs: bool = False
@@ -93,6 +94,17 @@ class AttentionBlock(nn.Module):
         """(B, Q, H) queries, (B, K, H) context or None (self), (B, 1, 1, K) mask -> (B, Q, H), probs."""
         out, probs = self.attention(x, ctx, mask, need_probs)
         return self.norm(x + self.dropout(out)), probs
+
+    def both(
+        self, a: Tensor, b: Tensor, mask_a: Tensor | None, mask_b: Tensor | None, need_probs: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """Bidirectional cross-attention (same weights, same LayerNorm): ``a`` over ``b``, ``b`` over ``a``.
+
+        Returns:
+            (a' (B, Na, H), b' (B, Nb, H), probs of a's queries, probs of b's queries).
+        """
+        (out_a, p_a), (out_b, p_b) = self.attention.forward_both(a, b, mask_a, mask_b, need_probs)
+        return self.norm(a + self.dropout(out_a)), self.norm(b + self.dropout(out_b)), p_a, p_b
 
 
 class FeedForward(nn.Module):
@@ -103,7 +115,7 @@ class FeedForward(nn.Module):
         self.fc1 = nn.Linear(hidden_size, intermediate_size)
         self.fc2 = nn.Linear(intermediate_size, hidden_size)
         self.norm = nn.LayerNorm(hidden_size, eps=eps)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, N, H) -> (B, N, H)."""
@@ -156,8 +168,8 @@ class CrossLayer(nn.Module):
         need_probs: bool = False,
     ) -> tuple[Tensor, Tensor, dict]:
         """(B, T, H), (B, 1, 1, T), (B, R, H), (B, 1, 1, R) -> (B, T, H), (B, R, H), probs."""
-        lang_x, p_lv = self.cross_att(lang, visn, visn_mask, need_probs)
-        visn_x, p_vl = self.cross_att(visn, lang, lang_mask, need_probs)
+        # Both directions read the layer's inputs; each stream's q, k, v come from one matmul.
+        lang_x, visn_x, p_lv, p_vl = self.cross_att.both(lang, visn, lang_mask, visn_mask, need_probs)
         lang, p_l = self.lang_self_att(lang_x, None, lang_mask, need_probs)
         visn, p_v = self.visn_self_att(visn_x, None, visn_mask, need_probs)
         probs = {"cross": p_lv, "cross_visn": p_vl, "lang_self": p_l, "visn_self": p_v} if need_probs else {}

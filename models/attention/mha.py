@@ -34,6 +34,19 @@ class MultiHeadAttention(nn.Module):
         self.out = nn.Linear(hidden_size, hidden_size)
         self.kernel = kernel
 
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(B, N, H) -> q, k, v, each (B, heads, N, head_dim), from one matmul (views, no copies)."""
+        b, n, _ = x.shape
+        return self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def attend(
+        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, need_probs: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        """Kernel + output projection: (B, heads, Q, hd) queries -> (B, Q, H), probs or None."""
+        out, probs = self.kernel(q, k, v, mask, need_probs)
+        b, _, q_len, _ = out.shape
+        return self.out(out.transpose(1, 2).reshape(b, q_len, self.hidden_size)), probs
+
     def forward(
         self, x: Tensor, ctx: Tensor | None = None, mask: Tensor | None = None, need_probs: bool = False
     ) -> tuple[Tensor, Tensor | None]:
@@ -48,19 +61,36 @@ class MultiHeadAttention(nn.Module):
         Returns:
             (out (B, Q, H) after the output projection, probs or None).
         """
-        b, q_len, h = x.shape
-        nh, hd = self.num_heads, self.head_dim
         if ctx is None:
-            # (B, Q, 3H) -> (3, B, nh, Q, hd): views only, no copies.
-            q, k, v = self.qkv(x).view(b, q_len, 3, nh, hd).permute(2, 0, 3, 1, 4).unbind(0)
+            q, k, v = self.project(x)
         else:
+            b, h = x.shape[0], self.hidden_size
             w, bias = self.qkv.weight, self.qkv.bias
-            q = F.linear(x, w[:h], bias[:h]).view(b, q_len, nh, hd).transpose(1, 2)
-            kv = F.linear(ctx, w[h:], bias[h:]).view(b, ctx.shape[1], 2, nh, hd)
+            q = F.linear(x, w[:h], bias[:h]).view(b, x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
+            kv = F.linear(ctx, w[h:], bias[h:]).view(b, ctx.shape[1], 2, self.num_heads, self.head_dim)
             k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
-        out, probs = self.kernel(q, k, v, mask, need_probs)
-        out = out.transpose(1, 2).reshape(b, q_len, h)
-        return self.out(out), probs
+        return self.attend(q, k, v, mask, need_probs)
+
+    def forward_both(
+        self, a: Tensor, b: Tensor, mask_a: Tensor | None, mask_b: Tensor | None, need_probs: bool = False
+    ) -> tuple[tuple[Tensor, Tensor | None], tuple[Tensor, Tensor | None]]:
+        """Bidirectional cross-attention with shared weights: ``a`` attends to ``b`` and ``b`` to ``a``.
+
+        Equal to ``forward(a, b, mask_b)`` and ``forward(b, a, mask_a)``, but each stream is
+        projected once (q, k, v in one matmul) and serves as queries in one direction and as keys and
+        values in the other.
+
+        Args:
+            a: (B, Na, H); b: (B, Nb, H) hidden states of the two streams.
+            mask_a: (B, 1, 1, Na) additive mask of ``a`` as keys; mask_b likewise.
+            need_probs: Return the probabilities too.
+
+        Returns:
+            ((out_a (B, Na, H), probs_a), (out_b (B, Nb, H), probs_b)).
+        """
+        qa, ka, va = self.project(a)
+        qb, kb, vb = self.project(b)
+        return self.attend(qa, kb, vb, mask_b, need_probs), self.attend(qb, ka, va, mask_a, need_probs)
 
     def extra_repr(self) -> str:
         return f"hidden={self.hidden_size}, heads={self.num_heads}"

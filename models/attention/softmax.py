@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.config import AttentionConfig
+from models.dropout import dropout
 
 
 def mask_value(dtype: torch.dtype) -> float:
@@ -49,7 +50,35 @@ def cast_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
 
 def attention_dropout(probs: Tensor, p: float, training: bool) -> Tensor:
     """Dropout on attention probabilities (whole keys, as in the original Transformer)."""
-    return F.dropout(probs, p, training) if training and p > 0 else probs
+    return dropout(probs, p, training)
+
+
+def softmax_attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, p: float, training: bool, need_probs: bool
+) -> tuple[Tensor, Tensor | None]:
+    """softmax(q k^T / sqrt(d) + mask) v, fused (SDPA) where that is the faster choice.
+
+    Args:
+        q: (B, H, Q, D); k, v: (B, H, K, D).
+        mask: Additive mask (in q's dtype) broadcastable to (B, H, Q, K), or None.
+        p: Attention dropout probability (applied in training).
+        training: Whether dropout is active.
+        need_probs: Return the probabilities (before dropout).
+
+    Returns:
+        (out (B, H, Q, D), probs (B, H, Q, K) or None).
+    """
+    drop = training and p > 0
+    # SDPA unless the probabilities are needed, or on CPU in training with dropout: there SDPA falls
+    # back to its unfused math path with a slower dropout (see models.dropout).
+    if not need_probs and not (drop and q.device.type == "cpu"):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p if drop else 0.0), None
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)
+    if mask is not None:
+        scores = scores + mask
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    out = torch.matmul(attention_dropout(probs, p, training), v)
+    return out, probs if need_probs else None
 
 
 class SoftmaxAttention(nn.Module):
@@ -87,16 +116,7 @@ class SoftmaxAttention(nn.Module):
         Returns:
             (out (B, H, Q, D), probs or None).
         """
-        mask = cast_mask(mask, q.dtype)
-        if not need_probs:
-            p = self.dropout if self.training else 0.0
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p), None
-        scores = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
-        if mask is not None:
-            scores = scores + mask
-        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-        out = torch.matmul(attention_dropout(probs, self.dropout, self.training), v)
-        return out, probs
+        return softmax_attention(q, k, v, cast_mask(mask, q.dtype), self.dropout, self.training, need_probs)
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, dropout={self.dropout}"

@@ -23,11 +23,10 @@ every batch size.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.attention.entmax import EntmaxAttention
-from models.attention.softmax import attention_dropout, cast_mask
+from models.attention.softmax import attention_dropout, cast_mask, softmax_attention
 from models.config import AttentionConfig
 
 # log m where m = 0: exp(-1e4) underflows to exactly 0 in every float dtype, and -1e4 plus the
@@ -111,13 +110,7 @@ class AdaptiveSpanAttention(nn.Module):
         bias = self.span.log_mask(q.shape[-2], k.shape[-2], q.device).to(q.dtype)
         mask = cast_mask(mask, q.dtype)
         bias = bias if mask is None else bias + mask  # (1|B, H, Q, K)
-        if not need_probs:
-            p = self.dropout if self.training else 0.0
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p), None
-        scores = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5) + bias
-        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-        out = torch.matmul(attention_dropout(probs, self.dropout, self.training), v)
-        return out, probs
+        return softmax_attention(q, k, v, bias, self.dropout, self.training, need_probs)
 
 
 class SpanEntmaxAttention(nn.Module):

@@ -213,3 +213,16 @@ def test_softmax_kernel_matches_explicit_attention_with_dropout_off_in_eval():
     out, _ = kern(q, k, v, mask)
     ref = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(D) + mask, -1) @ v
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(ATTENTION_REGISTRY))
+def test_bidirectional_cross_attention_equals_two_one_way_calls(name):
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(H * D, H, kernel(name)).eval()
+    a, b = torch.randn(2, 5, H * D), torch.randn(2, 7, H * D)
+    mask_a, mask_b = torch.zeros(2, 1, 1, 5), torch.zeros(2, 1, 1, 7)
+    mask_a[0, ..., 3:] = mask_b[1, ..., 6:] = mask_value(torch.float32)
+    (out_a, p_a), (out_b, p_b) = mha.forward_both(a, b, mask_a, mask_b, need_probs=True)
+    torch.testing.assert_close(out_a, mha(a, b, mask_b)[0], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out_b, mha(b, a, mask_a)[0], atol=1e-6, rtol=1e-5)
+    assert p_a.shape == (2, H, 5, 7) and p_b.shape == (2, H, 7, 5)
