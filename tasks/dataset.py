@@ -354,7 +354,7 @@ class ArrayDataset:
         """In-vocabulary soft labels ``{answer: score}`` of one question (what ``targets`` holds)."""
         pos = int(self.positions([question_id])[0])
         li, ls = self.arrays["label_idx"][pos], self.arrays["label_score"][pos]
-        return {self.answers[i]: float(s) for i, s in zip(li, ls) if i >= 0}
+        return {self.answers[i]: round(float(s), 6) for i, s in zip(li, ls) if i >= 0}  # float32 -> 0.3, not 0.30000001
 
     def raw_labels(self, question_id: int) -> dict[str, float]:
         """Soft labels as written in the source, including answers outside the vocabulary."""

@@ -66,7 +66,7 @@ def report(name: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, 
         ok = (model(x).argmax(1) == y).numpy()
     types = np.array(ds.question_type_of(ds.question_ids))
     per = {t: float(ok[types == t].mean()) for t in sorted(set(types))}
-    print(f"{name:8s} test acc {ok.mean():.4f}  ({secs:.1f} s train)  " + "  ".join(f"{t}: {v:.3f}" for t, v in per.items()))
+    print(f"{name:6s} test acc {ok.mean():.4f} ({secs:.1f} s)  " + "  ".join(f"{t}: {v:.3f}" for t, v in per.items()))
     return {"acc": float(ok.mean()), "per_type": per, "seconds": secs}
 
 
@@ -75,9 +75,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--features", default="compact", choices=("compact", "vqa_like"))
     p.add_argument("--grid", type=int, default=2)
     p.add_argument("--cache-dir", default="")
-    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--epochs", type=int, default=20, help="MLP epochs (the linear probe gets 5)")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pixels", action="store_true", help="also probe raw pixels (16x16x3 per image) for contrast")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(a.seed)
@@ -91,10 +92,27 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"inputs: {d} dims ({data.num_regions} regions x ({data.visual_feat_dim} + 4) + {len(vocab)} words)")
     out = {}
     lin = torch.nn.Linear(d, k)
-    out["linear"] = report("linear", lin, xte, yte, data.eval, fit(lin, xtr, ytr, a.epochs, 1e-2, a.seed))
+    out["linear"] = report("linear", lin, xte, yte, data.eval, fit(lin, xtr, ytr, 5, 1e-2, a.seed))
     mlp = torch.nn.Sequential(torch.nn.Linear(d, a.hidden), torch.nn.ReLU(), torch.nn.Linear(a.hidden, k))
-    out["mlp"] = report("mlp", mlp, xte, yte, data.eval, fit(mlp, xtr, ytr, a.epochs, 1e-3, a.seed))
+    out["mlp"] = report("mlp", mlp, xte, yte, data.eval, fit(mlp, xtr, ytr, a.epochs, 3e-3, a.seed))
+    if a.pixels:
+        ptr, pte = (pixel_inputs(ds, split, x, len(vocab)) for ds, split, x in ((data.train, "train", xtr), (data.eval, "test", xte)))
+        mlp = torch.nn.Sequential(torch.nn.Linear(ptr.shape[1], a.hidden), torch.nn.ReLU(), torch.nn.Linear(a.hidden, k))
+        out["mlp_pixels"] = report("pixels", mlp, pte, yte, data.eval, fit(mlp, ptr, ytr, a.epochs, 3e-3, a.seed))
     return out
+
+
+def pixel_inputs(ds: ArrayDataset, split: str, x: torch.Tensor, n_words: int) -> torch.Tensor:
+    """Raw pixels (each image box-downsampled to 16 x 16 x 3, standardised) + the same bag of words."""
+    from tasks.easyvqa import load_images
+
+    images, ids = load_images(split)
+    small = images.reshape(len(images), 16, 4, 16, 4, 3).mean((2, 4)).reshape(len(images), -1)
+    row = {i: r for r, i in enumerate(ids)}
+    image_ids = ds.stores[0].image_ids
+    px = torch.from_numpy(small[[row[image_ids[i]] for i in np.asarray(ds.arrays["image_index"])]]).float()
+    px = (px - px.mean(0)) / (px.std(0) + 1e-6)
+    return torch.cat([px, x[:, -n_words:]], 1)
 
 
 if __name__ == "__main__":

@@ -194,3 +194,27 @@ def test_convert_cli(tmp_path, capsys):
     assert convert.main(["--tsv", str(tsv), "--out", str(tmp_path / "out"), "--limit", "2"]) == 0
     assert "2 images x 4 boxes x 16" in capsys.readouterr().out
     assert os.path.isfile(tmp_path / "out/feats.npy")
+
+
+def test_concurrent_prepare_builds_each_store_once(lxmert_root, tmp_path):
+    """Two processes preparing the same cache (trials starting together) both succeed, one copy each."""
+    import subprocess
+    import sys
+
+    root, _ = lxmert_root
+    cache = tmp_path / "cache"
+    code = (
+        "import sys; from tasks import DataConfig, load;"
+        f"d = load(DataConfig(name='vqa', root={str(root)!r}, cache_dir={str(cache)!r}));"
+        "print(len(d.train))"
+    )
+    repo = Path(__file__).resolve().parents[2]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert [o.strip() for o, _ in outs] == ["27", "27"]
+    leftovers = [p.name for p in cache.rglob("*") if ".tmp-" in p.name or p.name.endswith(".partial")]
+    assert leftovers == []
