@@ -56,8 +56,8 @@ def _entmax15_tau(x: Tensor) -> Tensor:
     return tau.gather(-1, support - 1)
 
 
-def _newton_tau(x: Tensor, power: Tensor, max_iter: int, tol: float) -> Tensor:
-    """Threshold of alpha-entmax by monotone Newton iteration.
+def _newton(x: Tensor, power: Tensor, max_iter: int, tol: float) -> tuple[Tensor, Tensor]:
+    """alpha-entmax by monotone Newton iteration on the threshold.
 
     Args:
         x: (..., K) float32 scores already multiplied by (alpha - 1) and shifted so the row max is 0.
@@ -66,9 +66,16 @@ def _newton_tau(x: Tensor, power: Tensor, max_iter: int, tol: float) -> Tensor:
         tol: Stop once ``max |sum(p) - 1| < tol`` over all rows.
 
     Returns:
-        tau: (..., 1), the threshold (from below: sum(p) >= 1 up to rounding).
+        (t, t^power): ``t = [x - tau]_+`` at the final threshold and the unnormalised probabilities.
     """
-    tau = x.new_full((*x.shape[:-1], 1), -1.0)
+    # Start from a threshold with f(tau) >= 0, as high as cheaply known: tau = -1 (the max alone), or
+    # by Jensen over the n candidates (x > -1, the only keys that can enter the support)
+    # sum (x - tau)_+^power >= n (mean - tau)^power, which is >= 1 at tau = mean - n^(-1/power).
+    # The latter is exact for uniform rows, e.g. at initialisation; it saves 1-4 iterations.
+    cand = x > -1
+    n = cand.sum(-1, keepdim=True, dtype=x.dtype)
+    mean = (x * cand).sum(-1, keepdim=True) / n  # (x * bool: torch.where with a scalar is slower)
+    tau = torch.maximum(mean - n.pow(-1.0 / power), torch.full_like(mean, -1.0))
     t = torch.empty_like(x)
     tp = torch.empty_like(x)
     for _ in range(max_iter):
@@ -77,11 +84,12 @@ def _newton_tau(x: Tensor, power: Tensor, max_iter: int, tol: float) -> Tensor:
         f = tp.sum(-1, keepdim=True).sub_(1)
         # One host sync per iteration: cheap next to the pow, and it stops after 4-7 iterations.
         if float(f.abs().max()) < tol:
-            break
+            return t, tp  # t and t^power already belong to the final tau
         # f'(tau) = -power * sum t^(power - 1) = -power * sum(t^power / t) on the support.
         slope = tp.div_(t.clamp_min_(_TINY)).sum(-1, keepdim=True).mul_(power)
         tau = tau + f / slope
-    return tau
+    t = (x - tau).clamp_min_(0)
+    return t, t.pow(power)
 
 
 class _AlphaEntmax(torch.autograd.Function):
@@ -99,9 +107,7 @@ class _AlphaEntmax(torch.autograd.Function):
             t = (x - _entmax15_tau(x)).clamp_min_(0)
             p = t * t
         else:
-            power = 1.0 / am1
-            t = (x - _newton_tau(x, power, max_iter, tol)).clamp_min_(0)
-            p = t.pow(power)
+            t, p = _newton(x, 1.0 / am1, max_iter, tol)
         p = p / p.sum(-1, keepdim=True)
         ctx.save_for_backward(p, t, alpha)
         ctx.mode = mode
@@ -113,20 +119,24 @@ class _AlphaEntmax(torch.autograd.Function):
         # g = p^(2 - alpha) up to a per-row factor: t^(power - 1) = t^power / t, and p is t^power
         # normalised, so p / t is g rescaled per row; every formula below is invariant to that.
         g = p / t.clamp_min(_TINY)
-        g_sum = g.sum(-1, keepdim=True)
         gdp = g * dp
-        dx = gdp - g * (gdp.sum(-1, keepdim=True) / g_sum)
+        q = gdp.sum(-1, keepdim=True) / g.sum(-1, keepdim=True)  # sum(dp * g) / sum(g)
         d_alpha = None
         if ctx.needs_input_grad[1]:
+            # Correia et al. (2019), eq. 10, with the sums taken first (all (..., 1) tensors after):
+            # d alpha = [sum dp (p - g~)] / (alpha-1)^2 - [sum dp (p log p - g~ H)] / (alpha-1),
+            # where g~ = g / sum(g), H = sum p log p, and sum(dp g~) = q.
             am1 = alpha - 1
-            s = torch.where(p > 0, p * torch.log(p.clamp_min(_TINY)), torch.zeros_like(p))
-            ent = s.sum(-1, keepdim=True)
-            skew = g / g_sum
-            d_alpha = (dp * ((p - skew) / (am1 * am1) - (s - skew * ent) / am1)).sum(-1, keepdim=True)
+            plogp = p * torch.log(p.clamp_min(_TINY))  # exactly 0 where p = 0
+            dp_p = (dp * p).sum(-1, keepdim=True)
+            dp_plogp = (dp * plogp).sum(-1, keepdim=True)
+            ent = plogp.sum(-1, keepdim=True)
+            d_alpha = (dp_p - q) / (am1 * am1) - (dp_plogp - q * ent) / am1
             # Reduce to alpha's own (broadcast) shape, e.g. (1, H, 1, 1).
             dims = [i for i, n in enumerate(alpha.shape) if n == 1 and d_alpha.shape[i] != 1]
             if dims:
                 d_alpha = d_alpha.sum(dims, keepdim=True)
+        dx = gdp.sub_(g * q)  # g * (dp - q)
         return dx, d_alpha, None, None, None
 
 

@@ -76,7 +76,7 @@ def softmax_attention(
     scores = torch.matmul(q, k.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)
     if mask is not None:
         scores = scores + mask
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    probs = torch.softmax(scores, -1) if q.dtype == torch.float32 else torch.softmax(scores.float(), -1).to(q.dtype)
     out = torch.matmul(attention_dropout(probs, p, training), v)
     return out, probs if need_probs else None
 

@@ -49,27 +49,35 @@ class SpanMask(nn.Module):
         super().__init__()
         self.span_max, self.ramp, self.penalty = span_max, ramp, penalty
         self.z = nn.Parameter(torch.full((num_heads,), float(init)))
-        self._dist: dict[tuple[int, int, torch.device], Tensor] = {}
+        self._offsets: dict[tuple[int, int, torch.device], Tensor] = {}
 
-    def distance(self, q_len: int, k_len: int, device: torch.device) -> Tensor:
-        """(Q, K) float32 ``|i - j|``, cached per shape."""
+    def _offset(self, q_len: int, k_len: int, device: torch.device) -> Tensor:
+        """(Q, K) float32 ``1 - |i - j| / R``, cached per shape: m = clamp(z * S_max / R + this, 0, 1)."""
         key = (q_len, k_len, device)
-        if key not in self._dist:
+        if key not in self._offsets:
             i = torch.arange(q_len, device=device, dtype=torch.float32)
             j = torch.arange(k_len, device=device, dtype=torch.float32)
-            self._dist[key] = (i[:, None] - j[None, :]).abs()
-        return self._dist[key]
+            self._offsets[key] = 1.0 - (i[:, None] - j[None, :]).abs() / self.ramp
+        return self._offsets[key]
 
     def forward(self, q_len: int, k_len: int, device: torch.device) -> Tensor:
-        """(H, Q, K) float32 soft mask m in [0, 1]."""
-        x = self.distance(q_len, k_len, device)
-        return ((self.ramp + self.z[:, None, None] * self.span_max - x) / self.ramp).clamp(0, 1)
+        """(H, Q, K) float32 soft mask ``m = clamp((R + z * S_max - |i - j|) / R, 0, 1)``."""
+        scaled = (self.z * (self.span_max / self.ramp)).view(-1, 1, 1)
+        return (scaled + self._offset(q_len, k_len, device)).clamp(0, 1)
+
+    def is_full(self, q_len: int, k_len: int) -> bool:
+        """Whether m = 1 on every (i, j) with zero gradient for z (z * S_max > max |i - j| for every
+        head), so that the mask can be skipped exactly. Checked on CPU only (a host sync elsewhere)."""
+        if self.z.device.type != "cpu":
+            return False
+        return float(self.z.detach().min()) * self.span_max > max(q_len, k_len) - 1
 
     def log_mask(self, q_len: int, k_len: int, device: torch.device) -> Tensor:
         """(H, Q, K) float32 ``log m``, with -1e4 where m = 0 (finite: no NaN in any row)."""
         m = self(q_len, k_len, device)
-        # The clamp_min keeps the unused branch of where() finite, so its gradient is 0, not NaN.
-        return torch.where(m > 0, torch.log(m.clamp_min(1e-30)), torch.full_like(m, _CUT))
+        # clamp_min keeps log finite where m = 0 (so its gradient is 0, not NaN); those entries are
+        # then set to -1e4, whose exp is exactly 0.
+        return torch.log(m.clamp_min(1e-30)).masked_fill_(m == 0, _CUT)
 
     def aux_loss(self) -> Tensor:
         """Span penalty ``coeff * S_max * mean(z)`` (0-d); add to the loss in training."""
@@ -107,10 +115,11 @@ class AdaptiveSpanAttention(nn.Module):
         self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, need_probs: bool = False
     ) -> tuple[Tensor, Tensor | None]:
         """Args/returns as :meth:`models.attention.softmax.SoftmaxAttention.forward`."""
-        bias = self.span.log_mask(q.shape[-2], k.shape[-2], q.device).to(q.dtype)
         mask = cast_mask(mask, q.dtype)
-        bias = bias if mask is None else bias + mask  # (1|B, H, Q, K)
-        return softmax_attention(q, k, v, bias, self.dropout, self.training, need_probs)
+        if not self.span.is_full(q.shape[-2], k.shape[-2]):  # else: exactly softmax, skip the mask
+            bias = self.span.log_mask(q.shape[-2], k.shape[-2], q.device).to(q.dtype)
+            mask = bias if mask is None else bias + mask  # (1|B, H, Q, K)
+        return softmax_attention(q, k, v, mask, self.dropout, self.training, need_probs)
 
 
 class SpanEntmaxAttention(nn.Module):
@@ -140,8 +149,9 @@ class SpanEntmaxAttention(nn.Module):
         if mask is not None:
             scores = scores + mask.float()
         probs = self.entmax.normalise(scores)
-        masked = probs * self.span(q.shape[-2], k.shape[-2], q.device)
-        total = masked.sum(-1, keepdim=True)
-        probs = torch.where(total > 0, masked / total.clamp_min(1e-30), probs)
+        if not self.span.is_full(q.shape[-2], k.shape[-2]):  # else the mask is 1 everywhere
+            masked = probs * self.span(q.shape[-2], k.shape[-2], q.device)
+            total = masked.sum(-1, keepdim=True)
+            probs = torch.where(total > 0, masked / total.clamp_min(1e-30), probs)
         out = torch.matmul(attention_dropout(probs.to(v.dtype), self.dropout, self.training), v)
         return out, probs if need_probs else None

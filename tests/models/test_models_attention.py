@@ -226,3 +226,16 @@ def test_bidirectional_cross_attention_equals_two_one_way_calls(name):
     torch.testing.assert_close(out_a, mha(a, b, mask_b)[0], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(out_b, mha(b, a, mask_a)[0], atol=1e-6, rtol=1e-5)
     assert p_a.shape == (2, H, 5, 7) and p_b.shape == (2, H, 7, 5)
+
+
+def test_full_span_skip_is_exact_and_keeps_the_boundary_gradient():
+    q, k, v, mask, _ = qkv(q_len=6, k_len=9)
+    # S_max = 8 = max |i - j|: at z = 1 the farthest key sits exactly on the clamp's edge, where the
+    # mask still passes gradient to z, so it must be computed, not skipped.
+    edge = kernel("span", AttentionConfig(span_init=1.0, span_ramp=2), span_max=8)
+    assert not edge.span.is_full(6, 9)
+    edge(q, k, v, mask)[0].square().sum().backward()
+    assert (edge.span.z.grad != 0).any()
+    inside = kernel("span", AttentionConfig(span_init=1.0, span_ramp=2), span_max=9)
+    assert inside.span.is_full(6, 9)
+    torch.testing.assert_close(inside(q, k, v, mask)[0], edge(q, k, v, mask)[0], atol=1e-6, rtol=1e-6)
