@@ -21,8 +21,8 @@ transformer trained from scratch for a minute cannot learn that from raw pixels 
    foreground fraction, mean colour and an 8-bin palette histogram of its core pixels (colour),
    centroid, spread, compactness and a 4 x 4 occupancy mask of the box (shape: a rectangle fills
    its box, a circle leaves the corners empty, a triangle's centroid sits low and its top corners
-   are empty), soft IoUs of its 8 x 8 coverage with a rectangle, an inscribed circle and an
-   upright triangle template (one score per shape class, as a detector's class scores), a
+   are empty), template scores from the IoU of its 8 x 8 coverage with a rectangle, an inscribed
+   circle and an upright triangle (one score per shape class, as a detector's class scores), a
    presence flag, an object-region flag, the box area and aspect.
 4. **Standardisation.** Each dimension is z-scored with the mean / std of the training images'
    regions (`standardizer`; the constants are in the store's ``meta.json``). Measured: on the
@@ -50,7 +50,7 @@ from tasks.questions import write_part
 from tasks.tokenization import get_tokenizer
 
 # Bump when the features or the question arrays change, so stale caches are not reused.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 IMAGE_SIZE = 64
 VQA_LIKE_REGIONS = 36
 VQA_LIKE_DIM = 2048
@@ -76,7 +76,7 @@ FEATURE_NAMES = (
     *(f"occ_{i}{j}" for i in range(OCC) for j in range(OCC)),  # 18-33: 4x4 alpha coverage, row-major
     "is_object",  # 34: 1 for the object region, 0 for context boxes
     "box_area",  # 35: box area / image area
-    *(f"match_{s}" for s in SHAPES),  # 36-38: soft IoU of the box's 8x8 coverage with each template
+    *(f"match_{s}" for s in SHAPES),  # 36-38: (IoU with the template - best other IoU + 1) / 2
     "aspect",  # 39: box width / (width + height)
 )  # fmt: skip
 FEATURE_DIM = len(FEATURE_NAMES)
@@ -323,7 +323,11 @@ def describe(
     f[..., 18:34] = occ.reshape(m, r, OCC * OCC)
     t = TEMPLATES.reshape(len(SHAPES), 1, 1, TPL * TPL)
     c = cov.reshape(1, m, r, TPL * TPL)
-    f[..., 36:39] = (np.minimum(c, t).sum(-1) / np.maximum(np.maximum(c, t).sum(-1), 1e-6)).transpose(1, 2, 0)
+    iou = (np.minimum(c, t).sum(-1) / np.maximum(np.maximum(c, t).sum(-1), 1e-6)).transpose(1, 2, 0)  # (M, R, 3)
+    # Margin over the best other template: > 0 only for the best match, so each shape class is
+    # one linear threshold (raw IoUs overlap: a rectangle also fits the circle template well).
+    others = np.stack([np.delete(iou, k, axis=-1).max(-1) for k in range(len(SHAPES))], -1)
+    f[..., 36:39] = (iou - others + 1) / 2  # in [0, 1]; 0.5 = a tie
     f[..., 39] = bw / (bw + bh)
     f[..., 34] = is_object
     f[..., 35] = area / (h * w)
@@ -360,14 +364,16 @@ def featurize(images: np.ndarray, mode: str = "compact", grid: int = 2, chunk: i
 
 
 def standardizer(train_descriptors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-dimension mean and std (floored at 0.01) over all regions of the training images.
+    """Per-dimension mean and std (floored at 0.1) over all regions of the training images.
 
     Stored features are ``(descriptor - mean) / std``: zero-mean, unit-scale inputs make the
     model's first linear layer train several times faster from scratch than raw [0, 1] values
     (a one-hot palette bin is rare, so its raw scale is tiny).
     """
     d = train_descriptors.reshape(-1, train_descriptors.shape[-1]).astype(np.float64)
-    return d.mean(0).astype(np.float32), np.maximum(d.std(0), 0.01).astype(np.float32)
+    # The floor: a nearly constant dimension (aspect is 0.5 for every grid cell) would otherwise
+    # be blown up to |z| ~ 9 on the object region and dominate its LayerNorm in the model.
+    return d.mean(0).astype(np.float32), np.maximum(d.std(0), 0.1).astype(np.float32)
 
 
 # -------------------------------------------------------------------------------------- questions
