@@ -105,12 +105,14 @@ class Plan:
     preset: Preset
     trials: list[Trial]
     pending: dict[str, str]
+    #: Hash of every trial's key and config as declared (before the driver fills in data paths
+    #: and sizes): a restored sweep must match it.
+    fingerprint: str = ""
 
-    @property
-    def fingerprint(self) -> str:
-        """Hash of every trial's key and config: a restored sweep must match it."""
-        blob = json.dumps([[t.key, t.flat()] for t in self.trials], sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    def __post_init__(self) -> None:
+        if not self.fingerprint:
+            blob = json.dumps([[t.key, t.flat()] for t in self.trials], sort_keys=True, default=str)
+            self.fingerprint = hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,11 +289,12 @@ def expand(
         raise
     points = _points(grid.axes, replace) if grid.axes else [{"cell": name} for name in grid.cells]
     axis_keys = {k for group in grid.axes for k in next(iter(group.values()))}
-    for key in replace:
+    for key in axis_replace or {}:
+        # A preset's axis values apply where its grid has that axis; the command line's must match.
         if key not in axis_keys:
             raise ConfigError(
-                f"axis '{key}' replaced by {preset.path.name if key in preset.axes else 'the command line'} "
-                f"is not an axis of grid {grid.path.name} (axes: {', '.join(sorted(axis_keys)) or 'none'})"
+                f"axis '{key}' given on the command line is not an axis of grid {grid.path.name} "
+                f"(axes: {', '.join(sorted(axis_keys)) or 'none'})"
             )
     missing = [k for k in preset.required if not (cli_overrides or {}).get(k) and not preset.overrides.get(k)]
     if missing:

@@ -1,0 +1,290 @@
+"""Run the paper's ablation grid (or any grid) with Ray Tune + Ray Train, tracked in MLflow.
+
+    python sweeps/ablation.py                         # default preset: local Ray, local MLflow, easy-VQA
+    python sweeps/ablation.py --preset smoke          # CI-sized
+    python sweeps/ablation.py --preset paper data.root=/data/vqa train.init_checkpoint=/data/model_LXRT.pth
+    ray job submit --working-dir . -- python sweeps/ablation.py --preset smoke
+    python sweeps/ablation.py --dry-run               # print the trials and exit
+
+With no cluster it starts a local Ray; with ``RAY_ADDRESS`` set, or inside ``ray job submit``,
+it uses that cluster. Rerunning the same command resumes an interrupted sweep: finished trials
+are kept, unfinished ones continue from their last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python sweeps/ablation.py` puts sweeps/, not the root, on the path
+    sys.path.insert(0, str(ROOT))
+
+from sweeps.config import ConfigError, flatten, parse_cli_overrides  # noqa: E402
+from sweeps.grid import Plan, expand, load_grid, load_preset  # noqa: E402
+
+DEFAULT_RUNS_DIR = "~/ablation-runs"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="sweeps/ablation.py",
+        description=(
+            "Run an ablation grid of attention variants x seeds with Ray Tune + Ray Train, "
+            "logging every trial to MLflow, then build the report."
+        ),
+        epilog=(
+            "Overrides: any config key as key=value, e.g. train.lr=3e-4 model.hidden_size=128 "
+            "data.train_limit=2000 (see --list-keys). They apply to every trial, after the preset "
+            "and the grid. Environment: RAY_ADDRESS (use that cluster), MLFLOW_TRACKING_URI "
+            "(use that tracking server instead of the local SQLite store), ABLATION_RUNS_DIR."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every trial")
+    parser.add_argument("--preset", default="default",
+                        help="smoke | default | paper, or a preset YAML path (default: %(default)s)")
+    parser.add_argument("--grid", default=None,
+                        help="grid name in sweeps/grids/ or a YAML path (default: the preset's grid)")
+    parser.add_argument("--cells", default="", help="comma-separated cells to run (default: all)")
+    parser.add_argument("--seeds", default="", help="comma-separated seeds, replacing the grid's seed axis")
+    parser.add_argument("--name", default="", help="sweep name (default: <preset>-<grid>); same name = resume")
+    parser.add_argument("--runs-dir", default=os.environ.get("ABLATION_RUNS_DIR", DEFAULT_RUNS_DIR),
+                        help="where MLflow's local store, checkpoints, caches and reports go "
+                        "(default: $ABLATION_RUNS_DIR or %(default)s; on a multi-node cluster: shared storage)")
+    parser.add_argument("--experiment", default="", help="MLflow experiment name (default: adaptive-ablation)")
+    parser.add_argument("--max-concurrent", type=int, default=None,
+                        help="trials at once (default: resources.max_concurrent, else what the cluster fits)")
+    parser.add_argument("--search", choices=("none", "optuna"), default="none",
+                        help="optuna: per cell, --trials Optuna trials over lr / warmup before the grid")
+    parser.add_argument("--trials", type=int, default=8, help="Optuna trials per cell (with --search optuna)")
+    parser.add_argument("--fresh", action="store_true", help="discard a previous sweep of the same name")
+    parser.add_argument("--dry-run", action="store_true", help="validate, print the trials and exit")
+    parser.add_argument("--no-report", action="store_true", help="skip building the report at the end")
+    parser.add_argument("--list-keys", action="store_true", help="print every config key with its default")
+    parser.add_argument("--verbose", action="store_true",
+                        help="stream every worker's log to this terminal (default: one line per epoch and trial)")
+    return parser.parse_args(argv)
+
+
+def build_plan(args: argparse.Namespace) -> Plan:
+    preset = load_preset(args.preset)
+    grid = load_grid(args.grid or preset.grid)
+    axis_replace = {}
+    if args.seeds:
+        try:
+            axis_replace["train.seed"] = [int(s) for s in args.seeds.split(",") if s.strip()]
+        except ValueError:
+            raise ConfigError(f"--seeds: expected comma-separated integers, got '{args.seeds}'") from None
+    cells = [c.strip() for c in args.cells.split(",") if c.strip()] or None
+    return expand(grid, preset, parse_cli_overrides(args.overrides), axis_replace, cells)
+
+
+def sweep_name(args: argparse.Namespace, plan: Plan) -> str:
+    name = args.name or f"{plan.preset.name}-{plan.grid.name}"
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise ConfigError(f"--name: use letters, digits, '.', '_' and '-' only; got '{name}'")
+    return name
+
+
+def print_plan(plan: Plan, name: str) -> None:
+    print(f"sweep '{name}': grid {plan.grid.path.name} ({plan.grid.name}), preset {plan.preset.name}, "
+          f"{len(plan.trials)} trial(s)")
+    for trial in plan.trials:
+        c = trial.config
+        ld = c.model.layerdrop
+        layerdrop = f" layerdrop={ld.mode}" + (f"(n={ld.n_drop})" if ld.mode == "fixed" else
+                                              f"(p={ld.p})" if ld.mode == "prob" else "")
+        print(f"  {trial.key:<24} attention={c.model.attention.name} layers={c.model.l_layers}-"
+              f"{c.model.x_layers}-{c.model.r_layers} hidden={c.model.hidden_size}{layerdrop if ld.mode != 'none' else ''} "
+              f"data={c.data.name} epochs={c.train.epochs} seed={c.train.seed}")
+    for cell, reason in plan.pending.items():
+        print(f"  {cell:<24} NOT RUN: {reason}")
+
+
+def prepare_data(plan: Plan, runs_dir: Path) -> Plan:
+    """Point empty cache dirs at the runs dir, build data caches once (driver side), and set each
+    trial's ``model.num_answers`` / ``model.visual_feat_dim`` from its data.
+
+    Raises before any trial starts when a data file is missing (the error names it)."""
+    import dataclasses
+
+    import tasks
+    from sweeps.train import config_dims
+
+    for path in sorted({t.config.train.init_checkpoint for t in plan.trials} - {""}):
+        if not Path(path).expanduser().exists():
+            raise ConfigError(
+                f"train.init_checkpoint: {path} does not exist (pretrained LXMERT weights: the original "
+                "model_LXRT.pth or a HuggingFace LXMERT directory with config.json)"
+            )
+    done: dict[str, tuple[int, int]] = {}
+    for trial in plan.trials:
+        data = trial.config.data
+        if not data.cache_dir:
+            data = dataclasses.replace(data, cache_dir=str(runs_dir / "cache"))
+        key = repr(flatten(data))
+        if key not in done:
+            t0 = time.time()
+            tasks.prepare(data)
+            loaded = tasks.load(data)
+            done[key] = (loaded.num_answers, loaded.visual_feat_dim)
+            print(f"data {data.name}: {len(loaded.train)} train / {len(loaded.eval)} eval questions, "
+                  f"{loaded.num_answers} answers, {loaded.num_regions} regions x {loaded.visual_feat_dim} "
+                  f"features ({time.time() - t0:.1f} s)", flush=True)
+        cfg = dataclasses.replace(trial.config, data=data)
+        trial.config = config_dims(cfg, *done[key])
+        trial.config.validate()
+    return plan
+
+
+def connect_ray(verbose: bool = False) -> str:
+    """Connect to RAY_ADDRESS / the job's cluster, or start a local one. Returns a description."""
+    import ray
+
+    in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+    runtime_env: dict = {}
+    if not in_job:
+        # Ship this checkout to every worker (git-ignored paths such as .venv/ and runs/ stay home).
+        runtime_env["working_dir"] = str(ROOT)
+        runtime_env["excludes"] = ["runs/", ".venv/", ".git/", "*.pt", "*.db", "docs/"]
+    address = os.environ.get("RAY_ADDRESS") or None
+    if in_job or address:
+        ray.init(address=address or "auto", runtime_env=runtime_env or None, log_to_driver=verbose)
+        where = f"Ray cluster at {ray.get_runtime_context().gcs_address}"
+    else:
+        ray.init(runtime_env=runtime_env, include_dashboard=False, log_to_driver=verbose)
+        where = "a local Ray instance"
+    res = ray.cluster_resources()
+    return f"{where} ({res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.list_keys:
+        from sweeps.config import ExperimentConfig
+
+        for key, value in flatten(ExperimentConfig()).items():
+            print(f"{key}={value}")
+        return 0
+    t_start = time.time()
+    try:
+        plan = build_plan(args)
+        name = sweep_name(args, plan)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print_plan(plan, name)
+    if args.dry_run:
+        return 0
+
+    from sweeps import tracking
+    from sweeps.tune import SweepPaths, check_manifest, run, write_manifest
+
+    runs_dir = Path(args.runs_dir).expanduser().resolve()
+    paths = SweepPaths(runs_dir=runs_dir, sweep_id=name)
+    uri = tracking.default_tracking_uri(runs_dir)
+    try:
+        previous = check_manifest(paths, plan, args.fresh)
+        tracking.check_tracking(uri)
+        plan = prepare_data(plan, runs_dir)
+    except (ConfigError, FileNotFoundError, tracking.TrackingError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.fresh:
+        _discard(paths)
+    print(f"runs dir: {runs_dir}\nMLflow:   {uri}", flush=True)
+
+    where = connect_ray(args.verbose)
+    print(f"running on {where}", flush=True)
+
+    sweeper = tracking.SweepTracker(uri, args.experiment or tracking.DEFAULT_EXPERIMENT, name, runs_dir)
+    code = tracking.code_version(ROOT)
+    cells = {
+        c.name: {"label": c.label, "table": c.table, "paper": c.paper, "pending": c.pending}
+        for c in plan.grid.cells.values()
+    }
+    import json
+
+    parent_tags = {
+        "sweep.grid": plan.grid.name,
+        "sweep.preset": plan.preset.name,
+        "sweep.fingerprint": plan.fingerprint,
+        "sweep.trials": json.dumps([t.key for t in plan.trials]),
+        "sweep.cells": json.dumps(cells),
+        "sweep.pending": json.dumps(plan.pending),
+        "sweep.status": "running",
+        "sweep.runs_dir": str(runs_dir),
+        **code,
+    }
+    parent = sweeper.start(parent_tags, {"preset": plan.preset.name, "grid": plan.grid.name,
+                                         "n_trials": len(plan.trials)})
+    write_manifest(paths, plan, {"parent_run_id": parent, "experiment_id": sweeper.experiment_id,
+                                 "tracking_uri": uri})
+    context = {
+        "tracking_uri": uri,
+        "experiment_id": sweeper.experiment_id,
+        "parent_run_id": parent,
+        "sweep_id": name,
+        "tags": {"sweep.grid": plan.grid.name, "sweep.preset": plan.preset.name, "grid": plan.grid.name,
+                 **code},
+    }
+    max_conc = args.max_concurrent if args.max_concurrent is not None else plan.trials[0].config.resources.max_concurrent
+    outcome = run(plan, paths, context, max_concurrent=max_conc, restore=previous and not args.fresh)
+
+    failed = outcome.failed
+    status = "complete" if not failed else "incomplete"
+    print(f"\nsweep '{name}' {status}: {len(outcome.trials) - len(failed)}/{len(outcome.trials)} trials finished"
+          + (f", {len(plan.pending)} cell(s) not run: {', '.join(plan.pending)}" if plan.pending else ""))
+    for t in failed:
+        print(f"  FAILED {t.key}: {t.error.splitlines()[0] if t.error else t.status}")
+    total_wall = time.time() - t_start
+    if outcome.ideal_s > 0:
+        print(f"wall time {total_wall:.0f} s (trials phase {outcome.wall_s:.0f} s); ideal {outcome.ideal_s:.0f} s "
+              f"(sum of {sum(t.ran_now for t in outcome.trials)} trial times / {outcome.concurrency} at once); "
+              f"overhead ratio {outcome.overhead_ratio:.3f} (trials phase), {total_wall / outcome.ideal_s:.3f} (whole command)")
+    sweeper.finish(
+        "FINISHED" if not failed else "FAILED",
+        {"sweep/wall_s": total_wall, "sweep/trials_wall_s": outcome.wall_s, "sweep/ideal_s": outcome.ideal_s,
+         "sweep/overhead_ratio": outcome.overhead_ratio if outcome.ideal_s > 0 else 0.0,
+         "sweep/concurrency": float(outcome.concurrency)},
+        {"sweep.status": status,
+         "sweep.failed": json.dumps({t.key: t.error[:500] for t in failed})},
+    )
+    if not args.no_report:
+        report_path = build_report(uri, name, runs_dir, args.experiment or tracking.DEFAULT_EXPERIMENT)
+        if report_path:
+            print(f"report: {report_path}")
+    return 0 if not failed else 1
+
+
+def build_report(uri: str, sweep_id: str, runs_dir: Path, experiment: str) -> str | None:
+    try:
+        import reports
+    except ImportError:
+        print("report: the reports package is not installed; skipped")
+        return None
+    try:
+        return str(reports.build(tracking_uri=uri, sweep=sweep_id, experiment=experiment,
+                                 out_dir=runs_dir / "reports" / sweep_id))
+    except Exception as err:
+        print(f"report: failed to build: {type(err).__name__}: {err}", file=sys.stderr)
+        return None
+
+
+def _discard(paths) -> None:
+    import shutil
+
+    for path in (paths.tune_dir,):
+        if path.exists():
+            shutil.rmtree(path)
+    if paths.manifest.exists():
+        paths.manifest.unlink()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

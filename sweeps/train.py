@@ -1,0 +1,471 @@
+"""The loop one Ray Train worker runs for one trial: ``train_fn_per_worker``.
+
+The loop itself (:class:`TrialLoop`) knows nothing about Ray: it takes a rank, a world size, a
+device, a way to wrap the model (DDP or not), a checkpoint to resume from and a ``report``
+callback. ``train_fn_per_worker`` binds those to Ray Train (``ray.train.get_context``,
+``prepare_model``, ``get_checkpoint``, ``report``), so the same loop runs in unit tests without a
+cluster and on GPU nodes under DDP.
+
+Per epoch: train over this rank's shard (bf16 autocast on CUDA), add every module's
+``aux_loss()`` (the span penalty), call every ``post_step()`` (clamping z and alpha) after each
+optimizer step, evaluate on the evaluation split, gather predictions on rank 0, checkpoint
+(model, optimizer, schedule, metric history) through ``report``, then log to MLflow (rank 0 only;
+idempotent per epoch, so a resumed trial never logs an epoch twice and catches up any it missed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+import os
+import random
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sweeps.config import ExperimentConfig, unflatten
+from sweeps.optim import build_optimizer, build_schedule, total_steps
+
+STATE_FILE = "state.pt"
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "visual_feats", "visual_pos")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DDP / FSDP wrapper (hooks and state dicts live there)."""
+    return getattr(model, "module", model)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def stats_rows(stats: dict[str, list[float]], epoch: int) -> list[dict[str, Any]]:
+    """``{"lang/3/self/span": [per head]}`` -> rows for the per-head table artifact."""
+    rows = []
+    for key, values in stats.items():
+        stack, layer, attention, stat = key.split("/")
+        for head, value in enumerate(values):
+            rows.append(dict(epoch=epoch, stack=stack, layer=int(layer), attention=attention,
+                             stat=stat, head=head, value=float(value)))
+    return rows
+
+
+def stats_summary(stats: dict[str, list[float]]) -> dict[str, float]:
+    """Per-layer summary metrics: ``span/lang/3/self`` = mean span over heads (also ``_max``)."""
+    out: dict[str, float] = {}
+    for key, values in stats.items():
+        stack, layer, attention, stat = key.split("/")
+        name = f"{stat}/{stack}/{layer}/{attention}"
+        out[name] = float(np.mean(values))
+        out[f"{name}_max"] = float(np.max(values))
+    return out
+
+
+class TrialLoop:
+    """Train and evaluate one model for one trial.
+
+    Args:
+        cfg: the trial's full config (``model.num_answers`` and ``model.visual_feat_dim`` must
+            match the data; the driver sets them).
+        rank, world_size: this worker's place in the group.
+        device: where the model runs.
+        wrap_model: turns the plain model into what trains (e.g. DDP); identity by default.
+    """
+
+    def __init__(self, cfg: ExperimentConfig, rank: int = 0, world_size: int = 1,
+                 device: torch.device | None = None,
+                 wrap_model: Callable[[nn.Module], nn.Module] | None = None,
+                 log: Callable[[str], None] = print):
+        import models
+        import tasks
+
+        self.cfg = cfg
+        self.rank = rank
+        self.world_size = world_size
+        self.device = device or torch.device("cpu")
+        self.log = log if rank == 0 else (lambda _msg: None)
+        seed_everything(cfg.train.seed)
+        self.data = tasks.load(cfg.data)
+        for key, have in (("num_answers", self.data.num_answers), ("visual_feat_dim", self.data.visual_feat_dim)):
+            want = getattr(cfg.model, key)
+            if want != have:
+                raise ValueError(f"model.{key}={want} but the data ({cfg.data.name}) has {have}")
+        model = models.build_model(cfg.model)
+        if cfg.train.init_checkpoint:
+            from models.checkpoint import load_pretrained
+
+            report = load_pretrained(model, cfg.train.init_checkpoint, strict=not cfg.train.init_allow_partial)
+            self.log(str(report))
+        model.to(self.device)
+        self.model = wrap_model(model) if wrap_model else model
+        self.optimizer = build_optimizer(unwrap(self.model), cfg.train.optimizer, cfg.train.lr,
+                                         cfg.train.weight_decay, cfg.train.lookahead_k,
+                                         cfg.train.lookahead_alpha)
+        self.steps_total = total_steps(len(self.data.train), cfg.train.batch_size, world_size, cfg.train.epochs)
+        self.schedule = build_schedule(self.optimizer, cfg.train.schedule, self.steps_total,
+                                       cfg.train.warmup_ratio, cfg.train.lr_min, cfg.train.cycle_steps)
+        use_bf16 = self.device.type == "cuda" and cfg.train.precision in ("auto", "bf16")
+        if cfg.train.precision == "bf16" and self.device.type != "cuda":
+            use_bf16 = True  # explicitly asked for: CPU autocast supports bf16 too
+        self.autocast = (
+            (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
+        )
+        self.precision = "bf16" if use_bf16 else "fp32"
+        # Progress of the trial; all of it goes into the checkpoint.
+        self.epoch = 0  # epochs completed
+        self.step = 0
+        self.history: list[tuple[int, dict[str, float]]] = []
+        self.head_rows: list[dict[str, Any]] = []
+        self.best = {"acc": -1.0, "epoch": 0}
+        self.elapsed_s = 0.0
+
+    # -- checkpoint state ---------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "history": self.history,
+            "head_rows": self.head_rows,
+            "best": self.best,
+            "elapsed_s": self.elapsed_s,
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        unwrap(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.epoch = int(state["epoch"])
+        self.step = int(state["step"])
+        self.history = [(int(e), dict(m)) for e, m in state["history"]]
+        self.head_rows = list(state["head_rows"])
+        self.best = dict(state["best"])
+        self.elapsed_s = float(state["elapsed_s"])
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+
+    # -- one epoch ------------------------------------------------------------------------------
+
+    def _inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: batch[k].to(self.device, non_blocking=True) for k in MODEL_INPUTS}
+
+    def train_epoch(self) -> dict[str, float]:
+        import models.hooks as hooks
+
+        model, core = self.model, unwrap(self.model)
+        model.train()
+        cfg = self.cfg.train
+        losses, aux_losses, n_samples = 0.0, 0.0, 0
+        layer_counts: dict[str, float] = {}
+        start = time.perf_counter()
+        batches = self.data.train.batches(cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=self.epoch,
+                                          rank=self.rank, world_size=self.world_size)
+        n_batches = 0
+        for batch in batches:
+            inputs = self._inputs(batch)
+            targets = batch["targets"].to(self.device, non_blocking=True)
+            with self.autocast():
+                out = model(**inputs)
+                # LXMERT's VQA loss: BCE over the soft targets, summed over answers (mean * A).
+                loss = F.binary_cross_entropy_with_logits(out.logits.float(), targets) * targets.shape[1]
+            aux = hooks.aux_loss(core)
+            total = loss + aux if torch.is_tensor(aux) else loss
+            self.optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(core.parameters(), cfg.grad_clip)
+            self.optimizer.step()
+            self.schedule.step()
+            hooks.post_step(core)
+            self.step += 1
+            n_batches += 1
+            bs = targets.shape[0]
+            n_samples += bs
+            losses += loss.item() * bs
+            aux_losses += float(aux.detach()) * bs if torch.is_tensor(aux) else 0.0
+            ran = getattr(core, "layers_ran", None)
+            if callable(ran):
+                ran = ran()
+            if isinstance(ran, dict):
+                for stack, count in ran.items():
+                    layer_counts[stack] = layer_counts.get(stack, 0.0) + float(
+                        len(count) if isinstance(count, (list, tuple)) else count
+                    )
+        seconds = time.perf_counter() - start
+        metrics = {
+            "train/loss": losses / max(1, n_samples),
+            "train/aux_loss": aux_losses / max(1, n_samples),
+            "train/lr": float(self.optimizer.param_groups[0]["lr"]),
+            "train/epoch_s": seconds,
+            # samples/s of the whole group: every rank trains the same number of samples.
+            "train/samples_per_s": n_samples * self.world_size / max(seconds, 1e-9),
+            "train/steps": float(self.step),
+        }
+        for stack, total_layers in layer_counts.items():
+            metrics[f"layers/{stack}_ran"] = total_layers / max(1, n_batches)
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self, n_examples: int = 0) -> dict[str, Any]:
+        """Predictions on this rank's shard of the evaluation split, gathered on rank 0."""
+        model = self.model
+        model.eval()
+        qids, preds, scores, top_ids, top_probs = [], [], [], [], []
+        loss_sum, n = 0.0, 0
+        for batch in self.data.eval.batches(self.cfg.train.eval_batch_size, shuffle=False, seed=0, epoch=0,
+                                            rank=self.rank, world_size=self.world_size):
+            inputs = self._inputs(batch)
+            targets = batch["targets"].to(self.device)
+            with self.autocast():
+                logits = model(**inputs).logits.float()
+            loss_sum += float(F.binary_cross_entropy_with_logits(logits, targets, reduction="sum"))
+            n += targets.shape[0]
+            pred = logits.argmax(dim=1)
+            qids.append(batch["question_id"].cpu())
+            preds.append(pred.cpu())
+            scores.append(targets.gather(1, pred[:, None])[:, 0].cpu())
+            probs = torch.sigmoid(logits)
+            k = min(5, probs.shape[1])
+            p, i = probs.topk(k, dim=1)
+            top_ids.append(i.cpu())
+            top_probs.append(p.cpu())
+        local = {
+            "question_id": torch.cat(qids).numpy() if qids else np.zeros(0, np.int64),
+            "pred": torch.cat(preds).numpy() if preds else np.zeros(0, np.int64),
+            "score": torch.cat(scores).numpy() if scores else np.zeros(0, np.float32),
+            "top_ids": torch.cat(top_ids).numpy() if top_ids else np.zeros((0, 5), np.int64),
+            "top_probs": torch.cat(top_probs).numpy() if top_probs else np.zeros((0, 5), np.float32),
+            "loss_sum": loss_sum,
+            "n": n,
+        }
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            gathered: list[Any] = [None] * self.world_size
+            dist.all_gather_object(gathered, local)
+            merged = {k: np.concatenate([g[k] for g in gathered]) for k in
+                      ("question_id", "pred", "score", "top_ids", "top_probs")}
+            merged["loss_sum"] = sum(g["loss_sum"] for g in gathered)
+            merged["n"] = sum(g["n"] for g in gathered)
+            local = merged
+        # A padded last shard may repeat questions: keep each question once.
+        _, first = np.unique(local["question_id"], return_index=True)
+        for k in ("question_id", "pred", "score", "top_ids", "top_probs"):
+            local[k] = local[k][np.sort(first)]
+        return local
+
+    def eval_metrics(self, result: dict[str, Any]) -> dict[str, float]:
+        types = np.asarray(self.data.eval.answer_type_of(result["question_id"]))
+        by_type = {t: float(result["score"][types == t].mean()) for t in sorted(set(types.tolist()))}
+        out = {"eval/acc": float(np.mean(result["score"])) if len(result["score"]) else 0.0,
+               "eval/loss": result["loss_sum"] / max(1, result["n"]),
+               "eval/n": float(len(result["score"]))}
+        for group, acc in by_type.items():
+            out[f"eval/acc_{_slug(group)}"] = acc
+        return out
+
+    def predictions_table(self, result: dict[str, Any]) -> str:
+        answers = self.data.answers
+        types = self.data.eval.answer_type_of(result["question_id"])
+        qtypes = self.data.eval.question_type_of(result["question_id"])
+        lines = ["question_id,answer,score,answer_type,question_type"]
+        for qid, pred, score, atype, qtype in zip(result["question_id"], result["pred"], result["score"], types, qtypes):
+            lines.append(f"{int(qid)},{_csv(answers[int(pred)])},{float(score):.4f},{_csv(atype)},{_csv(qtype)}")
+        return "\n".join(lines) + "\n"
+
+    def examples(self, result: dict[str, Any], n: int) -> list[dict[str, Any]]:
+        """Top-5 answers with probabilities for the first ``n`` evaluation questions (Fig. 4)."""
+        if n <= 0 or not len(result["question_id"]):
+            return []
+        ids = self.data.eval.question_ids[:n]
+        index = {int(q): i for i, q in enumerate(result["question_id"])}
+        texts = [self.data.eval.question_text(int(q)) for q in ids]
+        gold = [self.data.eval.labels(int(q)) for q in ids]
+        out = []
+        for qid, text, answers in zip(ids, texts, gold):
+            i = index.get(int(qid))
+            if i is None:
+                continue
+            out.append({
+                "question_id": int(qid),
+                "question": text,
+                "gold": answers,
+                "top5": [{"answer": self.data.answers[int(a)], "prob": float(p)}
+                         for a, p in zip(result["top_ids"][i], result["top_probs"][i])],
+            })
+        return out
+
+    # -- the whole trial ------------------------------------------------------------------------
+
+    def fit(self, report: Callable[[dict[str, float], dict[str, Any] | None], None],
+            tracker=None) -> dict[str, float]:
+        """Train the remaining epochs; after each, ``report(metrics, state)`` then log to MLflow.
+
+        ``report`` receives the checkpoint state on rank 0 (``None`` elsewhere) and must persist
+        it before returning (Ray Train's ``report`` does): MLflow is written after it, so a crash
+        between the two only delays logging to the next resume's catch-up.
+        """
+        import models.hooks as hooks
+
+        cfg = self.cfg
+        core = unwrap(self.model)
+        if tracker is not None:
+            from models.flops import count_params, flops_per_sample
+
+            caught = tracker.catch_up(self.history)
+            if caught:
+                self.log(f"logged {caught} epoch(s) the checkpoint held but MLflow lacked")
+            tracker.log_metrics({
+                "model/params": float(count_params(cfg.model)),
+                "model/flops_per_sample": float(flops_per_sample(cfg.model, n_tokens=self.data.max_seq_len,
+                                                                n_regions=self.data.num_regions)),
+                "data/train_questions": float(len(self.data.train)),
+                "data/eval_questions": float(len(self.data.eval)),
+            })
+            tracker.set_tags({"trial.precision": self.precision, "trial.device": self.device.type,
+                              "trial.world_size": str(self.world_size)})
+        while self.epoch < cfg.train.epochs:
+            t0 = time.perf_counter()
+            metrics = self.train_epoch()
+            result = self.evaluate()
+            self.epoch += 1
+            stats = hooks.collect_stats(core)
+            if self.rank == 0:
+                metrics.update(self.eval_metrics(result))
+                metrics.update(stats_summary(stats))
+                self.head_rows.extend(stats_rows(stats, self.epoch))
+                improved = metrics["eval/acc"] > self.best["acc"]
+                if improved:
+                    self.best = {"acc": metrics["eval/acc"], "epoch": self.epoch}
+                metrics["best/acc"] = self.best["acc"]
+                metrics["best/epoch"] = float(self.best["epoch"])
+            self.elapsed_s += time.perf_counter() - t0
+            metrics["time/elapsed_s"] = self.elapsed_s
+            metrics["epoch"] = float(self.epoch)
+            if self.rank == 0:
+                self.history.append((self.epoch, dict(metrics)))
+            report(metrics, self.state_dict() if self.rank == 0 else None)
+            if self.rank == 0:
+                self.log(
+                    f"epoch {self.epoch}/{cfg.train.epochs}: loss {metrics['train/loss']:.4f} "
+                    f"acc {metrics['eval/acc']:.4f} ({metrics['train/samples_per_s']:.0f} samples/s, "
+                    f"{metrics['train/epoch_s']:.1f} s)"
+                )
+            if tracker is not None:
+                tracker.log_epoch(self.epoch, metrics)
+                from sweeps.tracking import csv_text
+
+                tracker.log_text(csv_text(self.head_rows), "stats/attention_heads.csv")
+                if improved:
+                    tracker.log_text(self.predictions_table(result), "eval/predictions.csv")
+                    tracker.log_dict(self.examples(result, cfg.train.n_examples), "eval/examples_top5.json")
+                    if cfg.train.log_best_checkpoint:
+                        buf = io.BytesIO()
+                        torch.save(core.state_dict(), buf)
+                        tracker.log_bytes(buf.getvalue(), "checkpoint/best_model.pt")
+        final = dict(self.history[-1][1]) if self.history else {}
+        if tracker is not None:
+            tracker.log_metrics({"time/trial_s": self.elapsed_s, "best/acc": self.best["acc"],
+                                 "best/epoch": float(self.best["epoch"])}, step=self.epoch)
+            tracker.finish("FINISHED")
+        return final
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in text.lower()).strip("_")
+
+
+def _csv(text: str) -> str:
+    text = str(text)
+    return f'"{text.replace(chr(34), chr(34) * 2)}"' if any(c in text for c in ',"\n') else text
+
+
+# ----------------------------------------------------------------------------------------------
+# Ray Train glue
+# ----------------------------------------------------------------------------------------------
+
+
+def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
+    """Entry point of every Ray Train worker of a trial.
+
+    ``loop_config``: ``{"trial_key", "config" (flat ExperimentConfig), "context" (tracking)}``.
+    """
+    import ray.train
+    import ray.train.torch
+
+    from sweeps.tracking import TrialTracker, quiet_mlflow
+
+    cfg = unflatten(ExperimentConfig, loop_config["config"], source="trial config")
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        threads = cfg.resources.threads_per_worker or max(1, int(math.floor(cfg.resources.cpus_per_worker)))
+        torch.set_num_threads(threads)
+
+    def wrap(model: nn.Module) -> nn.Module:
+        if world == 1:
+            return model
+        # LayerDrop leaves the dropped layers without gradients in a step (the same ones on
+        # every rank), which DDP must be told about.
+        unused = cfg.model.layerdrop.mode != "none"
+        return ray.train.torch.prepare_model(
+            model, move_to_device=False, parallel_strategy_kwargs={"find_unused_parameters": unused}
+        )
+
+    def log(msg: str) -> None:
+        print(f"[{loop_config['trial_key']}] {msg}", flush=True)
+
+    loop = TrialLoop(cfg, rank=rank, world_size=world, device=device, wrap_model=wrap, log=log)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
+        loop.load_state_dict(state)
+        log(f"resumed from checkpoint after epoch {loop.epoch}")
+
+    def report(metrics: dict[str, float], state: dict[str, Any] | None) -> None:
+        if state is None:
+            ray.train.report(metrics, checkpoint=None)
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            torch.save(state, os.path.join(folder, STATE_FILE))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+    tracker = None
+    with quiet_mlflow():
+        if rank == 0:
+            tracker = TrialTracker(loop_config["context"], loop_config["trial_key"])
+            tracker.start(tags=loop_config.get("tags", {}), params=loop_config["config"])
+        try:
+            loop.fit(report, tracker)
+        except BaseException:
+            if tracker is not None and tracker.run_id:
+                # FAILED now; a retry of the worker group reopens it as RUNNING.
+                try:
+                    tracker.finish("FAILED")
+                except Exception:
+                    pass
+            raise
+
+
+def config_dims(cfg: ExperimentConfig, num_answers: int, visual_feat_dim: int) -> ExperimentConfig:
+    """``cfg`` with the model's answer count and feature size set from the data."""
+    model = dataclasses.replace(cfg.model, num_answers=num_answers, visual_feat_dim=visual_feat_dim)
+    return dataclasses.replace(cfg, model=model)

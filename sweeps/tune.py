@@ -1,0 +1,329 @@
+"""The Tune driver: a validated plan -> one Tune trial per grid point -> one TorchTrainer each.
+
+Ray Train V2 runs inside Ray Tune as a *function trainable* that builds a ``TorchTrainer`` and
+calls ``.fit()`` (``Tuner(trainer)`` is the V1 API and fails under V2). Each trial's Train run is
+named after the trial key and stored under ``<runs>/ray/<sweep>/train/<key>``, so a restarted
+trial (Tune retry, restored sweep) finds its latest checkpoint and resumes from it. The Tune
+experiment is stored under ``<runs>/ray/<sweep>``: rerunning the same command after the driver
+died restores it (``Tuner.restore``), and finished trials are not rerun.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ray.tune import Callback
+
+from sweeps.config import ConfigError, flatten
+from sweeps.grid import Plan, Trial
+
+TRAINABLE_CPU = 0.01  # the trial's driver only waits on its TorchTrainer; its workers hold the CPUs
+
+#: Environment of every trial's Train controller and workers (set explicitly so that it holds
+#: whether the sweep was started locally, with RAY_ADDRESS, or by `ray job submit`).
+TRIAL_ENV = {
+    # Trials are short: notice finished or failed workers promptly (Ray's default polls every 2 s).
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    # Worker prints reach the driver once (Ray Train's print patch would log them twice).
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_OFFLINE": "1",
+}
+
+
+@dataclass
+class SweepPaths:
+    runs_dir: Path
+    sweep_id: str
+
+    @property
+    def ray_dir(self) -> Path:
+        return self.runs_dir / "ray"
+
+    @property
+    def tune_dir(self) -> Path:
+        return self.ray_dir / self.sweep_id
+
+    @property
+    def train_dir(self) -> Path:
+        return self.tune_dir / "train"
+
+    @property
+    def manifest(self) -> Path:
+        return self.runs_dir / "sweeps" / f"{self.sweep_id}.json"
+
+
+@dataclass
+class TrialOutcome:
+    key: str
+    cell: str
+    seed: int
+    status: str  # TERMINATED | ERROR | PENDING | RUNNING
+    metrics: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
+    duration_s: float = 0.0
+    ran_now: bool = False
+
+
+@dataclass
+class SweepOutcome:
+    trials: list[TrialOutcome]
+    wall_s: float
+    concurrency: int
+
+    @property
+    def ideal_s(self) -> float:
+        ran = [t.duration_s for t in self.trials if t.ran_now]
+        return sum(ran) / max(1, self.concurrency)
+
+    @property
+    def overhead_ratio(self) -> float:
+        return self.wall_s / self.ideal_s if self.ideal_s > 0 else float("nan")
+
+    @property
+    def failed(self) -> list[TrialOutcome]:
+        return [t for t in self.trials if t.status != "TERMINATED"]
+
+
+# ----------------------------------------------------------------------------------------------
+# the trainable (runs in a Tune trial actor)
+# ----------------------------------------------------------------------------------------------
+
+
+def run_trial(param: dict[str, Any]) -> dict[str, Any]:
+    """Tune function trainable: one TorchTrainer for one trial, resumed from its last checkpoint."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from sweeps.train import train_fn_per_worker
+
+    spec = param["trial"]
+    res = spec["resources"]
+    start = time.time()
+    env = {k: os.environ.get(k, v) for k, v in TRIAL_ENV.items()}
+    os.environ.update(env)  # the Train controller inherits RAY_TRAIN_* from this process
+    scaling = ray.train.ScalingConfig(
+        num_workers=int(res["num_workers"]),
+        use_gpu=res["gpus_per_worker"] > 0,
+        resources_per_worker={"CPU": res["cpus_per_worker"],
+                              **({"GPU": res["gpus_per_worker"]} if res["gpus_per_worker"] > 0 else {})},
+    )
+    trainer = TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config={k: spec[k] for k in ("trial_key", "config", "context", "tags")},
+        scaling_config=scaling,
+        run_config=ray.train.RunConfig(
+            name=spec["trial_key"],
+            storage_path=spec["train_dir"],
+            failure_config=ray.train.FailureConfig(max_failures=int(res["max_failures"])),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=[TuneReportCallback()],
+            worker_runtime_env={"env_vars": env},
+            logging_config=ray.train.LoggingConfig(log_level=os.environ.get("ABLATION_TRAIN_LOG_LEVEL", "WARNING")),
+        ),
+    )
+    result = trainer.fit()
+    metrics = dict(result.metrics or {})
+    metrics["trial_wall_s"] = time.time() - start
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# the driver
+# ----------------------------------------------------------------------------------------------
+
+
+def trial_spec(trial: Trial, paths: SweepPaths, context: dict[str, Any]) -> dict[str, Any]:
+    cell = trial.cell
+    tags = {
+        "trial.cell": cell.name,
+        "trial.seed": str(trial.seed),
+        "trial.axes": json.dumps(trial.axis_values, sort_keys=True),
+        "variant": cell.name,
+        "seed": str(trial.seed),
+        "cell.label": cell.label,
+        "cell.table": str(cell.table),
+    }
+    for key, value in cell.paper.items():
+        tags[f"paper.{key}"] = str(value)
+    return {
+        "trial_key": trial.key,
+        "config": flatten(trial.config),
+        "resources": flatten(trial.config.resources),
+        "context": context,
+        "tags": tags,
+        "train_dir": str(paths.train_dir),
+    }
+
+
+def concurrency(plan: Plan, cluster: dict[str, float], requested: int) -> int:
+    """How many trials fit at once (every trial asks the same resources; the preset sets them)."""
+    res = plan.trials[0].config.resources
+    if requested > 0:
+        return requested
+    cpus = cluster.get("CPU", 1.0)
+    fit = math.floor(cpus / (res.num_workers * res.cpus_per_worker) + 1e-9)
+    if res.gpus_per_worker > 0:
+        fit = min(fit, math.floor(cluster.get("GPU", 0.0) / (res.num_workers * res.gpus_per_worker) + 1e-9))
+    if fit < 1:
+        need = f"{res.num_workers} x {res.cpus_per_worker} CPU" + (
+            f" + {res.num_workers} x {res.gpus_per_worker} GPU" if res.gpus_per_worker else "")
+        raise ConfigError(
+            f"one trial needs {need}, the cluster has {cpus:g} CPU / {cluster.get('GPU', 0):g} GPU: "
+            "lower resources.* or add nodes"
+        )
+    return fit
+
+
+def check_manifest(paths: SweepPaths, plan: Plan, fresh: bool) -> bool:
+    """Refuse to restore a sweep whose trials changed; returns True when a previous run exists."""
+    exists = paths.manifest.exists()
+    if exists and not fresh:
+        saved = json.loads(paths.manifest.read_text())
+        if saved.get("fingerprint") != plan.fingerprint:
+            raise ConfigError(
+                f"sweep '{paths.sweep_id}' already exists in {paths.runs_dir} with a different grid or "
+                f"config (fingerprint {saved.get('fingerprint')} != {plan.fingerprint}). Rerun with the "
+                "same arguments to resume it, pass --name to start a new sweep, or --fresh to replace it."
+            )
+    return exists and not fresh
+
+
+def write_manifest(paths: SweepPaths, plan: Plan, extra: dict[str, Any]) -> None:
+    paths.manifest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = paths.manifest.with_suffix(".tmp")
+    tmp.write_text(json.dumps({
+        "sweep_id": paths.sweep_id,
+        "fingerprint": plan.fingerprint,
+        "grid": str(plan.grid.path),
+        "preset": str(plan.preset.path),
+        "trials": [t.key for t in plan.trials],
+        "pending": plan.pending,
+        **extra,
+    }, indent=1))
+    os.replace(tmp, paths.manifest)
+
+
+class Progress(Callback):
+    """One line per epoch and per finished trial, instead of Tune's tables."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.done = 0
+        self.start = time.time()
+        self.printed: set[tuple[str, int]] = set()
+
+    def _stamp(self) -> str:
+        return f"[{time.time() - self.start:6.0f}s]"
+
+    @staticmethod
+    def _key(trial) -> str:
+        return trial.config["trial"]["trial_key"]
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if "eval/acc" in result and "epoch" in result:
+            # The trainable's return value repeats the last epoch's metrics: print each epoch once.
+            seen = (self._key(trial), int(result["epoch"]))
+            if seen in self.printed:
+                return
+            self.printed.add(seen)
+            print(f"{self._stamp()} {self._key(trial):<22} epoch {int(result['epoch'])}: "
+                  f"acc {result['eval/acc']:.4f} loss {result.get('train/loss', float('nan')):.4f} "
+                  f"{result.get('train/samples_per_s', 0):.0f} samples/s", flush=True)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.done += 1
+        acc = (trial.last_result or {}).get("best/acc")
+        acc_s = f"best acc {acc:.4f}" if isinstance(acc, (int, float)) else ""
+        print(f"{self._stamp()} finished {self._key(trial)} ({self.done}/{self.total}) {acc_s}", flush=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.done += 1
+        print(f"{self._stamp()} FAILED {self._key(trial)} ({self.done}/{self.total}); logs: {trial.local_path}",
+              flush=True)
+
+
+def _trial_name(trial) -> str:
+    return trial.config["trial"]["trial_key"]
+
+
+def error_summary(error: BaseException | str | None) -> str:
+    """The root cause of a trial error: the last ``SomeError: message`` line of its traceback."""
+    if not error:
+        return ""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    causes = [ln for ln in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b.*:", ln)]
+    return (causes[-1] if causes else lines[-1] if lines else str(error))[:1000]
+
+
+def run(plan: Plan, paths: SweepPaths, context: dict[str, Any], max_concurrent: int = 0,
+        restore: bool = True) -> SweepOutcome:
+    """Run (or restore and finish) every trial of ``plan`` on the connected Ray cluster."""
+    import ray
+    from ray import tune
+
+    specs = [trial_spec(t, paths, context) for t in plan.trials]
+    n_at_once = concurrency(plan, ray.cluster_resources(), max_concurrent)
+    trainable = tune.with_resources(run_trial, {"cpu": TRAINABLE_CPU})
+    paths.train_dir.mkdir(parents=True, exist_ok=True)
+    tune_path = str(paths.tune_dir)
+    progress = Progress(len(specs))
+    restored = restore and tune.Tuner.can_restore(tune_path)
+    if restored:
+        print(f"restoring sweep '{paths.sweep_id}' from {tune_path}: finished trials are kept", flush=True)
+        tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True, restart_errored=False)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"trial": tune.grid_search(specs)},
+            tune_config=tune.TuneConfig(max_concurrent_trials=n_at_once, reuse_actors=False,
+                                        trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
+            run_config=tune.RunConfig(
+                name=paths.sweep_id,
+                storage_path=str(paths.ray_dir),
+                failure_config=tune.FailureConfig(max_failures=1),
+                callbacks=[progress],
+                verbose=0,
+            ),
+        )
+    already_done = set()
+    if restored:
+        # Trials that finished before this invocation: their durations are not ours to count.
+        try:
+            from ray.tune import ExperimentAnalysis
+
+            for trial in ExperimentAnalysis(tune_path).trials:
+                if trial.status == "TERMINATED":
+                    already_done.add(trial.config["trial"]["trial_key"])
+        except Exception:
+            pass
+    start = time.time()
+    grid = tuner.fit()
+    wall = time.time() - start
+    outcomes: list[TrialOutcome] = []
+    for result in grid:
+        spec = result.config["trial"]
+        metrics = dict(result.metrics or {})
+        status = "ERROR" if result.error else "TERMINATED"
+        outcomes.append(TrialOutcome(
+            key=spec["trial_key"],
+            cell=spec["tags"]["trial.cell"],
+            seed=int(spec["tags"]["trial.seed"]),
+            status=status,
+            metrics=metrics,
+            error=error_summary(result.error),
+            duration_s=float(metrics.get("trial_wall_s", 0.0) or 0.0),
+            ran_now=spec["trial_key"] not in already_done and status == "TERMINATED",
+        ))
+    outcomes.sort(key=lambda o: [t.key for t in plan.trials].index(o.key) if o.key in
+                  [t.key for t in plan.trials] else 0)
+    return SweepOutcome(trials=outcomes, wall_s=wall, concurrency=n_at_once)

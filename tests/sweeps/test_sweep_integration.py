@@ -1,0 +1,192 @@
+"""The sweep end to end, against a real Ray head and a real MLflow store.
+
+* the smoke preset submitted with ``ray job submit`` (session fixture ``smoke_sweep``): a parent
+  run with one finished child per grid cell and seed, params, per-epoch metrics, span / alpha tables;
+* killing the driver mid-sweep, then rerunning the same command: the sweep finishes with no
+  duplicated and no lost child runs or epochs;
+* bad grids, missing data and an unreachable MLflow server fail before any trial starts.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from sweeps.grid import expand, load_grid, load_preset
+
+ROOT = Path(__file__).resolve().parents[2]
+ABLATION = [sys.executable, str(ROOT / "sweeps" / "ablation.py")]
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def sweep_runs(uri: str, sweep_id: str, experiment: str = "adaptive-ablation"):
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`sweep.id` = '{sweep_id}'",
+                              max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("sweep.role") == "parent"]
+    children = [r for r in runs if r.data.tags.get("sweep.role") == "trial"]
+    return client, parents, children
+
+
+def artifact_text(client: MlflowClient, run_id: str, path: str) -> str:
+    local = client.download_artifacts(run_id, path)
+    return Path(local).read_text()
+
+
+def test_smoke_sweep_logs_parent_and_one_finished_child_per_cell_and_seed(smoke_sweep):
+    uri, sweep_id, experiment = smoke_sweep
+    client, parents, children = sweep_runs(uri, sweep_id, experiment)
+    plan = expand(load_grid("paper"), load_preset("smoke"))
+    expected = {t.key: t for t in plan.trials}
+
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["sweep.status"] == "complete"
+    assert json.loads(parent.data.tags["sweep.trials"]) == list(expected)
+    assert "grad_std" in json.loads(parent.data.tags["sweep.pending"])
+    assert parent.data.metrics["sweep/overhead_ratio"] > 0
+
+    assert sorted(r.data.tags["trial.key"] for r in children) == sorted(expected)
+    for run in children:
+        key = run.data.tags["trial.key"]
+        trial = expected[key]
+        assert run.info.status == "FINISHED", key
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.data.tags["trial.cell"] == trial.cell.name
+        assert run.data.tags["trial.seed"] == str(trial.seed)
+        # params: the resolved config
+        assert run.data.params["model.attention.name"] == trial.config.model.attention.name
+        assert run.data.params["model.l_layers"] == str(trial.config.model.l_layers)
+        assert run.data.params["train.epochs"] == str(trial.config.train.epochs)
+        # per-epoch metrics, each epoch once
+        epochs = trial.config.train.epochs
+        for metric in ("epoch", "eval/acc", "train/loss", "train/lr", "train/samples_per_s"):
+            history = client.get_metric_history(run.info.run_id, metric)
+            assert sorted(m.step for m in history) == list(range(1, epochs + 1)), (key, metric)
+        for metric in ("model/params", "model/flops_per_sample", "best/acc", "time/trial_s"):
+            assert run.data.metrics[metric] > 0, (key, metric)
+        assert run.data.metrics["best/acc"] <= 1.0
+        # the per-head table: spans for span cells, alphas for entmax cells
+        rows = list(csv.DictReader(io.StringIO(artifact_text(client, run.info.run_id, "stats/attention_heads.csv"))))
+        stats = {r["stat"] for r in rows}
+        name = trial.config.model.attention.name
+        assert ("span" in stats) == (name in ("span", "span_entmax")), key
+        assert ("alpha" in stats) == (name in ("entmax", "span_entmax")), key
+        if rows:
+            assert {int(r["epoch"]) for r in rows} == set(range(1, epochs + 1))
+            metric = f"{rows[0]['stat']}/{rows[0]['stack']}/{rows[0]['layer']}/{rows[0]['attention']}"
+            assert len(client.get_metric_history(run.info.run_id, metric)) == epochs
+        predictions = artifact_text(client, run.info.run_id, "eval/predictions.csv").splitlines()
+        assert predictions[0].startswith("question_id,answer,score")
+        assert len(predictions) - 1 == int(run.data.metrics["eval/n"])
+        examples = json.loads(artifact_text(client, run.info.run_id, "eval/examples_top5.json"))
+        assert examples and all(len(e["top5"]) == 5 for e in examples)
+    # LayerDrop cells ran one layer fewer per stack in training
+    ld = next(r for r in children if r.data.tags["trial.cell"] == "layerdrop_955")
+    assert ld.data.metrics["layers/lang_ran"] == plan.trials[0].config.model.l_layers - 1
+    # the report was built at the end and logged back to the parent
+    assert "report:" in smoke_sweep.output
+    assert any(a.path.startswith("report") for a in client.list_artifacts(parent.info.run_id))
+
+
+def _wait_for(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def test_killing_the_driver_mid_sweep_then_rerunning_finishes_without_duplicates(ray_head, tmp_path):
+    runs = tmp_path / "runs"
+    args = [*ABLATION, "--preset", "smoke", "--cells", "softmax,span", "--name", "resume", "--runs-dir", str(runs),
+            "--no-report", "train.epochs=4"]
+    env = ray_head.env()
+    log1 = open(tmp_path / "first.log", "w")
+    first = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=log1, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    train_dir = runs / "ray" / "resume" / "train"
+    try:
+        # Kill once some trial has checkpointed an epoch but before the sweep is done.
+        _wait_for(lambda: any(train_dir.glob("*/checkpoint_*")) or first.poll() is not None, 600,
+                  "a first checkpoint")
+        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=30)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    uri = f"sqlite:///{runs / 'mlflow.db'}"
+    _, _, before = sweep_runs(uri, "resume")
+    assert before and not all(r.info.status == "FINISHED" for r in before), "the kill came too late to test resume"
+
+    with open(tmp_path / "second.log", "w") as log2:
+        second = subprocess.run(args, cwd=tmp_path, env=env, stdout=log2, stderr=subprocess.STDOUT, timeout=900)
+    output = (tmp_path / "second.log").read_text()
+    assert second.returncode == 0, output[-5000:]
+    assert "restoring sweep 'resume'" in output
+    client, parents, children = sweep_runs(uri, "resume")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert sorted(r.data.tags["trial.key"] for r in children) == ["softmax-s0", "span-s0"]
+    assert {r.info.run_id for r in before} <= {r.info.run_id for r in children}, "child runs were replaced"
+    for run in children:
+        assert run.info.status == "FINISHED"
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "epoch")]
+        assert sorted(steps) == [1, 2, 3, 4], (run.data.tags["trial.key"], steps)
+        loss_steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+        assert sorted(loss_steps) == [1, 2, 3, 4]
+    assert "resumed from checkpoint" in output or "finished" in output
+
+
+def _run_quick(args, env=None, cwd=ROOT, timeout=120):
+    proc = subprocess.run([*ABLATION, *args], cwd=cwd, env=env or dict(os.environ), capture_output=True,
+                          text=True, timeout=timeout)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def test_bad_grid_fails_before_any_trial_naming_the_key(tmp_path):
+    grid = tmp_path / "bad.yaml"
+    grid.write_text("name: bad\ncells: {a: {set: {model.attention.name: sofmax}}}\naxes: [{product: {cell: [a]}}]\n")
+    code, out = _run_quick(["--preset", "smoke", "--grid", str(grid), "--runs-dir", str(tmp_path / "r")])
+    assert code == 2
+    assert "bad.yaml" in out and "attention.name" in out and "sofmax" in out
+    assert "\nrunning on " not in out and not (tmp_path / "r").exists()
+
+
+def test_missing_vqa_data_fails_before_any_trial_naming_the_file(tmp_path):
+    ckpt = tmp_path / "model_LXRT.pth"
+    ckpt.write_bytes(b"")
+    code, out = _run_quick(["--preset", "paper", f"data.root={tmp_path / 'nowhere'}",
+                            f"train.init_checkpoint={ckpt}", "--runs-dir", str(tmp_path / "r")])
+    assert code == 2, out
+    assert "nowhere" in out and "\nrunning on " not in out
+    code, out = _run_quick(["--preset", "paper", f"data.root={tmp_path}", "train.init_checkpoint=/no/such.pth",
+                            "--runs-dir", str(tmp_path / "r")])
+    assert code == 2 and "/no/such.pth" in out
+
+
+def test_unreachable_mlflow_server_is_one_clear_error_at_start(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there once the socket is closed
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"http://127.0.0.1:{port}")
+    code, out = _run_quick(["--preset", "smoke", "--cells", "softmax", "--runs-dir", str(tmp_path / "r")], env=env)
+    assert code == 2
+    assert "MLflow tracking server http://127.0.0.1" in out and "not reachable" in out
+    assert "Traceback" not in out and "\nrunning on " not in out
