@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -76,9 +77,10 @@ class MultiHeadAttention(nn.Module):
     ) -> tuple[tuple[Tensor, Tensor | None], tuple[Tensor, Tensor | None]]:
         """Bidirectional cross-attention with shared weights: ``a`` attends to ``b`` and ``b`` to ``a``.
 
-        Equal to ``forward(a, b, mask_b)`` and ``forward(b, a, mask_a)``, but each stream is
-        projected once (q, k, v in one matmul) and serves as queries in one direction and as keys and
-        values in the other.
+        Equal to ``forward(a, b, mask_b)`` and ``forward(b, a, mask_a)``, but both streams are
+        projected by one matmul (q, k, v of the concatenated sequences: one weight gradient, no
+        accumulation of two), and each serves as queries in one direction and as keys and values in
+        the other.
 
         Args:
             a: (B, Na, H); b: (B, Nb, H) hidden states of the two streams.
@@ -88,8 +90,10 @@ class MultiHeadAttention(nn.Module):
         Returns:
             ((out_a (B, Na, H), probs_a), (out_b (B, Nb, H), probs_b)).
         """
-        qa, ka, va = self.project(a)
-        qb, kb, vb = self.project(b)
+        n_a = a.shape[1]
+        q, k, v = self.project(torch.cat([a, b], dim=1))  # (B, heads, Na + Nb, hd) each
+        qa, ka, va = q[:, :, :n_a], k[:, :, :n_a], v[:, :, :n_a]
+        qb, kb, vb = q[:, :, n_a:], k[:, :, n_a:], v[:, :, n_a:]
         return self.attend(qa, kb, vb, mask_b, need_probs), self.attend(qb, ka, va, mask_a, need_probs)
 
     def extra_repr(self) -> str:
