@@ -7,6 +7,7 @@ from torch import nn
 from models.attention.entmax import EntmaxAttention
 from models.attention.softmax import SoftmaxAttention
 from models.attention.span import AdaptiveSpanAttention, SpanEntmaxAttention
+from models.config import AttentionConfig
 
 #: name -> kernel class; every class takes ``(num_heads, cfg, *, span_max, dropout)``.
 ATTENTION_REGISTRY: dict[str, type[nn.Module]] = {
@@ -17,7 +18,7 @@ ATTENTION_REGISTRY: dict[str, type[nn.Module]] = {
 }
 
 
-def build_kernel(name: str, num_heads: int, cfg, *, span_max: int, dropout: float) -> nn.Module:
+def build_kernel(name: str, num_heads: int, cfg: AttentionConfig, *, span_max: int, dropout: float) -> nn.Module:
     """Instantiate the kernel registered as ``name``.
 
     Args:
