@@ -61,7 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="trials at once (default: resources.max_concurrent, else what the cluster fits)")
     parser.add_argument("--search", choices=("none", "optuna"), default="none",
                         help="optuna: per cell, --trials Optuna trials over lr / warmup before the grid")
-    parser.add_argument("--trials", type=int, default=8, help="Optuna trials per cell (with --search optuna)")
+    parser.add_argument("--trials", type=int, default=8,
+                        help="Optuna trials per cell (with --search optuna; default %(default)s)")
     parser.add_argument("--fresh", action="store_true", help="discard a previous sweep of the same name")
     parser.add_argument("--dry-run", action="store_true", help="validate, print the trials and exit")
     parser.add_argument("--no-report", action="store_true", help="skip building the report at the end")
@@ -183,26 +184,29 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from sweeps import tracking
-    from sweeps.tune import SweepPaths, check_manifest, run, write_manifest
+    from sweeps.config import apply_overrides
+    from sweeps.tune import SweepOutcome, SweepPaths, check_manifest, run, search, write_manifest
 
     runs_dir = Path(args.runs_dir).expanduser().resolve()
     paths = SweepPaths(runs_dir=runs_dir, sweep_id=name)
     uri = tracking.default_tracking_uri(runs_dir)
     try:
-        previous = check_manifest(paths, plan, args.fresh)
+        previous = check_manifest(paths, plan, args.fresh, search_settings(args))
         tracking.check_tracking(uri)
         plan = prepare_data(plan, runs_dir)
     except (ConfigError, FileNotFoundError, tracking.TrackingError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if args.fresh:
-        _discard(paths)
     print(f"runs dir: {runs_dir}\nMLflow:   {uri}", flush=True)
 
     where = connect_ray(args.verbose)
     print(f"running on {where}", flush=True)
 
     sweeper = tracking.SweepTracker(uri, args.experiment or tracking.DEFAULT_EXPERIMENT, name, runs_dir)
+    if args.fresh:
+        removed = sweeper.discard()
+        _discard(paths)
+        print(f"--fresh: deleted {removed} MLflow run(s) and the Ray state of the previous '{name}'", flush=True)
     code = tracking.code_version(ROOT)
     cells = {
         c.name: {"label": c.label, "table": c.table, "paper": c.paper, "pending": c.pending}
@@ -224,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     parent = sweeper.start(parent_tags, {"preset": plan.preset.name, "grid": plan.grid.name,
                                          "n_trials": len(plan.trials)})
     write_manifest(paths, plan, {"parent_run_id": parent, "experiment_id": sweeper.experiment_id,
-                                 "tracking_uri": uri})
+                                 "tracking_uri": uri, "search": search_settings(args)})
     context = {
         "tracking_uri": uri,
         "experiment_id": sweeper.experiment_id,
@@ -234,8 +238,20 @@ def main(argv: list[str] | None = None) -> int:
                  **code},
     }
     max_conc = args.max_concurrent if args.max_concurrent is not None else plan.trials[0].config.resources.max_concurrent
-    outcome = run(plan, paths, context, max_concurrent=max_conc, restore=previous and not args.fresh)
+    restore = previous and not args.fresh
+    search_outcome = None
+    if args.search == "optuna":
+        best, search_outcome = search(plan, paths, context, args.trials, max_concurrent=max_conc, restore=restore)
+        for trial in plan.trials:
+            trial.config = apply_overrides(trial.config, best[trial.cell.name], source="optuna search")
+        sweeper.set_tags({"sweep.search": json.dumps({"method": "optuna", "trials_per_cell": args.trials,
+                                                      "best": best}, sort_keys=True)})
+    outcome = run(plan, paths, context, max_concurrent=max_conc, restore=restore)
 
+    timing = outcome
+    if search_outcome is not None:  # the overhead ratio covers both stages
+        timing = SweepOutcome(trials=search_outcome.trials + outcome.trials,
+                              wall_s=search_outcome.wall_s + outcome.wall_s, concurrency=outcome.concurrency)
     failed = outcome.failed
     status = "complete" if not failed else "incomplete"
     print(f"\nsweep '{name}' {status}: {len(outcome.trials) - len(failed)}/{len(outcome.trials)} trials finished"
@@ -243,15 +259,16 @@ def main(argv: list[str] | None = None) -> int:
     for t in failed:
         print(f"  FAILED {t.key}: {t.error.splitlines()[0] if t.error else t.status}")
     total_wall = time.time() - t_start
-    if outcome.ideal_s > 0:
-        print(f"wall time {total_wall:.0f} s (trials phase {outcome.wall_s:.0f} s); ideal {outcome.ideal_s:.0f} s "
-              f"(sum of {sum(t.ran_now for t in outcome.trials)} trial times / {outcome.concurrency} at once); "
-              f"overhead ratio {outcome.overhead_ratio:.3f} (trials phase), {total_wall / outcome.ideal_s:.3f} (whole command)")
+    if timing.ideal_s > 0:
+        print(f"wall time {total_wall:.0f} s (trials phase {timing.wall_s:.0f} s); ideal {timing.ideal_s:.0f} s "
+              f"(sum of {sum(t.ran_now for t in timing.trials)} trial times / {timing.concurrency} at once); "
+              f"overhead ratio {timing.overhead_ratio:.3f} (trials phase), "
+              f"{total_wall / timing.ideal_s:.3f} (whole command)")
     sweeper.finish(
         "FINISHED" if not failed else "FAILED",
-        {"sweep/wall_s": total_wall, "sweep/trials_wall_s": outcome.wall_s, "sweep/ideal_s": outcome.ideal_s,
-         "sweep/overhead_ratio": outcome.overhead_ratio if outcome.ideal_s > 0 else 0.0,
-         "sweep/concurrency": float(outcome.concurrency)},
+        {"sweep/wall_s": total_wall, "sweep/trials_wall_s": timing.wall_s, "sweep/ideal_s": timing.ideal_s,
+         "sweep/overhead_ratio": timing.overhead_ratio if timing.ideal_s > 0 else 0.0,
+         "sweep/concurrency": float(timing.concurrency)},
         {"sweep.status": status,
          "sweep.failed": json.dumps({t.key: t.error[:500] for t in failed})},
     )
@@ -260,6 +277,11 @@ def main(argv: list[str] | None = None) -> int:
         if report_path:
             print(f"report: {report_path}")
     return 0 if not failed else 1
+
+
+def search_settings(args: argparse.Namespace) -> dict:
+    """Part of a sweep's identity: a rerun with another search setting is another sweep."""
+    return {"method": args.search, "trials": args.trials if args.search != "none" else 0}
 
 
 def build_report(uri: str, sweep_id: str, runs_dir: Path, experiment: str) -> str | None:
@@ -277,9 +299,10 @@ def build_report(uri: str, sweep_id: str, runs_dir: Path, experiment: str) -> st
 
 
 def _discard(paths) -> None:
+    """Remove a previous sweep's Tune experiments (grid and search) and its manifest."""
     import shutil
 
-    for path in (paths.tune_dir,):
+    for path in [paths.tune_dir, *paths.ray_dir.glob(f"{paths.sweep_id}-search-*")]:
         if path.exists():
             shutil.rmtree(path)
     if paths.manifest.exists():

@@ -238,6 +238,24 @@ class SweepTracker:
         self.parent_run_id = run.info.run_id
         return self.parent_run_id
 
+    def set_tags(self, tags: dict[str, str]) -> None:
+        assert self.parent_run_id
+        set_tags(self.client, self.uri, self.parent_run_id, tags)
+
+    def discard(self) -> int:
+        """Delete (MLflow's soft delete) the parent and every child run of this sweep, so that a
+        ``--fresh`` sweep of the same name starts with no runs to resume. Returns how many."""
+        runs = _retry(
+            "list the sweep's runs",
+            self.uri,
+            lambda: list(self.client.search_runs(
+                [self.experiment_id], filter_string=f"tags.`sweep.id` = '{self.sweep_id}'", max_results=5000,
+            )),
+        )
+        for run in runs:
+            _retry("delete a run of the old sweep", self.uri, lambda r=run: self.client.delete_run(r.info.run_id))
+        return len(runs)
+
     def finish(self, status: str, metrics: dict[str, float], tags: dict[str, str]) -> None:
         assert self.parent_run_id
         rid = self.parent_run_id
@@ -300,7 +318,7 @@ class TrialTracker:
             **self._base_tags,
             **tags,
             "sweep.id": self.sweep_id,
-            "sweep.role": "trial",
+            "sweep.role": tags.get("sweep.role", "trial"),  # "search" for Optuna trials
             "trial.key": self.trial_key,
             PARENT_RUN_TAG: self.parent_run_id,
         }

@@ -105,7 +105,14 @@ def run_trial(param: dict[str, Any]) -> dict[str, Any]:
 
     from sweeps.train import train_fn_per_worker
 
-    spec = param["trial"]
+    spec = dict(param["trial"])
+    if param.get("search"):
+        # An Optuna trial: this point of the search space, under a name of its own.
+        from ray import tune
+
+        spec["config"] = {**spec["config"], **param["search"]}
+        spec["trial_key"] = f"{spec['trial_key']}-opt-{tune.get_context().get_trial_id()}"
+        spec["tags"] = {**spec["tags"], "search.params": json.dumps(param["search"], sort_keys=True)}
     res = spec["resources"]
     start = time.time()
     env = {k: os.environ.get(k, v) for k, v in TRIAL_ENV.items()}
@@ -183,11 +190,16 @@ def concurrency(plan: Plan, cluster: dict[str, float], requested: int) -> int:
     return fit
 
 
-def check_manifest(paths: SweepPaths, plan: Plan, fresh: bool) -> bool:
+def check_manifest(paths: SweepPaths, plan: Plan, fresh: bool, search: dict[str, Any] | None = None) -> bool:
     """Refuse to restore a sweep whose trials changed; returns True when a previous run exists."""
     exists = paths.manifest.exists()
     if exists and not fresh:
         saved = json.loads(paths.manifest.read_text())
+        if search is not None and saved.get("search", search) != search:
+            raise ConfigError(
+                f"sweep '{paths.sweep_id}' already exists in {paths.runs_dir} with search {saved.get('search')}, "
+                f"not {search}: rerun with the same --search/--trials, pass --name, or --fresh to replace it."
+            )
         if saved.get("fingerprint") != plan.fingerprint:
             raise ConfigError(
                 f"sweep '{paths.sweep_id}' already exists in {paths.runs_dir} with a different grid or "
@@ -226,7 +238,7 @@ class Progress(Callback):
 
     @staticmethod
     def _key(trial) -> str:
-        return trial.config["trial"]["trial_key"]
+        return _trial_name(trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if "eval/acc" in result and "epoch" in result:
@@ -252,7 +264,9 @@ class Progress(Callback):
 
 
 def _trial_name(trial) -> str:
-    return trial.config["trial"]["trial_key"]
+    """The trial key; an Optuna trial adds its Tune id (as ``run_trial`` names its MLflow run)."""
+    key = trial.config["trial"]["trial_key"]
+    return f"{key}-opt-{trial.trial_id}" if trial.config.get("search") else key
 
 
 def error_summary(error: BaseException | str | None) -> str:
@@ -264,6 +278,73 @@ def error_summary(error: BaseException | str | None) -> str:
     return (causes[-1] if causes else lines[-1] if lines else str(error))[:1000]
 
 
+#: The Optuna search space, relative to the preset's values: every cell gets the same space and
+#: the same number of trials (``--trials``), so no variant is favoured by its tuning budget.
+SEARCH_SPACE = {
+    "train.lr": ("loguniform", 0.1, 10.0),  # x the preset's learning rate
+    "train.warmup_ratio": ("uniform", 0.0, 0.3),  # absolute
+}
+
+
+def _fit(name: str, paths: SweepPaths, param_space: dict[str, Any] | None, n_at_once: int, restore: bool,
+         progress: Callback, search_alg=None, num_samples: int = 1):
+    """Run one Tune experiment (or restore and finish it); returns (results, wall_s, done_before)."""
+    from ray import tune
+
+    trainable = tune.with_resources(run_trial, {"cpu": TRAINABLE_CPU})
+    path = str(paths.ray_dir / name)
+    done_before: set[str] = set()
+    if restore and tune.Tuner.can_restore(path):
+        print(f"restoring '{name}' from {path}: finished trials are kept", flush=True)
+        try:
+            from ray.tune import ExperimentAnalysis
+
+            done_before = {t.trial_id for t in ExperimentAnalysis(path).trials if t.status == "TERMINATED"}
+        except Exception:  # only affects which durations count towards the overhead ratio
+            pass
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True, restart_errored=False)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(
+                max_concurrent_trials=n_at_once, reuse_actors=False, search_alg=search_alg,
+                num_samples=num_samples, trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
+            ),
+            run_config=tune.RunConfig(
+                name=name,
+                storage_path=str(paths.ray_dir),
+                failure_config=tune.FailureConfig(max_failures=1),
+                callbacks=[progress],
+                verbose=0,
+            ),
+        )
+    start = time.time()
+    results = tuner.fit()
+    return results, time.time() - start, done_before
+
+
+def _outcomes(results, done_before: set[str]) -> list[TrialOutcome]:
+    out = []
+    for result in results:
+        spec = result.config["trial"]
+        metrics = dict(result.metrics or {})
+        status = "ERROR" if result.error else "TERMINATED"
+        trial_id = metrics.get("trial_id", "")
+        out.append(TrialOutcome(
+            key=spec["trial_key"],
+            cell=spec["tags"]["trial.cell"],
+            seed=int(spec["tags"]["trial.seed"]),
+            status=status,
+            metrics=metrics,
+            error=error_summary(result.error),
+            duration_s=float(metrics.get("trial_wall_s", 0.0) or 0.0),
+            ran_now=status == "TERMINATED" and trial_id not in done_before,
+        ))
+    return out
+
+
 def run(plan: Plan, paths: SweepPaths, context: dict[str, Any], max_concurrent: int = 0,
         restore: bool = True) -> SweepOutcome:
     """Run (or restore and finish) every trial of ``plan`` on the connected Ray cluster."""
@@ -272,58 +353,58 @@ def run(plan: Plan, paths: SweepPaths, context: dict[str, Any], max_concurrent: 
 
     specs = [trial_spec(t, paths, context) for t in plan.trials]
     n_at_once = concurrency(plan, ray.cluster_resources(), max_concurrent)
-    trainable = tune.with_resources(run_trial, {"cpu": TRAINABLE_CPU})
     paths.train_dir.mkdir(parents=True, exist_ok=True)
-    tune_path = str(paths.tune_dir)
-    progress = Progress(len(specs))
-    restored = restore and tune.Tuner.can_restore(tune_path)
-    if restored:
-        print(f"restoring sweep '{paths.sweep_id}' from {tune_path}: finished trials are kept", flush=True)
-        tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True,
-                                   resume_errored=True, restart_errored=False)
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"trial": tune.grid_search(specs)},
-            tune_config=tune.TuneConfig(max_concurrent_trials=n_at_once, reuse_actors=False,
-                                        trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
-            run_config=tune.RunConfig(
-                name=paths.sweep_id,
-                storage_path=str(paths.ray_dir),
-                failure_config=tune.FailureConfig(max_failures=1),
-                callbacks=[progress],
-                verbose=0,
-            ),
-        )
-    already_done = set()
-    if restored:
-        # Trials that finished before this invocation: their durations are not ours to count.
-        try:
-            from ray.tune import ExperimentAnalysis
-
-            for trial in ExperimentAnalysis(tune_path).trials:
-                if trial.status == "TERMINATED":
-                    already_done.add(trial.config["trial"]["trial_key"])
-        except Exception:
-            pass
-    start = time.time()
-    grid = tuner.fit()
-    wall = time.time() - start
-    outcomes: list[TrialOutcome] = []
-    for result in grid:
-        spec = result.config["trial"]
-        metrics = dict(result.metrics or {})
-        status = "ERROR" if result.error else "TERMINATED"
-        outcomes.append(TrialOutcome(
-            key=spec["trial_key"],
-            cell=spec["tags"]["trial.cell"],
-            seed=int(spec["tags"]["trial.seed"]),
-            status=status,
-            metrics=metrics,
-            error=error_summary(result.error),
-            duration_s=float(metrics.get("trial_wall_s", 0.0) or 0.0),
-            ran_now=spec["trial_key"] not in already_done and status == "TERMINATED",
-        ))
-    outcomes.sort(key=lambda o: [t.key for t in plan.trials].index(o.key) if o.key in
-                  [t.key for t in plan.trials] else 0)
+    results, wall, done_before = _fit(paths.sweep_id, paths, {"trial": tune.grid_search(specs)}, n_at_once,
+                                      restore, Progress(len(specs)))
+    order = {t.key: i for i, t in enumerate(plan.trials)}
+    outcomes = sorted(_outcomes(results, done_before), key=lambda o: order.get(o.key, len(order)))
     return SweepOutcome(trials=outcomes, wall_s=wall, concurrency=n_at_once)
+
+
+def search(plan: Plan, paths: SweepPaths, context: dict[str, Any], n_trials: int, max_concurrent: int = 0,
+           restore: bool = True) -> tuple[dict[str, dict[str, float]], SweepOutcome]:
+    """Optuna over :data:`SEARCH_SPACE` for every cell, ``n_trials`` each, on the cell's first seed.
+
+    Search trials are logged as child runs with ``sweep.role=search`` (reports ignore them).
+
+    Returns:
+        ``{cell: {"train.lr": ..., "train.warmup_ratio": ...}}``, the best point of each cell by
+        evaluation accuracy, and the search trials' outcomes.
+    """
+    import ray
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    n_at_once = concurrency(plan, ray.cluster_resources(), max_concurrent)
+    paths.train_dir.mkdir(parents=True, exist_ok=True)
+    best: dict[str, dict[str, float]] = {}
+    outcomes: list[TrialOutcome] = []
+    wall = 0.0
+    first_of_cell: dict[str, Trial] = {}
+    for trial in sorted(plan.trials, key=lambda t: t.seed):
+        first_of_cell.setdefault(trial.cell.name, trial)
+    for cell, trial in first_of_cell.items():
+        spec = trial_spec(trial, paths, {**context, "tags": {**context.get("tags", {}), "sweep.role": "search"}})
+        spec["tags"] = {**spec["tags"], "sweep.role": "search"}
+        space: dict[str, Any] = {}
+        for key, (kind, lo, hi) in SEARCH_SPACE.items():
+            if kind == "loguniform":
+                base = float(spec["config"][key])
+                space[key] = tune.loguniform(base * lo, base * hi)
+            else:
+                space[key] = tune.uniform(lo, hi)
+        print(f"search: {cell}: {n_trials} Optuna trials over {', '.join(space)}", flush=True)
+        results, seconds, done_before = _fit(
+            f"{paths.sweep_id}-search-{cell}", paths, {"trial": spec, "search": space}, n_at_once, restore,
+            Progress(n_trials), search_alg=OptunaSearch(metric="best/acc", mode="max", seed=trial.seed),
+            num_samples=n_trials,
+        )
+        wall += seconds
+        outcomes.extend(_outcomes(results, done_before))
+        finished = [r for r in results if not r.error and "best/acc" in (r.metrics or {})]
+        if not finished:
+            raise RuntimeError(f"search: every Optuna trial of cell '{cell}' failed; see {paths.ray_dir}")
+        top = max(finished, key=lambda r: r.metrics["best/acc"])
+        best[cell] = {k: float(v) for k, v in top.config["search"].items()}
+        print(f"search: {cell}: best {best[cell]} (acc {top.metrics['best/acc']:.4f})", flush=True)
+    return best, SweepOutcome(trials=outcomes, wall_s=wall, concurrency=n_at_once)

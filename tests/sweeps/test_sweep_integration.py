@@ -190,3 +190,28 @@ def test_unreachable_mlflow_server_is_one_clear_error_at_start(tmp_path):
     assert code == 2
     assert "MLflow tracking server http://127.0.0.1" in out and "not reachable" in out
     assert "Traceback" not in out and "\nrunning on " not in out
+
+
+def test_optuna_search_gives_every_cell_the_same_budget_then_runs_the_grid_with_the_best(ray_head, tmp_path):
+    runs = tmp_path / "runs"
+    args = [*ABLATION, "--preset", "smoke", "--cells", "softmax,span", "--name", "opt", "--runs-dir", str(runs),
+            "--no-report", "--search", "optuna", "--trials", "2", "train.epochs=1"]
+    proc = subprocess.run(args, cwd=tmp_path, env=ray_head.env(), capture_output=True, text=True, timeout=900)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-5000:]
+    client, parents, children = sweep_runs(f"sqlite:///{runs / 'mlflow.db'}", "opt")
+    exp = client.get_experiment_by_name("adaptive-ablation")
+    searched = client.search_runs([exp.experiment_id], "tags.`sweep.id` = 'opt' and tags.`sweep.role` = 'search'")
+    per_cell = {}
+    for run in searched:
+        assert run.info.status == "FINISHED"
+        per_cell.setdefault(run.data.tags["trial.cell"], []).append(run)
+    assert {c: len(r) for c, r in per_cell.items()} == {"softmax": 2, "span": 2}
+    summary = json.loads(parents[0].data.tags["sweep.search"])
+    assert summary["trials_per_cell"] == 2
+    for run in children:  # the grid's runs use their cell's best point of the search
+        cell = run.data.tags["trial.cell"]
+        best_run = max(per_cell[cell], key=lambda r: r.data.metrics["best/acc"])
+        assert float(run.data.params["train.lr"]) == pytest.approx(float(best_run.data.params["train.lr"]))
+        assert float(run.data.params["train.lr"]) == pytest.approx(summary["best"][cell]["train.lr"])
+    assert sorted(r.data.tags["trial.key"] for r in children) == ["softmax-s0", "span-s0"]
