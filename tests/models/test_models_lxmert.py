@@ -131,3 +131,16 @@ def test_hooks_sum_penalties_and_clamp():
     assert (z == 1).all()
     assert hooks.aux_loss(build_model(lxmert_tiny())).item() == 0.0
     assert hooks.collect_stats(model)["lang/0/self/span"] == [8.0] * 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", sorted(ATTENTION_REGISTRY))
+def test_every_variant_is_finite_with_half_precision_weights_and_padding(name, dtype):
+    cfg = lxmert_tiny(f"attention.name={name}", "attention.span_init=0.5")
+    model = build_model(cfg).to(dtype).train()
+    batch = make_batch(cfg, tokens=10, regions=6, visual_pad=True)
+    batch["visual_feats"], batch["visual_pos"] = batch["visual_feats"].to(dtype), batch["visual_pos"].to(dtype)
+    out = run_model(model, batch)
+    (out.logits.float().sum() + out.visn.float().sum()).backward()
+    assert out.logits.dtype == dtype and torch.isfinite(out.logits).all()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
