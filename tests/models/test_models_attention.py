@@ -8,7 +8,7 @@ from entmax import entmax15, entmax_bisect, sparsemax
 
 from models import hooks
 from models.attention import ATTENTION_REGISTRY, MultiHeadAttention, alpha_entmax, build_kernel, mask_value
-from models.attention.softmax import cast_mask
+from models.attention.softmax import cast_mask, softmax_lastdim
 from models.attention.span import SpanMask
 from models.config import AttentionConfig
 
@@ -239,3 +239,16 @@ def test_full_span_skip_is_exact_and_keeps_the_boundary_gradient():
     inside = kernel("span", AttentionConfig(span_init=1.0, span_ramp=2), span_max=9)
     assert inside.span.is_full(6, 9)
     torch.testing.assert_close(inside(q, k, v, mask)[0], edge(q, k, v, mask)[0], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("k_len", [5, 12, 16, 37])
+def test_softmax_lastdim_equals_torch_softmax_with_gradients(k_len):
+    x = (torch.randn(3, 4, 6, k_len) * 5).requires_grad_(True)
+    y = x.detach().clone().requires_grad_(True)
+    w = torch.randn(3, 4, 6, k_len)
+    a, b = softmax_lastdim(x), torch.softmax(y, -1)
+    torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-6)
+    (a * w).sum().backward()
+    (b * w).sum().backward()
+    torch.testing.assert_close(x.grad, y.grad, atol=1e-6, rtol=1e-5)
+    assert softmax_lastdim(x.detach().bfloat16()).dtype == torch.bfloat16
