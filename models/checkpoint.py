@@ -65,6 +65,8 @@ from models.config import AttentionConfig, ModelConfig
 
 # Pretraining heads of LxmertForPreTraining / the original LXRTPretraining: not part of a VQA model.
 _PRETRAIN_HEADS = ("cls.", "obj_predict_head.")
+# Non-parameter buffers some HF versions save (recomputed here, so nothing is lost by ignoring them).
+_BUFFERS = ("embeddings.position_ids",)
 # Prefixes of the encoder in the formats we read, longest first.
 _ENCODER_PREFIXES = ("lxrt_encoder.model.bert.", "model.bert.", "lxmert.", "bert.")
 _KERNEL_PARAMS = re.compile(r"\.kernel\.(.+\.)?(z|alpha_logit)$")
@@ -90,7 +92,8 @@ class LoadReport:
         fresh: Our parameters with no counterpart (extra layers, a new head); they keep their init.
         shape_mismatch: ``(our name, checkpoint shape, our shape)``.
         unexpected: Checkpoint keys nothing consumed.
-        ignored: Checkpoint keys of known pretraining heads this model does not have.
+        ignored: Checkpoint keys of known pretraining heads this model does not have (and HF's
+            ``embeddings.position_ids`` buffer).
         partial: Our parameters filled in part through the answer map: ``name -> "n/A rows"``.
         kernel: Attention-kernel parameters (span z, alpha) the checkpoint does not have (no LXMERT
             checkpoint has them; our own do); they keep their init.
@@ -458,7 +461,11 @@ def load_pretrained(
         if key in used:
             continue
         # Reported under the checkpoint's own spelling, so it can be found in the file.
-        if key.startswith(_PRETRAIN_HEADS) or (key.startswith("answer_head.") and "head.fc1.weight" not in ours_full):
+        if (
+            key.startswith(_PRETRAIN_HEADS)
+            or key in _BUFFERS
+            or (key.startswith("answer_head.") and "head.fc1.weight" not in ours_full)
+        ):
             report.ignored.append(raw_of[key])
         else:
             report.unexpected.append(raw_of[key])
