@@ -84,6 +84,19 @@ class LayerDrop:
         return plan
 
 
+def set_step(model: nn.Module, step: int) -> int:
+    """Set the decision counter of every :class:`LayerDrop` inside ``model`` (e.g. to the number of
+    training forwards done before a checkpoint, so a resumed run continues the same drop sequence).
+
+    Returns:
+        How many LayerDrop planners were set.
+    """
+    planners = [m.layerdrop for m in model.modules() if isinstance(getattr(m, "layerdrop", None), LayerDrop)]
+    for planner in planners:
+        planner.step = int(step)
+    return len(planners)
+
+
 def prune(model: nn.Module, keep: dict[str, list[int]] | None = None) -> nn.Module:
     """A copy of ``model`` with only the kept layers, renumbered 0..n-1, weights carried over.
 

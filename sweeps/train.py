@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.layerdrop import set_step as set_layerdrop_step
 from sweeps.config import ExperimentConfig, unflatten
 from sweeps.optim import build_optimizer, build_schedule, total_steps
 
@@ -156,6 +157,8 @@ class TrialLoop:
         self.head_rows = list(state["head_rows"])
         self.best = dict(state["best"])
         self.elapsed_s = float(state["elapsed_s"])
+        # LayerDrop draws decision k from (seed, k): continue the sequence, not restart it.
+        set_layerdrop_step(unwrap(self.model), self.step)
         torch.set_rng_state(state["rng"]["torch"])
         np.random.set_state(state["rng"]["numpy"])
         random.setstate(state["rng"]["python"])
@@ -422,11 +425,11 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     def wrap(model: nn.Module) -> nn.Module:
         if world == 1:
             return model
-        # LayerDrop leaves the dropped layers without gradients in a step (the same ones on
-        # every rank), which DDP must be told about.
-        unused = cfg.model.layerdrop.mode != "none"
+        # Some parameters get no gradient in a step, the same ones on every rank: the dropped
+        # layers under LayerDrop, and always (as in LXMERT) the last cross layer's vision branch,
+        # which never reaches the VQA logits. DDP must be told.
         return ray.train.torch.prepare_model(
-            model, move_to_device=False, parallel_strategy_kwargs={"find_unused_parameters": unused}
+            model, move_to_device=False, parallel_strategy_kwargs={"find_unused_parameters": True}
         )
 
     def log(msg: str) -> None:

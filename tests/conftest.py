@@ -134,8 +134,14 @@ def smoke_sweep(ray_head, tmp_path_factory) -> SmokeSweep:
            "--", "python", "sweeps/ablation.py", "--preset", "smoke", "--runs-dir", str(runs)]
     env = ray_head.env()
     env.pop("RAY_ADDRESS")  # `ray job submit` takes the dashboard address
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    output = proc.stdout + proc.stderr
+    deadline = time.time() + 120
+    while True:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        output = proc.stdout + proc.stderr
+        # The dashboard answers before the node's job agent has registered: retry only that.
+        if proc.returncode == 0 or "No available agent" not in output or time.time() > deadline:
+            break
+        time.sleep(3)
     (runs / "job-output.log").write_text(output)
     assert proc.returncode == 0, f"smoke sweep failed (exit {proc.returncode}):\n{output[-6000:]}"
     return SmokeSweep(tracking_uri=f"sqlite:///{runs / 'mlflow.db'}", sweep_id="smoke-paper",

@@ -1,0 +1,85 @@
+"""The trial loop without Ray: resume equivalence, hooks, metrics (fast, in-process)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import tasks
+from sweeps.config import parse_cli_overrides
+from sweeps.grid import expand, load_grid, load_preset
+from sweeps.train import TrialLoop, config_dims
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def trial_config(cache, cell: str, *overrides: str):
+    over = parse_cli_overrides([f"data.cache_dir={cache}", "data.train_limit=256", "data.eval_limit=128",
+                                "train.batch_size=32", *overrides])
+    plan = expand(load_grid("paper"), load_preset("smoke"), cli_overrides=over, cells=[cell])
+    cfg = plan.trials[0].config
+    data = tasks.load(cfg.data)
+    return config_dims(cfg, data.num_answers, data.visual_feat_dim)
+
+
+def run(cfg, epochs_before_resume: int | None = None):
+    torch.set_num_threads(1)
+    loop = TrialLoop(cfg, log=lambda _m: None)
+    states = []
+    if epochs_before_resume is None:
+        loop.fit(lambda metrics, state: states.append(state))
+        return loop, states
+    total = cfg.train.epochs
+    loop.cfg.train.epochs = epochs_before_resume  # stop early, as a killed worker would
+    loop.fit(lambda metrics, state: states.append(state))
+    saved = states[-1]
+    cfg.train.epochs = total
+    fresh = TrialLoop(cfg, log=lambda _m: None)  # a new process: new model, optimizer, data
+    fresh.load_state_dict(saved)
+    fresh.fit(lambda metrics, state: states.append(state))
+    return fresh, states
+
+
+@pytest.mark.parametrize("cell", ["softmax", "layerdrop_955", "span_entmax"])
+def test_resuming_from_a_checkpoint_continues_exactly(cache, cell):
+    import copy
+
+    cfg = trial_config(cache, cell, "train.epochs=2")
+    straight, _ = run(copy.deepcopy(cfg))
+    resumed, _ = run(copy.deepcopy(cfg), epochs_before_resume=1)
+    for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{cell}: {name} differs after resume")
+    assert [e for e, _ in resumed.history] == [1, 2]
+    for key in ("train/loss", "eval/acc"):
+        assert straight.history[-1][1][key] == resumed.history[-1][1][key], key
+
+
+def test_epoch_metrics_and_hooks(cache):
+    cfg = trial_config(cache, "span", "train.epochs=2", "train.lr=0.5", "model.attention.span_penalty=0.1")
+    loop, states = run(cfg)
+    metrics = loop.history[-1][1]
+    for key in ("train/loss", "train/aux_loss", "train/lr", "train/samples_per_s", "eval/acc", "eval/acc_yes_no",
+                "best/acc", "best/epoch", "layers/lang_ran"):
+        assert key in metrics and math.isfinite(metrics[key]), key
+    assert loop.history[0][1]["train/aux_loss"] > 0  # the span penalty reached the loss
+    # post_step clamps z into [0, 1] even at an absurd learning rate
+    spans = [v for k, v in metrics.items() if k.startswith("span/") and not k.endswith("_max")]
+    assert spans and all(0.0 <= s <= cfg.model.attention.span_max_cross for s in spans)
+    assert len(states) == 2 and states[-1]["epoch"] == 2
+
+
+def test_predictions_and_examples_cover_the_evaluation_split(cache):
+    cfg = trial_config(cache, "softmax", "train.epochs=1", "train.n_examples=3")
+    loop, _ = run(cfg)
+    result = loop.evaluate()
+    table = loop.predictions_table(result).splitlines()
+    assert table[0] == "question_id,answer,score,answer_type,question_type"
+    assert len(table) - 1 == len(loop.data.eval) == 128
+    examples = loop.examples(result, 3)
+    assert [e["question_id"] for e in examples] == [int(q) for q in loop.data.eval.question_ids[:3]]
+    assert all(len(e["top5"]) == 5 and e["top5"][0]["prob"] >= e["top5"][-1]["prob"] for e in examples)
