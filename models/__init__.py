@@ -3,7 +3,7 @@
 Pure PyTorch; never imports ray, mlflow, tasks or transformers. See ``docs/models.md``.
 """
 
-from models.builders import build_model, lxmert, lxmert_10_6_6, lxmert_base, lxmert_tiny
+from models.builders import build_model, lxmert, lxmert_10_6_6, lxmert_base, lxmert_pretraining, lxmert_tiny
 from models.config import (
     AttentionConfig,
     ConfigError,
@@ -13,22 +13,33 @@ from models.config import (
     from_flat_dict,
     to_flat_dict,
 )
-from models.lxmert import LxmertForVQA, LxmertModel, LxmertOutput
+from models.lxmert import (
+    PRETRAIN_HEADS,
+    LxmertForPretraining,
+    LxmertForVQA,
+    LxmertModel,
+    LxmertOutput,
+    PretrainOutput,
+)
 
 __all__ = [
     "AttentionConfig",
     "ConfigError",
     "LayerDropConfig",
+    "LxmertForPretraining",
     "LxmertForVQA",
     "LxmertModel",
     "LxmertOutput",
     "ModelConfig",
+    "PRETRAIN_HEADS",
+    "PretrainOutput",
     "apply_overrides",
     "build_model",
     "from_flat_dict",
     "lxmert",
     "lxmert_10_6_6",
     "lxmert_base",
+    "lxmert_pretraining",
     "lxmert_tiny",
     "to_flat_dict",
 ]

@@ -5,6 +5,7 @@ Usage::
     from models import build_model, lxmert_base, lxmert_tiny
     model = build_model(lxmert_base("attention.name=entmax", "attention.stacks=cross"))
     model = build_model(lxmert_tiny(l_layers=9, x_layers=5, r_layers=5))
+    pretraining = lxmert_pretraining(lxmert_tiny(), num_object_labels=4, num_attr_labels=9, num_qa_answers=16)
 
 Presets accept ``key=value`` strings (dotted keys, as on the command line) and keyword fields.
 """
@@ -16,15 +17,17 @@ from typing import Any
 from torch import nn
 
 from models.attention import MultiHeadAttention, build_kernel
-from models.config import AttentionConfig, ModelConfig, apply_overrides
-from models.heads import VQAHead
+from models.config import AttentionConfig, ConfigError, ModelConfig, apply_overrides
+from models.heads import MaskedObjectHead, MatchHead, MLMHead, VQAHead
 from models.layerdrop import LayerDrop
 from models.lxmert import (
+    PRETRAIN_HEADS,
     AttentionBlock,
     CrossLayer,
     EncoderLayer,
     FeedForward,
     LxmertEncoder,
+    LxmertForPretraining,
     LxmertForVQA,
     LxmertModel,
     Pooler,
@@ -77,8 +80,9 @@ def init_weights(model: nn.Module, std: float) -> None:
             nn.init.zeros_(module.bias)
 
 
-def lxmert(cfg: ModelConfig) -> LxmertForVQA:
-    """Assemble an :class:`LxmertForVQA` from ``cfg`` (validated), initialised like BERT."""
+def backbone(cfg: ModelConfig) -> LxmertModel:
+    """The encoder (embeddings, language / vision / cross-modality stacks, pooler), not initialised:
+    :func:`lxmert` and :func:`lxmert_pretraining` put their heads on it, then initialise."""
     cfg.validate()
     lang_layers = [EncoderLayer(attention_block(cfg, "lang", "self", "lang"), feed_forward(cfg))
                    for _ in range(cfg.l_layers)]  # fmt: skip
@@ -95,9 +99,53 @@ def lxmert(cfg: ModelConfig) -> LxmertForVQA:
         for _ in range(cfg.x_layers)
     ]
     encoder = LxmertEncoder(cfg, lang_layers, visn_layers, cross_layers, LayerDrop(cfg.layerdrop, cfg.depths))
-    backbone = LxmertModel(cfg, TextEmbeddings(cfg), VisualEmbeddings(cfg), encoder, Pooler(cfg.hidden_size))
-    model = LxmertForVQA(cfg, backbone, VQAHead(cfg.hidden_size, cfg.num_answers, cfg.layer_norm_eps))
+    return LxmertModel(cfg, TextEmbeddings(cfg), VisualEmbeddings(cfg), encoder, Pooler(cfg.hidden_size))
+
+
+def lxmert(cfg: ModelConfig) -> LxmertForVQA:
+    """Assemble an :class:`LxmertForVQA` from ``cfg`` (validated), initialised like BERT."""
+    model = LxmertForVQA(cfg, backbone(cfg), VQAHead(cfg.hidden_size, cfg.num_answers, cfg.layer_norm_eps))
     init_weights(model, cfg.initializer_range)
+    return model
+
+
+def lxmert_pretraining(
+    cfg: ModelConfig,
+    heads: tuple[str, ...] | list[str] = PRETRAIN_HEADS,
+    *,
+    num_object_labels: int = 1600,
+    num_attr_labels: int = 400,
+    num_qa_answers: int = 9500,
+) -> LxmertForPretraining:
+    """Assemble an :class:`LxmertForPretraining`: the same encoder as :func:`lxmert` plus LXMERT's
+    pretraining heads, initialised like BERT (the MLM bias at 0, as HuggingFace does).
+
+    Args:
+        cfg: Model config (``num_answers`` is the fine-tuning head's and is not used here).
+        heads: Which heads to build, a subset of ``mlm, mor, match, qa``.
+        num_object_labels: Object classes of masked object prediction (LXMERT: 1,600).
+        num_attr_labels: Attribute classes (LXMERT: 400).
+        num_qa_answers: Answers of the image-QA head (LXMERT: 9,500).
+    """
+    unknown = sorted(set(heads) - set(PRETRAIN_HEADS))
+    if unknown:
+        raise ConfigError(f"pretraining heads {unknown} are unknown; valid: {', '.join(PRETRAIN_HEADS)}")
+    for key, value in (("num_object_labels", num_object_labels), ("num_attr_labels", num_attr_labels),
+                       ("num_qa_answers", num_qa_answers)):  # fmt: skip
+        if value < 1:
+            raise ConfigError(f"{key}={value} must be >= 1")
+    h, eps = cfg.hidden_size, cfg.layer_norm_eps
+    factories = {
+        "mlm": lambda: MLMHead(h, cfg.vocab_size, eps),
+        "mor": lambda: MaskedObjectHead(h, num_object_labels, num_attr_labels, cfg.visual_feat_dim, eps),
+        "match": lambda: MatchHead(h),
+        "qa": lambda: VQAHead(h, num_qa_answers, eps),
+    }
+    encoder = backbone(cfg)
+    model = LxmertForPretraining(cfg, encoder, nn.ModuleDict({n: factories[n]() for n in PRETRAIN_HEADS if n in heads}))
+    init_weights(model, cfg.initializer_range)
+    if "mlm" in model.heads:
+        nn.init.zeros_(model.heads["mlm"].bias)
     return model
 
 

@@ -42,7 +42,19 @@ lxmert.encoder.cross_layers.{i}.{lang,visn}_self_att.*  encoder.x_layers.{i}.{la
 lxmert.encoder.cross_layers.{i}.{lang,visn}_ffn.*      encoder.x_layers.{i}.{lang,visn}_{inter.dense,output.dense,output.LayerNorm}
 lxmert.pooler.dense.*                                  pooler.dense.*
 head.{fc1,norm,fc2}.*                                  answer_head.logit_fc.{0,2,3}.*
+heads.mlm.transform.{dense,norm}.*, heads.mlm.bias     cls.predictions.transform.{dense,LayerNorm}.*, cls.predictions.bias
+heads.mor.transform.{dense,norm}.*                     obj_predict_head.transform.{dense,LayerNorm}.*
+heads.mor.{obj,attr,feat}.*                            obj_predict_head.decoder_dict.{obj,attr,feat}.*
+heads.match.fc.*                                       cls.seq_relationship.*
+heads.qa.{fc1,norm,fc2}.*                              answer_head.logit_fc.{0,2,3}.*
 =====================================================  ==============================================
+
+The ``heads.*`` rows apply to :class:`models.lxmert.LxmertForPretraining` (HuggingFace
+``LxmertForPreTraining``, the original ``LXRTPretraining``). The MLM decoder is tied to the word
+embeddings in all three: a checkpoint's ``cls.predictions.decoder.weight`` is accepted (and listed as
+``ignored``) only when it equals the word embeddings it ties to; an untied one is ``unexpected``.
+Into a VQA model, the pretraining heads of any format (``cls.*``, ``obj_predict_head.*``, our
+``heads.*``) are listed as ``ignored``: that is how a pretrained encoder transfers to fine-tuning.
 
 Kernel parameters (span ``z``, entmax ``alpha_logit``) have no counterpart in any LXMERT
 checkpoint; they keep their configured init and are listed in ``LoadReport.kernel`` (not as fresh
@@ -63,8 +75,12 @@ from torch import Tensor, nn
 
 from models.config import AttentionConfig, ModelConfig
 
-# Pretraining heads of LxmertForPreTraining / the original LXRTPretraining: not part of a VQA model.
+# Pretraining heads of LxmertForPreTraining / the original LXRTPretraining (and ours, ``heads.*``):
+# not part of a VQA model.
 _PRETRAIN_HEADS = ("cls.", "obj_predict_head.")
+_NATIVE_PRETRAIN_HEADS = ("heads.",)
+# The MLM decoder: tied to the word embeddings, so it is never a parameter of its own here.
+_TIED_DECODER = "cls.predictions.decoder.weight"
 # Non-parameter buffers some HF versions save (recomputed here, so nothing is lost by ignoring them).
 _BUFFERS = ("embeddings.position_ids",)
 # Prefixes of the encoder in the formats we read, longest first.
@@ -141,7 +157,8 @@ class LoadReport:
         for name, what in self.partial.items():
             lines.append(f"  partial: {name}: {what} from the answer map, the rest fresh")
         if self.ignored:
-            heads = sorted({k.removeprefix("module.").split(".")[0] for k in self.ignored})
+            heads = sorted({".".join(k.removeprefix("module.").split(".")[: 2 if k.startswith("heads.") else 1])
+                            for k in self.ignored})
             lines.append(f"  ignored pretraining heads: {', '.join(heads)} ({len(self.ignored)} tensors)")
         if self.kernel:
             lines.append(f"  attention-kernel parameters kept at their init: {len(self.kernel)} tensors")
@@ -172,12 +189,14 @@ def _ffn_map(ours: str, inter: str, output: str) -> dict[str, list[str]]:
     return out
 
 
-def hf_key_map(depths: Mapping[str, int], head: bool = True) -> dict[str, list[str]]:
+def hf_key_map(depths: Mapping[str, int], head: bool = True, pretrain_heads: Iterable[str] = ()) -> dict[str, list[str]]:
     """Our parameter name -> the HuggingFace ``LxmertModel`` key(s) it is made of (3 for ``qkv``).
 
     Args:
         depths: ``{"lang": l_layers, "visn": r_layers, "cross": x_layers}``.
         head: Include the VQA head (``answer_head.logit_fc.*``).
+        pretrain_heads: Include these pretraining heads (``mlm | mor | match | qa``) under
+            HuggingFace ``LxmertForPreTraining``'s names.
     """
     m: dict[str, list[str]] = {}
     e, v = "lxmert.embeddings", "lxmert.visual_embeddings"
@@ -205,7 +224,28 @@ def hf_key_map(depths: Mapping[str, int], head: bool = True) -> dict[str, list[s
         if head:
             for ours, idx in (("fc1", 0), ("norm", 2), ("fc2", 3)):
                 m[f"head.{ours}.{w}"] = [f"answer_head.logit_fc.{idx}.{w}"]
+        heads = set(pretrain_heads)
+        if "mlm" in heads:
+            m[f"heads.mlm.transform.dense.{w}"] = [f"cls.predictions.transform.dense.{w}"]
+            m[f"heads.mlm.transform.norm.{w}"] = [f"cls.predictions.transform.LayerNorm.{w}"]
+        if "mor" in heads:
+            m[f"heads.mor.transform.dense.{w}"] = [f"obj_predict_head.transform.dense.{w}"]
+            m[f"heads.mor.transform.norm.{w}"] = [f"obj_predict_head.transform.LayerNorm.{w}"]
+            for name in ("obj", "attr", "feat"):
+                m[f"heads.mor.{name}.{w}"] = [f"obj_predict_head.decoder_dict.{name}.{w}"]
+        if "match" in heads:
+            m[f"heads.match.fc.{w}"] = [f"cls.seq_relationship.{w}"]
+        if "qa" in heads:
+            for ours, idx in (("fc1", 0), ("norm", 2), ("fc2", 3)):
+                m[f"heads.qa.{ours}.{w}"] = [f"answer_head.logit_fc.{idx}.{w}"]
+    if "mlm" in set(pretrain_heads):
+        m["heads.mlm.bias"] = ["cls.predictions.bias"]
     return m
+
+
+def _pretrain_heads_of(names: Iterable[str]) -> list[str]:
+    """The pretraining heads (``mlm``, ``mor``, ...) a model's parameter names show it has."""
+    return sorted({n.split(".")[1] for n in names if n.startswith("heads.")})
 
 
 _OURS_LAYER = re.compile(r"^lxmert\.encoder\.(lang|visn|cross)_layers\.(\d+)\.")
@@ -219,17 +259,27 @@ def _component_of_ours(name: str) -> str:
         return f"{match.group(1)}.{match.group(2)}"
     if name.startswith("head."):
         return "head"
+    if name.startswith("heads."):
+        return ".".join(name.split(".")[:2])  # heads.mlm, heads.mor, heads.match
     return name.split(".")[1] if name.startswith("lxmert.") else name.split(".")[0]
 
 
-def _component_of_hf(key: str) -> str:
+def _component_of_hf(key: str, answer_head: str = "head") -> str:
+    """The component of a HF key; ``answer_head.*`` is ``answer_head`` (``head`` for a VQA model,
+    ``heads.qa`` for a pretraining model: in HF both are the same answer head)."""
     match = _HF_LAYER.match(key)
     if match:
         return f"{_HF_STACK[match.group(1)]}.{match.group(2)}"
     if key.startswith("encoder.visn_fc."):
         return "visual_embeddings"
     if key.startswith("answer_head."):
-        return "head"
+        return answer_head
+    if key.startswith("cls.predictions."):
+        return "heads.mlm"
+    if key.startswith("cls.seq_relationship."):
+        return "heads.match"
+    if key.startswith("obj_predict_head."):
+        return "heads.mor"
     return key.split(".")[0]
 
 
@@ -399,9 +449,12 @@ def load_pretrained(
         mapping = {n: [n] for n in ours_full}
         component_of_source = _component_of_ours
     else:
-        mapping = hf_key_map(depths, head="head.fc1.weight" in ours_full)
+        mapping = hf_key_map(depths, head="head.fc1.weight" in ours_full, pretrain_heads=_pretrain_heads_of(ours_full))
         mapping.update({n: [] for n in kernel_params})
-        component_of_source = _component_of_hf
+        answer_head = "heads.qa" if "heads.qa.fc1.weight" in ours_full and "head.fc1.weight" not in ours_full else "head"
+
+        def component_of_source(key: str) -> str:
+            return _component_of_hf(key, answer_head)
         unknown = sorted(set(ours_full) - set(mapping))
         if unknown:  # a module this table does not know: never skip it silently
             raise CheckpointError(f"no checkpoint mapping for parameters {unknown}", report)
@@ -453,18 +506,30 @@ def load_pretrained(
             continue
         stack, _, idx = comp.partition(".")
         beyond = stack in source_depth and idx.isdigit() and int(idx) >= source_depth[stack]
-        if comp not in present and (beyond or comp == "head"):
+        if comp not in present and (beyond or comp == "head" or comp.startswith("heads.")):
             report.fresh.append(name)
         else:
             report.missing.append(name)
+    has_heads = _pretrain_heads_of(ours_full)
+    word = "lxmert.embeddings.word.weight"
     for key in state:
         if key in used:
             continue
+        if key == _TIED_DECODER and "mlm" in has_heads and word in ours_full:
+            # The tie our MLM head keeps implicitly: only an equal (tied) copy may be dropped.
+            source = values.get(word, ours_full[word].detach())
+            if tuple(state[key].shape) == tuple(source.shape) and torch.equal(state[key].to(source.dtype), source):
+                report.ignored.append(raw_of[key])
+            else:
+                report.unexpected.append(raw_of[key])
+            continue
         # Reported under the checkpoint's own spelling, so it can be found in the file.
         if (
-            key.startswith(_PRETRAIN_HEADS)
+            (key.startswith(_PRETRAIN_HEADS) and fmt != "native")
+            or (key.startswith(_NATIVE_PRETRAIN_HEADS) and fmt == "native")
             or key in _BUFFERS
-            or (key.startswith("answer_head.") and "head.fc1.weight" not in ours_full)
+            or (key.startswith("answer_head.") and "head.fc1.weight" not in ours_full
+                and "heads.qa.fc1.weight" not in ours_full)
         ):
             report.ignored.append(raw_of[key])
         else:
@@ -512,25 +577,32 @@ def to_hf_state_dict(model: nn.Module, *, task_model: bool = False) -> dict[str,
     """Our weights under HuggingFace names.
 
     Args:
-        model: An :class:`models.lxmert.LxmertForVQA` (or ``LxmertModel``).
-        task_model: Name them for ``LxmertForQuestionAnswering`` (``lxmert.`` prefix +
-            ``answer_head.logit_fc.*``) instead of ``LxmertModel`` (the head is then left out).
+        model: An :class:`models.lxmert.LxmertForVQA`, :class:`models.lxmert.LxmertForPretraining`
+            (or ``LxmertModel``).
+        task_model: Name them for ``LxmertForQuestionAnswering`` / ``LxmertForPreTraining``
+            (``lxmert.`` prefix + the heads: ``answer_head.logit_fc.*``, ``cls.*``,
+            ``obj_predict_head.*``, with the tied ``cls.predictions.decoder.weight``) instead of
+            ``LxmertModel`` (the heads are then left out).
 
     Attention-kernel parameters (span z, alpha) have no HF counterpart and are left out.
     """
     params = dict(model.state_dict())
     if not any(k.startswith("lxmert.") for k in params):
         params = {"lxmert." + k: v for k, v in params.items()}
-    mapping = hf_key_map(_depths_of(params), head="head.fc1.weight" in params)
+    heads = _pretrain_heads_of(params)
+    mapping = hf_key_map(_depths_of(params), head="head.fc1.weight" in params, pretrain_heads=heads)
     out: dict[str, Tensor] = {}
+    head_prefixes = ("answer_head.", *_PRETRAIN_HEADS)
     for name, keys in mapping.items():
-        if keys[0].startswith("answer_head.") and not task_model:
+        if keys[0].startswith(head_prefixes) and not task_model:
             continue
         value = params[name]
         parts = value.chunk(len(keys), 0) if len(keys) > 1 else (value,)
         for key, part in zip(keys, parts):
-            hf_key = key if key.startswith("answer_head.") or not task_model else "lxmert." + key
+            hf_key = key if key.startswith(head_prefixes) or not task_model else "lxmert." + key
             out[hf_key] = part.detach().clone().contiguous()
+    if task_model and "mlm" in heads:
+        out[_TIED_DECODER] = out["lxmert.embeddings.word_embeddings.weight"].clone()
     return out
 
 

@@ -1,14 +1,22 @@
 """Task heads on top of :class:`models.lxmert.LxmertModel`.
 
-Only the VQA answer head lives here for now. Pretraining heads (masked LM, masked-object feature
-regression / label classification, image-text matching, the 9,500-answer QA head) belong here too,
-each a small module taking ``(lang, visn, pooled)`` from :class:`models.lxmert.LxmertOutput`; their
-HuggingFace names (``cls.predictions.*``, ``cls.seq_relationship.*``, ``obj_predict_head.*``) are
-already recognised (and reported as ignored) by :mod:`models.checkpoint`.
+* :class:`VQAHead`: the answer head (VQA fine-tuning; LXMERT's pretraining image-QA head has the
+  same shape with 9,500 answers).
+* LXMERT's pretraining heads (Tan & Bansal 2019, https://arxiv.org/abs/1908.07490, Sec. 3.1):
+  :class:`MLMHead` (masked cross-modality language modelling, decoder tied to the word
+  embeddings), :class:`MaskedObjectHead` (masked object prediction: feature regression and
+  detected-label classification of objects and attributes), :class:`MatchHead` (image-sentence
+  matching on the pooled output). :func:`models.builders.lxmert_pretraining` assembles them.
+
+Each head takes the states it reads (``lang``, ``visn`` or ``pooled`` of
+:class:`models.lxmert.LxmertOutput`). Their HuggingFace names (``cls.predictions.*``,
+``cls.seq_relationship.*``, ``obj_predict_head.*``, ``answer_head.*``) are mapped in
+:mod:`models.checkpoint`, and the numerics follow HuggingFace's ``LxmertForPreTraining`` (tested).
 """
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -33,3 +41,81 @@ class VQAHead(nn.Module):
     def forward(self, pooled: Tensor) -> Tensor:
         """(B, H) pooled [CLS] -> (B, A) logits."""
         return self.fc2(self.norm(F.gelu(self.fc1(pooled))))
+
+
+class Transform(nn.Module):
+    """BERT's prediction-head transform: Linear(H, H) -> GeLU -> LayerNorm (HF ``...transform``)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-12):
+        super().__init__()
+        self.dense = nn.Linear(hidden_size, hidden_size)
+        self.norm = nn.LayerNorm(hidden_size, eps=eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(..., H) -> (..., H)."""
+        return self.norm(F.gelu(self.dense(x)))
+
+
+class MLMHead(nn.Module):
+    """Masked language modelling: transform, then the word-embedding matrix (tied) plus a bias.
+
+    The decoder weight is not a parameter of this head: the caller passes the word embeddings'
+    weight, so the tie survives ``state_dict`` round trips and DDP without a duplicated key (HF:
+    ``cls.predictions.transform.*``, ``cls.predictions.bias``; its ``decoder.weight`` is the tie).
+
+    Args:
+        hidden_size: H.
+        vocab_size: V.
+        eps: LayerNorm epsilon (1e-12 in BERT / LXMERT heads).
+    """
+
+    def __init__(self, hidden_size: int, vocab_size: int, eps: float = 1e-12):
+        super().__init__()
+        self.transform = Transform(hidden_size, eps)
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def forward(self, lang: Tensor, word_weight: Tensor) -> Tensor:
+        """(..., H) token states and the (V, H) word embeddings -> (..., V) vocabulary logits."""
+        return F.linear(self.transform(lang), word_weight, self.bias)
+
+
+class MaskedObjectHead(nn.Module):
+    """Masked object prediction: one transform, then three decoders per region.
+
+    ``obj`` classifies the detected object label (1,600 Visual Genome classes in LXMERT), ``attr``
+    the detected attribute (400), ``feat`` regresses the region's input feature (F = 2,048). HF:
+    ``obj_predict_head.transform.*``, ``obj_predict_head.decoder_dict.{obj,attr,feat}.*``.
+
+    Args:
+        hidden_size: H.
+        num_object_labels: Object classes.
+        num_attr_labels: Attribute classes.
+        visual_feat_dim: F.
+        eps: LayerNorm epsilon.
+    """
+
+    def __init__(self, hidden_size: int, num_object_labels: int, num_attr_labels: int, visual_feat_dim: int,
+                 eps: float = 1e-12):  # fmt: skip
+        super().__init__()
+        self.transform = Transform(hidden_size, eps)
+        self.obj = nn.Linear(hidden_size, num_object_labels)
+        self.attr = nn.Linear(hidden_size, num_attr_labels)
+        self.feat = nn.Linear(hidden_size, visual_feat_dim)
+
+    def forward(self, visn: Tensor) -> dict[str, Tensor]:
+        """(..., H) region states -> ``{"obj": (..., O), "attr": (..., Aₜ), "feat": (..., F)}``."""
+        h = self.transform(visn)
+        return {"obj": self.obj(h), "attr": self.attr(h), "feat": self.feat(h)}
+
+
+class MatchHead(nn.Module):
+    """Image-sentence matching: Linear(H, 2) on the pooled [CLS] (HF ``cls.seq_relationship``);
+    class 1 = the sentence describes the image (LXMERT's ``is_matched``)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.fc = nn.Linear(hidden_size, 2)
+
+    def forward(self, pooled: Tensor) -> Tensor:
+        """(B, H) -> (B, 2) logits."""
+        return self.fc(pooled)

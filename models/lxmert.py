@@ -13,6 +13,9 @@ https://arxiv.org/abs/1908.07490. Read top to bottom:
 7. :class:`LxmertEncoder`    language layers, vision layers, cross layers; LayerDrop picks which run.
 8. :class:`LxmertModel`      embeddings + encoder + pooler ([CLS] -> Linear -> tanh).
 9. :class:`LxmertForVQA`     the model + the VQA answer head (:mod:`models.heads`).
+10. :class:`LxmertForPretraining` the same model + LXMERT's pretraining heads (masked LM, masked
+                             objects, matching, image QA); its ``lxmert.*`` weights are exactly
+                             those of :class:`LxmertForVQA`, so the encoder transfers by state dict.
 
 The numerics follow HuggingFace's ``LxmertModel`` exactly (tested to 1e-5); the parameter names are
 ours, mapped to HuggingFace's and the original code's in :mod:`models.checkpoint`. Modules are built
@@ -33,6 +36,9 @@ from models.config import ModelConfig
 from models.dropout import Dropout
 from models.heads import VQAHead
 from models.layerdrop import LayerDrop
+
+#: The pretraining heads :class:`LxmertForPretraining` can carry, in LXMERT's order.
+PRETRAIN_HEADS: tuple[str, ...] = ("mlm", "mor", "match", "qa")
 
 
 class TextEmbeddings(nn.Module):
@@ -361,6 +367,99 @@ class LxmertForVQA(nn.Module):
             output_attentions,
         )  # fmt: skip
         out.logits = self.head(out.pooled)
+        return out
+
+    @property
+    def layers_ran(self) -> dict[str, list[int]]:
+        """Layer indices per stack that ran in the last forward (LayerDrop)."""
+        return self.lxmert.encoder.layers_ran
+
+
+@dataclass
+class PretrainOutput(LxmertOutput):
+    """Outputs of :class:`LxmertForPretraining` (the heads that ran; None for the others).
+
+    Attributes:
+        mlm: (N, V) vocabulary logits of the N token positions selected by ``mlm_mask`` (all
+            ``B * T`` positions, flattened, without a mask).
+        mor: ``{"obj": (M, O), "attr": (M, Aₜ), "feat": (M, F)}`` for the M regions selected by
+            ``region_mask`` (all ``B * R``, flattened, without one).
+        match: (B, 2) image-sentence matching logits (class 1 = matched).
+        qa: (B, A) image-QA answer logits.
+    """
+
+    mlm: Tensor | None = None
+    mor: dict[str, Tensor] | None = None
+    match: Tensor | None = None
+    qa: Tensor | None = None
+
+
+class LxmertForPretraining(nn.Module):
+    """LXMERT with its pretraining heads (HuggingFace ``LxmertForPreTraining``).
+
+    Built by :func:`models.builders.lxmert_pretraining`. ``lxmert`` is an :class:`LxmertModel`
+    named exactly as in :class:`LxmertForVQA`, so ``load_pretrained(vqa_model, this.state_dict())``
+    transfers the whole encoder (the pretraining heads are reported as ignored, the VQA head as
+    fresh). The heads live in ``heads`` (a ``ModuleDict`` over a subset of :data:`PRETRAIN_HEADS`).
+
+    Only the positions a loss reads are sent through the heads (``mlm_mask``, ``region_mask``):
+    with a 30,522-word vocabulary the MLM logits of every token would dominate a small model's
+    step. Every head runs inside ``forward`` so that DDP sees all parameters that get gradients.
+    """
+
+    def __init__(self, cfg: ModelConfig, lxmert: LxmertModel, heads: nn.ModuleDict):
+        super().__init__()
+        unknown = sorted(set(heads) - set(PRETRAIN_HEADS))
+        if unknown:
+            raise ValueError(f"unknown pretraining head(s) {unknown}; valid: {list(PRETRAIN_HEADS)}")
+        self.config = cfg
+        self.lxmert = lxmert
+        self.heads = heads
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        visual_feats: Tensor | None = None,
+        visual_pos: Tensor | None = None,
+        visual_attention_mask: Tensor | None = None,
+        output_attentions: bool = False,
+        *,
+        heads: tuple[str, ...] | list[str] | None = None,
+        mlm_mask: Tensor | None = None,
+        region_mask: Tensor | None = None,
+    ) -> PretrainOutput:
+        """Encode a batch and run the requested heads.
+
+        Args:
+            input_ids ... output_attentions: As :meth:`LxmertModel.forward`.
+            heads: Heads to run (default: every head the model has); asking for one it lacks raises.
+            mlm_mask: (B, T) bool, token positions whose vocabulary logits are computed.
+            region_mask: (B, R) bool, regions whose object predictions are computed.
+
+        Returns:
+            :class:`PretrainOutput` (``lang``, ``visn``, ``pooled`` and the heads' outputs).
+        """
+        names = tuple(self.heads) if heads is None else tuple(heads)
+        missing = [h for h in names if h not in self.heads]
+        if missing:
+            raise ValueError(f"this model has no pretraining head(s) {missing}; it has {list(self.heads)}")
+        base = self.lxmert(
+            input_ids, attention_mask, token_type_ids, visual_feats, visual_pos, visual_attention_mask,
+            output_attentions,
+        )  # fmt: skip
+        out = PretrainOutput(lang=base.lang, visn=base.visn, pooled=base.pooled, attentions=base.attentions)
+        if "mlm" in names:
+            lang = base.lang[mlm_mask] if mlm_mask is not None else base.lang.reshape(-1, base.lang.shape[-1])
+            out.mlm = self.heads["mlm"](lang, self.lxmert.embeddings.word.weight)
+        if "mor" in names:
+            visn = base.visn[region_mask] if region_mask is not None else base.visn.reshape(-1, base.visn.shape[-1])
+            out.mor = self.heads["mor"](visn)
+        if "match" in names:
+            out.match = self.heads["match"](base.pooled)
+        if "qa" in names:
+            out.qa = self.heads["qa"](base.pooled)
         return out
 
     @property
