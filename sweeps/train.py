@@ -22,6 +22,7 @@ import os
 import random
 import tempfile
 import time
+import zlib
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
@@ -40,9 +41,26 @@ STATE_FILE = "state.pt"
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "visual_feats", "visual_pos")
 
 
+class VQALogits(nn.Module):
+    """What trains: the VQA model's ``logits`` alone.
+
+    DDP finds the parameters a step did not use by walking back from the forward's outputs; if the
+    outputs include ``lang`` / ``visn`` (computed by the last cross layer's vision branch, which
+    the VQA loss never uses) those parameters look used but get no gradient, and DDP fails.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+        return self.model(**inputs).logits
+
+
 def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a DDP / FSDP wrapper (hooks and state dicts live there)."""
-    return getattr(model, "module", model)
+    """The plain model inside a DDP / FSDP wrapper and :class:`VQALogits` (hooks, state dicts)."""
+    model = getattr(model, "module", model)
+    return model.model if isinstance(model, VQALogits) else model
 
 
 def seed_everything(seed: int) -> None:
@@ -109,7 +127,7 @@ class TrialLoop:
             report = load_pretrained(model, cfg.train.init_checkpoint, strict=not cfg.train.init_allow_partial)
             self.log(str(report))
         model.to(self.device)
-        self.model = wrap_model(model) if wrap_model else model
+        self.model = wrap_model(VQALogits(model)) if wrap_model else VQALogits(model)
         self.optimizer = build_optimizer(unwrap(self.model), cfg.train.optimizer, cfg.train.lr,
                                          cfg.train.weight_decay, cfg.train.lookahead_k,
                                          cfg.train.lookahead_alpha)
@@ -176,6 +194,7 @@ class TrialLoop:
         cfg = self.cfg.train
         losses, aux_losses, n_samples = 0.0, 0.0, 0
         layer_counts: dict[str, float] = {}
+        drop_trace = 0  # checksum of the layers each step ran
         start = time.perf_counter()
         batches = self.data.train.batches(cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=self.epoch,
                                           rank=self.rank, world_size=self.world_size)
@@ -184,9 +203,9 @@ class TrialLoop:
             inputs = self._inputs(batch)
             targets = batch["targets"].to(self.device, non_blocking=True)
             with self.autocast():
-                out = model(**inputs)
+                logits = model(**inputs)
                 # LXMERT's VQA loss: BCE over the soft targets, summed over answers (mean * A).
-                loss = F.binary_cross_entropy_with_logits(out.logits.float(), targets) * targets.shape[1]
+                loss = F.binary_cross_entropy_with_logits(logits.float(), targets) * targets.shape[1]
             aux = hooks.aux_loss(core)
             total = loss + aux if torch.is_tensor(aux) else loss
             self.optimizer.zero_grad(set_to_none=True)
@@ -202,15 +221,12 @@ class TrialLoop:
             n_samples += bs
             losses += loss.item() * bs
             aux_losses += float(aux.detach()) * bs if torch.is_tensor(aux) else 0.0
-            ran = getattr(core, "layers_ran", None)
-            if callable(ran):
-                ran = ran()
-            if isinstance(ran, dict):
-                for stack, count in ran.items():
-                    layer_counts[stack] = layer_counts.get(stack, 0.0) + float(
-                        len(count) if isinstance(count, (list, tuple)) else count
-                    )
+            ran = core.layers_ran  # {stack: [layer indices]} of this forward (LayerDrop's choice)
+            for stack, layers in ran.items():
+                layer_counts[stack] = layer_counts.get(stack, 0.0) + len(layers)
+            drop_trace = zlib.crc32(repr(sorted(ran.items())).encode(), drop_trace)
         seconds = time.perf_counter() - start
+        self._check_same_layers_on_every_rank(drop_trace)
         metrics = {
             "train/loss": losses / max(1, n_samples),
             "train/aux_loss": aux_losses / max(1, n_samples),
@@ -224,6 +240,21 @@ class TrialLoop:
             metrics[f"layers/{stack}_ran"] = total_layers / max(1, n_batches)
         return metrics
 
+    def _check_same_layers_on_every_rank(self, drop_trace: int) -> None:
+        """Under DDP every rank must run the same layers in a step (else gradients of different
+        subnetworks are averaged): compare the epoch's checksums of LayerDrop's choices."""
+        if self.world_size == 1:
+            return
+        import torch.distributed as dist
+
+        traces: list[Any] = [None] * self.world_size
+        dist.all_gather_object(traces, drop_trace)
+        if len(set(traces)) > 1:
+            raise RuntimeError(
+                f"LayerDrop ran different layers on different ranks in epoch {self.epoch + 1} "
+                f"(checksums {traces}); decisions must depend only on (layerdrop.seed, step)"
+            )
+
     @torch.no_grad()
     def evaluate(self, n_examples: int = 0) -> dict[str, Any]:
         """Predictions on this rank's shard of the evaluation split, gathered on rank 0."""
@@ -236,7 +267,7 @@ class TrialLoop:
             inputs = self._inputs(batch)
             targets = batch["targets"].to(self.device)
             with self.autocast():
-                logits = model(**inputs).logits.float()
+                logits = model(**inputs).float()
             loss_sum += float(F.binary_cross_entropy_with_logits(logits, targets, reduction="sum"))
             n += targets.shape[0]
             pred = logits.argmax(dim=1)

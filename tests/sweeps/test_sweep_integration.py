@@ -215,3 +215,23 @@ def test_optuna_search_gives_every_cell_the_same_budget_then_runs_the_grid_with_
         assert float(run.data.params["train.lr"]) == pytest.approx(float(best_run.data.params["train.lr"]))
         assert float(run.data.params["train.lr"]) == pytest.approx(summary["best"][cell]["train.lr"])
     assert sorted(r.data.tags["trial.key"] for r in children) == ["softmax-s0", "span-s0"]
+
+
+def test_a_trial_on_two_ddp_workers_drops_the_same_layers_and_logs_once(ray_head, tmp_path):
+    """DDP over gloo on CPU: two Ray Train workers, LayerDrop (the same layers on both ranks, or
+    the trial fails), evaluation gathered on rank 0 without duplicates, one MLflow run."""
+    runs = tmp_path / "runs"
+    args = [*ABLATION, "--preset", "smoke", "--cells", "layerdrop_955", "--name", "ddp", "--runs-dir", str(runs),
+            "--no-report", "resources.num_workers=2", "train.epochs=1"]
+    proc = subprocess.run(args, cwd=tmp_path, env=ray_head.env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    client, _, children = sweep_runs(f"sqlite:///{runs / 'mlflow.db'}", "ddp")
+    assert len(children) == 1
+    run = children[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["trial.world_size"] == "2"
+    plan = expand(load_grid("paper"), load_preset("smoke"), cells=["layerdrop_955"])
+    cfg = plan.trials[0].config
+    assert run.data.metrics["eval/n"] == cfg.data.eval_limit  # every question once, none twice
+    assert run.data.metrics["layers/lang_ran"] == cfg.model.l_layers - 1
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "epoch")] == [1]
