@@ -1,9 +1,10 @@
 """Experiment configuration: dataclasses that flatten to dotted keys and take `key=value` overrides.
 
 One trial is fully described by an :class:`ExperimentConfig`: the model (``models.ModelConfig``),
-the data (``tasks.DataConfig``), the optimisation (:class:`TrainConfig`) and the resources
-(:class:`ResourcesConfig`). Every leaf is a ``str``, ``int``, ``float`` or ``bool``, so a config
-round-trips through MLflow params, grid files and the command line::
+the data (``tasks.DataConfig``), the optimisation (:class:`TrainConfig`), the resources
+(:class:`ResourcesConfig`) and the optional pretraining stage (``tasks.pretrain.PretrainConfig``).
+Every leaf is a ``str``, ``int``, ``float`` or ``bool``, so a config round-trips through MLflow
+params, grid files and the command line::
 
     cfg = ExperimentConfig()
     cfg = apply_overrides(cfg, {"model.attention.name": "span", "train.lr": "3e-4"})
@@ -23,6 +24,7 @@ from typing import Any
 
 from models import ModelConfig
 from tasks import DataConfig
+from tasks.pretrain.config import PretrainConfig
 
 
 class ConfigError(ValueError):
@@ -130,10 +132,12 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    #: Multi-task pretraining before fine-tuning (off unless ``pretrain.enabled``).
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
     def validate(self) -> None:
         """Validate every section; raises :class:`ConfigError` naming the key at fault."""
-        for section in ("model", "data", "train", "resources"):
+        for section in ("model", "data", "train", "resources", "pretrain"):
             value = getattr(self, section)
             try:
                 value.validate()
@@ -145,6 +149,14 @@ class ExperimentConfig:
                 if not message.startswith(f"{section}."):
                     message = f"{section}: {message}"
                 raise ConfigError(message) from err
+        if self.pretrain.enabled and self.pretrain.corpus == "synthetic" and self.data.name != "easyvqa":
+            raise ConfigError(
+                f"pretrain.corpus=synthetic needs data.name=easyvqa (its region features come from easy-VQA's "
+                f"extractor), got data.name={self.data.name!r}; set pretrain.corpus=lxmert and pretrain.root"
+            )
+        if self.pretrain.enabled and self.pretrain.corpus == "lxmert" and not self.pretrain.lxmert_root(self.data.root):
+            raise ConfigError("pretrain.root is empty (and so is data.root): pretrain.corpus=lxmert needs LXMERT's "
+                              "data folder with lxmert/*.json and the obj36 feature TSVs")
 
 
 # --------------------------------------------------------------------------------------------
