@@ -100,9 +100,11 @@ def print_plan(plan: Plan, name: str) -> None:
         ld = c.model.layerdrop
         layerdrop = f" layerdrop={ld.mode}" + (f"(n={ld.n_drop})" if ld.mode == "fixed" else
                                               f"(p={ld.p})" if ld.mode == "prob" else "")
+        pt = c.pretrain
+        pretrain = (f" pretrain={pt.weighting}({pt.epochs} ep, {pt.corpus}, {pt.tasks})" if pt.enabled else "")
         print(f"  {trial.key:<24} attention={c.model.attention.name} layers={c.model.l_layers}-"
               f"{c.model.x_layers}-{c.model.r_layers} hidden={c.model.hidden_size}{layerdrop if ld.mode != 'none' else ''} "
-              f"data={c.data.name} epochs={c.train.epochs} seed={c.train.seed}")
+              f"data={c.data.name} epochs={c.train.epochs} seed={c.train.seed}{pretrain}")
     for cell, reason in plan.pending.items():
         print(f"  {cell:<24} NOT RUN: {reason}")
 
@@ -140,6 +142,18 @@ def prepare_data(plan: Plan, runs_dir: Path) -> Plan:
         cfg = dataclasses.replace(trial.config, data=data)
         trial.config = config_dims(cfg, *done[key])
         trial.config.validate()
+        if cfg.pretrain.enabled:
+            # The pretraining corpus too is built here, once, before any trial starts.
+            pkey = key + repr(flatten(cfg.pretrain))
+            if pkey not in done:
+                import tasks.pretrain
+
+                t0 = time.time()
+                corpus = tasks.pretrain.load(cfg.pretrain, data)
+                done[pkey] = (0, 0)
+                print(f"pretraining corpus {cfg.pretrain.corpus}: {len(corpus.train)} sentences "
+                      f"({len(corpus.eval) if corpus.eval is not None else 0} held out), "
+                      f"{len(corpus.answers)} QA answers ({time.time() - t0:.1f} s)", flush=True)
     return plan
 
 

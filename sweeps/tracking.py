@@ -299,6 +299,8 @@ class TrialTracker:
         self.client = client(self.uri)
         self.run_id: str = ""
         self.logged_epochs: set[int] = set()
+        # Epochs of other stages (e.g. pretraining) already in MLflow, per counter metric; read lazily.
+        self._stage_epochs: dict[str, set[int]] = {}
         self._base_tags = dict(context.get("tags", {}))
 
     def start(self, tags: dict[str, str], params: dict[str, Any]) -> str:
@@ -352,6 +354,24 @@ class TrialTracker:
             return False
         log_metrics(self.client, self.uri, self.run_id, {**metrics, EPOCH_METRIC: float(epoch)}, step=epoch)
         self.logged_epochs.add(epoch)
+        return True
+
+    def log_stage_epoch(self, counter: str, epoch: int, metrics: dict[str, float]) -> bool:
+        """Log one epoch of another stage (pretraining) at ``step=epoch``, once.
+
+        ``counter`` (e.g. ``pretrain/epoch``) is that stage's epoch metric: its history in MLflow
+        says which epochs are logged, as ``epoch``'s does for fine-tuning, so a resumed trial
+        neither repeats nor skips one.
+        """
+        logged = self._stage_epochs.get(counter)
+        if logged is None:
+            history = _retry(f"read the trial's logged {counter}", self.uri,
+                             lambda: self.client.get_metric_history(self.run_id, counter))
+            logged = self._stage_epochs[counter] = {int(m.step) for m in history}
+        if epoch in logged:
+            return False
+        log_metrics(self.client, self.uri, self.run_id, {**metrics, counter: float(epoch)}, step=epoch)
+        logged.add(epoch)
         return True
 
     def catch_up(self, history: Iterable[tuple[int, dict[str, float]]]) -> int:

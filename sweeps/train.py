@@ -6,6 +6,11 @@ callback. ``train_fn_per_worker`` binds those to Ray Train (``ray.train.get_cont
 ``prepare_model``, ``get_checkpoint``, ``report``), so the same loop runs in unit tests without a
 cluster and on GPU nodes under DDP.
 
+With ``pretrain.enabled`` the trial first pretrains (:class:`sweeps.pretrain.PretrainStage`: one
+checkpoint and one MLflow step per pretraining epoch, under ``pretrain/*`` with its own epoch
+counter ``pretrain/epoch``), then imports the pretrained encoder into the VQA model (strict, the
+load report logged) and fine-tunes as below. Without it nothing changes.
+
 Per epoch: train over this rank's shard (bf16 autocast on CUDA), add every module's
 ``aux_loss()`` (the span penalty), call every ``post_step()`` (clamping z and alpha) after each
 optimizer step, evaluate on the evaluation split, gather predictions on rank 0, checkpoint
@@ -38,6 +43,8 @@ from sweeps.config import ExperimentConfig, unflatten
 from sweeps.optim import build_optimizer, build_schedule, total_steps
 
 STATE_FILE = "state.pt"
+#: The pretraining stage's epoch counter in MLflow (its metrics are logged at step = that epoch).
+PRETRAIN_EPOCH = "pretrain/epoch"
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "visual_feats", "visual_pos")
 
 
@@ -148,6 +155,15 @@ class TrialLoop:
         self.head_rows: list[dict[str, Any]] = []
         self.best = {"acc": -1.0, "epoch": 0}
         self.elapsed_s = 0.0
+        # The pretraining stage (built when it starts or resumes; dropped once transferred).
+        self.wrap_model = wrap_model
+        self.pretrain_stage = None
+        self.pretrain_summary: dict[str, Any] | None = None
+
+    @property
+    def pretrain_pending(self) -> bool:
+        """Pretraining is configured and its encoder has not been transferred yet."""
+        return self.cfg.pretrain.enabled and self.pretrain_summary is None
 
     # -- checkpoint state ---------------------------------------------------------------------
 
@@ -163,7 +179,17 @@ class TrialLoop:
             "best": self.best,
             "elapsed_s": self.elapsed_s,
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            **self._pretrain_state(),
         }
+
+    def _pretrain_state(self) -> dict[str, Any]:
+        if not self.cfg.pretrain.enabled:
+            return {}  # trials without pretraining checkpoint exactly what they always did
+        if self.pretrain_summary is not None:
+            return {"pretrain": {"done": True, **self.pretrain_summary}}
+        if self.pretrain_stage is None:
+            return {}
+        return {"pretrain": {"done": False, "stage": self.pretrain_stage.state_dict()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         unwrap(self.model).load_state_dict(state["model"])
@@ -175,6 +201,12 @@ class TrialLoop:
         self.head_rows = list(state["head_rows"])
         self.best = dict(state["best"])
         self.elapsed_s = float(state["elapsed_s"])
+        pretrain = state.get("pretrain")
+        if pretrain is not None and pretrain["done"]:
+            self.pretrain_summary = {k: v for k, v in pretrain.items() if k != "done"}
+        elif pretrain is not None:
+            # Before the RNG is restored: building the stage draws its initial weights.
+            self._build_pretrain_stage().load_state_dict(pretrain["stage"])
         # LayerDrop draws decision k from (seed, k): continue the sequence, not restart it.
         set_layerdrop_step(unwrap(self.model), self.step)
         torch.set_rng_state(state["rng"]["torch"])
@@ -345,6 +377,73 @@ class TrialLoop:
             })
         return out
 
+    # -- pretraining ----------------------------------------------------------------------------
+
+    def _build_pretrain_stage(self):
+        from sweeps.pretrain import PretrainStage
+
+        self.pretrain_stage = PretrainStage(self.cfg, self.rank, self.world_size, self.device, self.wrap_model,
+                                            self.autocast, self.log)  # fmt: skip
+        return self.pretrain_stage
+
+    def pretrain(self, report: Callable[[dict[str, float], dict[str, Any] | None], None], tracker=None) -> None:
+        """Run the remaining pretraining epochs (each checkpointed through ``report`` and logged at
+        ``step`` = pretraining epoch), then transfer the encoder into the VQA model."""
+        from models.checkpoint import load_pretrained
+        from sweeps.tracking import csv_text
+
+        stage = self.pretrain_stage or self._build_pretrain_stage()
+        pcfg = self.cfg.pretrain
+        if tracker is not None:
+            caught = sum(tracker.log_stage_epoch(PRETRAIN_EPOCH, e, m) for e, m in stage.history)
+            if caught:
+                self.log(f"logged {caught} pretraining epoch(s) the checkpoint held but MLflow lacked")
+            tracker.set_tags({"pretrain.weighting": pcfg.weighting, "pretrain.tasks": ",".join(stage.tasks),
+                              "pretrain.corpus": pcfg.corpus})  # fmt: skip
+        while not stage.done:
+            before = stage.elapsed_s
+            metrics = stage.run_epoch()
+            self.elapsed_s += stage.elapsed_s - before
+            metrics["time/elapsed_s"] = self.elapsed_s
+            report(metrics, self.state_dict() if self.rank == 0 else None)
+            if self.rank == 0:
+                losses = " ".join(f"{t} {metrics[f'pretrain/loss_{t}']:.3f}" for t in stage.tasks
+                                  if f"pretrain/loss_{t}" in metrics)  # fmt: skip
+                weights = " ".join(f"{t} {metrics[f'pretrain/weight_{t}']:.2f}" for t in stage.tasks)
+                self.log(f"pretrain epoch {stage.epoch}/{pcfg.epochs} ({pcfg.weighting}): losses {losses}; "
+                         f"weights {weights} ({metrics['pretrain/samples_per_s']:.0f} samples/s, "
+                         f"{metrics['pretrain/epoch_s']:.1f} s)")  # fmt: skip
+            if tracker is not None:
+                tracker.log_stage_epoch(PRETRAIN_EPOCH, stage.epoch, metrics)
+                tracker.log_text(csv_text(stage.weight_rows), "pretrain/weights.csv")
+        # The transfer: every encoder parameter must load; only the answer head may be fresh.
+        core = unwrap(self.model)
+        load = load_pretrained(core, stage.core.state_dict(), strict=True, allow=["head.*"], verbose=False)
+        self.log(f"pretrained encoder -> VQA model: {load}")
+        # The optimizer and schedule restart on the transferred weights (Lookahead keeps copies).
+        self.optimizer = build_optimizer(core, self.cfg.train.optimizer, self.cfg.train.lr,
+                                         self.cfg.train.weight_decay, self.cfg.train.lookahead_k,
+                                         self.cfg.train.lookahead_alpha)  # fmt: skip
+        self.schedule = build_schedule(self.optimizer, self.cfg.train.schedule, self.steps_total,
+                                       self.cfg.train.warmup_ratio, self.cfg.train.lr_min,
+                                       self.cfg.train.cycle_steps)  # fmt: skip
+        self.pretrain_summary = {
+            "history": stage.history,
+            "epochs": stage.epoch,
+            "steps": stage.step,
+            "elapsed_s": stage.elapsed_s,
+            "transfer": {"loaded": len(load.loaded), "fresh": len(load.fresh), "ignored": len(load.ignored),
+                         "kernel": len(load.kernel)},
+        }  # fmt: skip
+        self.pretrain_stage = None  # frees the pretraining model and its optimizer state
+        if tracker is not None:
+            tracker.log_text(str(load) + "\n", "pretrain/transfer_report.txt")
+            tracker.set_tags({"pretrain.transfer": f"{len(load.loaded)} loaded, {len(load.fresh)} fresh "
+                                                   f"({', '.join(load.fresh_components()) or 'none'}), "
+                                                   f"{len(load.ignored)} ignored"})  # fmt: skip
+            tracker.log_metrics({"pretrain/total_s": stage.elapsed_s, "pretrain/total_steps": float(stage.step)},
+                                step=stage.epoch)  # fmt: skip
+
     # -- the whole trial ------------------------------------------------------------------------
 
     def fit(self, report: Callable[[dict[str, float], dict[str, Any] | None], None],
@@ -374,6 +473,8 @@ class TrialLoop:
             })
             tracker.set_tags({"trial.precision": self.precision, "trial.device": self.device.type,
                               "trial.world_size": str(self.world_size)})
+        if self.pretrain_pending:
+            self.pretrain(report, tracker)
         while self.epoch < cfg.train.epochs:
             t0 = time.perf_counter()
             metrics = self.train_epoch()

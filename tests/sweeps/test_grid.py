@@ -51,13 +51,13 @@ def test_unknown_key_names_it_and_suggests():
         parse_cli_overrides(["train.lr"])
 
 
-def test_paper_grid_expands_cells_times_seeds_and_names_pending(preset):
+def test_paper_grid_expands_cells_times_seeds(preset):
     grid = load_grid("paper")
     plan = expand(grid, preset)
     cells = {t.cell.name for t in plan.trials}
-    assert cells == {"softmax", "span", "entmax", "span_entmax", "layerdrop_955", "layerdrop_1066", "base_1066"}
-    assert len(plan.trials) == 7 * 3
-    assert "grad_std" in plan.pending and "pretraining" in plan.pending["grad_std"]
+    assert cells == {"softmax", "span", "entmax", "span_entmax", "layerdrop_955", "layerdrop_1066", "base_1066",
+                     "pretrain_equal", "grad_std"}  # fmt: skip
+    assert len(plan.trials) == 9 * 3 and plan.pending == {}
     keys = [t.key for t in plan.trials]
     assert len(set(keys)) == len(keys) and "span-s2" in keys
     by_key = {t.key: t.config for t in plan.trials}
@@ -66,6 +66,25 @@ def test_paper_grid_expands_cells_times_seeds_and_names_pending(preset):
     assert by_key["layerdrop_955-s1"].model.l_layers == 9 and by_key["layerdrop_955-s1"].train.seed == 1
     # preset values reach every trial; cells override them only where they say so
     assert all(t.config.model.hidden_size == 32 for t in plan.trials)
+    # the pretraining cells: same fine-tuning as softmax, pretraining sized by the preset
+    pre = {c: by_key[f"{c}-s0"] for c in ("pretrain_equal", "grad_std")}
+    assert {c: (p.pretrain.enabled, p.pretrain.weighting) for c, p in pre.items()} == {
+        "pretrain_equal": (True, "equal"), "grad_std": (True, "grad_std")}
+    assert all(p.pretrain.corpus_images == 2000 and p.train == by_key["softmax-s0"].train for p in pre.values())
+    smoke = expand(grid, load_preset("smoke"), cells=["grad_std"]).trials[0].config.pretrain
+    assert (smoke.enabled, smoke.epochs, smoke.corpus_images) == (True, 1, 256)
+    assert not by_key["softmax-s0"].pretrain.enabled and grid.cells["grad_std"].table == 3
+
+
+def test_weighting_grid_runs_the_four_strategies_and_a_from_scratch_reference(preset):
+    plan = expand(load_grid("weighting"), preset)
+    cells = {t.key: t.config for t in plan.trials}
+    assert sorted({k.rsplit("-", 1)[0] for k in cells}) == ["equal", "grad_std", "gradnorm", "softmax", "uncertainty"]
+    assert len(cells) == 15 and plan.pending == {}
+    assert {k: c.pretrain.weighting for k, c in cells.items() if c.pretrain.enabled and k.endswith("s0")} == {
+        "equal-s0": "equal", "grad_std-s0": "grad_std", "uncertainty-s0": "uncertainty", "gradnorm-s0": "gradnorm"}
+    assert not cells["softmax-s0"].pretrain.enabled
+    assert all(c.model.attention.name == "softmax" for c in cells.values())
 
 
 def test_precedence_cli_over_cell_over_preset(preset):
