@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reports.tables import DEFINITIONS, TYPE_LABELS
+from reports.tables import DEFINITIONS, PRETRAIN_TASK_LABELS, TYPE_LABELS
 
 NA = "n/a"
 DASH = "—"
@@ -215,6 +215,60 @@ def table2(tables: dict[str, Any], key: str = "table2", title: str | None = None
     return Table(key, title, header, rows, ["l", "r"] + ["r"] * (len(header) - 2), _table_notes(cells))
 
 
+def _pretrain_tasks(cells: list[dict[str, Any]]) -> list[str]:
+    from reports.tables import pretrain_task_order
+
+    return pretrain_task_order({t for r in cells if r["pretrain"] for t in r["pretrain"]["tasks"]})
+
+
+def _stat(s: dict[str, Any] | None, digits: int) -> str:
+    """``mean ± std`` of a raw (unscaled) summary; ``± n/a`` with one seed."""
+    return mean_std(s or {}, scale=1.0, digits=digits) if s else DASH
+
+
+def table3(tables: dict[str, Any]) -> Table:
+    """Table 3: pretraining task weightings: downstream VQA accuracy, final per-task losses and weights."""
+    cells = [tables["cells"][c] for c in tables["tables"]["table3"]]
+    ref = tables.get("reference_table3")
+    ref_label = _label(tables, ref) if ref else "equal weights"
+    tasks = _pretrain_tasks(cells)
+    header = ["Variant", "Seeds", "Pretraining", "VQA acc. (best epoch) mean ± std", "95% CI over seeds",
+              f"Δ vs {ref_label} (pp) [95% CI]", "Paired bootstrap"]  # fmt: skip
+    header += [f"{PRETRAIN_TASK_LABELS.get(t, t)} loss (held-out)" for t in tasks]
+    header += [f"{PRETRAIN_TASK_LABELS.get(t, t)} weight" for t in tasks]
+    header += ["Pretraining time / trial", "Train + eval time / trial"]
+    rows = []
+    for r in cells:
+        pre = r["pretrain"]
+        if pre is None:
+            what = "none"
+        else:
+            epochs = "/".join(str(e) for e in pre["epochs"])
+            what = f"{pre['weighting']}, {epochs} epoch{'s' if pre['epochs'] != [1] else ''}"
+        comp = r.get("vs_equal")
+        line = [r["label"], seeds_cell(r), what, mean_std(r["acc"]), interval(r["acc"]),
+                delta(comp) if comp else (DASH if r["cell"] != ref else "reference"),
+                verdict(comp, ref_label) if comp else DASH]  # fmt: skip
+        losses = (pre or {}).get("eval_loss") or {}
+        if pre and not any(s and s["n"] for s in losses.values()):
+            losses = pre["loss"]  # a corpus without a held-out split: training losses
+        line += [_stat(losses.get(t), 3) if pre else DASH for t in tasks]
+        line += [_stat(pre["weight"].get(t), 2) if pre else DASH for t in tasks]
+        line += [duration(pre["time_s"]) if pre else DASH, duration(r["wall_s"])]
+        rows.append(line)
+    notes = [DEFINITIONS["pretraining"]]
+    if ref is None and cells:
+        notes.append("No equal-weights pretraining cell in this sweep: no paired comparison was made.")
+    if any(r["pretrain"] and r["pretrain"]["weighting_frac"]["n"] for r in cells):
+        fracs = ", ".join(f"{r['label']}: {100 * r['pretrain']['weighting_frac']['mean']:.1f}%" for r in cells
+                          if r["pretrain"] and r["pretrain"]["weighting_frac"]["n"])  # fmt: skip
+        notes.append("Share of the last pretraining epoch spent computing task weights (`pretrain/weighting_frac`): "
+                     + fracs + ".")
+    notes += [n for n in _table_notes(cells)[1:]]  # partial / not-run notes; no paper numbers to mark
+    return Table("table3", "Table 3: pretraining task weighting, then VQA fine-tuning (accuracy in percent)",
+                 header, rows, ["l", "r", "l"] + ["r"] * (len(header) - 3), notes)
+
+
 def _table_notes(cells: list[dict[str, Any]]) -> list[str]:
     notes = [f"{PAPER_MARK} The paper's numbers (Bhargava 2020): VQA v2 test-dev / test-std with LXMERT-base on "
              "the paper's data. They are not comparable with ours unless this sweep ran the paper preset "
@@ -310,6 +364,8 @@ def document(tables: dict[str, Any], figures: dict[str, Any]) -> list[Block]:
         blocks.append(("table", table1(tables)))
     if tables["tables"]["table2"]:
         blocks.append(("table", table2(tables)))
+    if tables["tables"].get("table3"):
+        blocks.append(("table", table3(tables)))
     if tables["tables"]["other"]:
         blocks.append(("table", table2(tables, "other", "Other cells (percent)")))
     blocks.append(("h", 2, "Differences from " + (_label(tables, tables["reference"]) if tables["reference"]

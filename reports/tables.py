@@ -24,6 +24,9 @@ from reports.store import Sweep, Trial
 
 #: The cell every other cell is compared with.
 REFERENCE_CELL = "softmax"
+#: Pretraining objectives in LXMERT's order (Table 3's columns; others follow alphabetically).
+PRETRAIN_TASKS = ("mlm", "mor", "match", "qa")
+PRETRAIN_TASK_LABELS = {"mlm": "MLM", "mor": "Masked obj.", "match": "Matching", "qa": "Image QA"}
 #: Answer types in the order the paper lists them; others follow alphabetically.
 TYPE_ORDER = ("yes_no", "number", "other")
 TYPE_LABELS = {"yes_no": "yes/no", "number": "number", "other": "other"}
@@ -57,6 +60,15 @@ DEFINITIONS = {
         "evaluating (without Ray start-up or checkpoint restores); mean over seeds."
     ),
     "units": "Accuracies in tables.json are fractions in [0, 1]; rendered tables show percent.",
+    "pretraining": (
+        "Table 3 (cells that pretrain before fine-tuning): per task, the final pretraining loss is "
+        "`pretrain/eval_loss_<task>` at the last pretraining epoch, the unweighted loss on the held-out "
+        "corpus with masks fixed by the trial seed (so cells with the same seed score the same "
+        "batches); the weight is `pretrain/weight_<task>`, the mean weight over the last pretraining "
+        "epoch's steps (0 while a schedule kept the task off). Means +- std over seeds. The VQA "
+        "accuracy is compared with the equal-weights cell (LXMERT's weighting) by the same paired "
+        "bootstrap. The paper has no numbers for these cells."
+    ),
 }
 
 
@@ -96,6 +108,54 @@ def _trial_numbers(trial: Trial) -> dict[str, Any]:
         "wall_s": wall,
         "params": m.get("model/params"),
         "flops_per_sample": m.get("model/flops_per_sample"),
+        "pretrain": _pretrain_numbers(trial),
+    }
+
+
+def _truthy(value: str | None) -> bool:
+    return str(value).strip().lower() in ("true", "1", "yes")
+
+
+def _pretrain_numbers(trial: Trial) -> dict[str, Any] | None:
+    """What a pretraining trial logged at its last pretraining epoch (None: it did not pretrain).
+
+    MLflow's latest value of a metric is the one at its highest step, and pretraining metrics are
+    logged at step = pretraining epoch: the run's metrics are the last epoch's, no history needed.
+    """
+    p, m = trial.params, trial.metrics
+    if not _truthy(p.get("pretrain.enabled")):
+        return None
+    out: dict[str, Any] = {"weighting": p.get("pretrain.weighting", "?"), "epochs": int(m.get("pretrain/epoch", 0)),
+                           "loss": {}, "eval_loss": {}, "weight": {}, "time_s": m.get("pretrain/time_s"),
+                           "weighting_frac": m.get("pretrain/weighting_frac")}  # fmt: skip
+    for name, value in m.items():
+        for kind in ("eval_loss", "loss", "weight"):
+            prefix = f"pretrain/{kind}_"
+            task = name[len(prefix):] if name.startswith(prefix) else ""
+            if task and "_" not in task:  # loss_mor_feat etc. are components of a task's loss
+                out[kind][task] = value
+    return out
+
+
+def pretrain_task_order(tasks: set[str]) -> list[str]:
+    return [t for t in PRETRAIN_TASKS if t in tasks] + sorted(tasks - set(PRETRAIN_TASKS))
+
+
+def _pretrain_summary(per: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """A cell's pretraining numbers over its seeds (None when no trial pretrained)."""
+    pre = [p["pretrain"] for p in per if p.get("pretrain") is not None]
+    if not pre:
+        return None
+    tasks = pretrain_task_order({t for p in pre for k in ("eval_loss", "loss", "weight") for t in p[k]})
+    weightings = sorted({p["weighting"] for p in pre})
+    return {
+        "weighting": weightings[0] if len(weightings) == 1 else "mixed: " + ", ".join(weightings),
+        "epochs": sorted({p["epochs"] for p in pre}),
+        "tasks": tasks,
+        **{kind: {t: _summary([p[kind][t] for p in pre if t in p[kind]]) for t in tasks}
+           for kind in ("eval_loss", "loss", "weight")},
+        "time_s": _summary([p["time_s"] for p in pre if p["time_s"] is not None]),
+        "weighting_frac": _summary([p["weighting_frac"] for p in pre if p["weighting_frac"] is not None]),
     }
 
 
@@ -208,6 +268,8 @@ def compute(sweep: Sweep, reference: str = REFERENCE_CELL) -> dict[str, Any]:
             "layerdrop": signatures[name][1],
             "baseline": None,
             "vs_reference": None,
+            "vs_equal": None,
+            "pretrain": _pretrain_summary(per),
             "run_ids": [p["run_id"] for p in per],
         }
         rows[name]["_per"] = per
@@ -241,6 +303,18 @@ def compute(sweep: Sweep, reference: str = REFERENCE_CELL) -> dict[str, Any]:
             comp["kind"] = "vs baseline without LayerDrop"
             comparisons.append(comp)
 
+    # Table 3: pretraining cells against the equal-weights one (LXMERT's weighting, same budget).
+    table3 = [n for n, r in rows.items() if r["table"] == 3]
+    equal = next((n for n in table3 if (rows[n]["pretrain"] or {}).get("weighting") == "equal"), None)
+    for name in table3:
+        if name == equal or equal is None or rows[name]["n"] == 0:
+            continue
+        comp = compare(sweep, name, equal)
+        comp["kind"] = "vs equal task weights"
+        rows[name]["vs_equal"] = comp
+        if name != reference and equal != reference:
+            comparisons.append(comp)
+
     incomplete = [
         {"key": t.key, "cell": t.cell, "seed": t.seed, "status": t.status, "run_id": t.run_id, "reason": t.reason}
         for t in sweep.trials if not t.usable
@@ -268,12 +342,14 @@ def compute(sweep: Sweep, reference: str = REFERENCE_CELL) -> dict[str, Any]:
         },
         "definitions": DEFINITIONS,
         "reference": reference if ref_ok else None,
+        "reference_table3": equal,
         "answer_types": types,
         "cells": rows,
         "tables": {
             "table1": [n for n, r in rows.items() if r["table"] == 1],
             "table2": [n for n, r in rows.items() if r["table"] == 2],
-            "other": [n for n, r in rows.items() if r["table"] not in (1, 2)],
+            "table3": table3,
+            "other": [n for n, r in rows.items() if r["table"] not in (1, 2, 3)],
         },
         "comparisons": comparisons,
         "attention": attention_summary(sweep),

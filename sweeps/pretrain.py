@@ -23,6 +23,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -35,8 +36,23 @@ PRETRAIN_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "visual_feat
 EVAL_EPOCH = 1_000_000
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)
+class HeadOutputs(nn.Module):
+    """What trains: the pretraining model's head outputs alone (a dict of tensors).
+
+    DDP finds the parameters a step did not use by walking back from the forward's outputs. With
+    ``lang`` / ``visn`` / ``pooled`` among them, parameters that only feed a head that did not run
+    (the last cross layer's vision branch without ``mor``, the pooler without ``match`` / ``qa``)
+    would look used but get no gradient, and DDP would fail (as :class:`sweeps.train.VQALogits`
+    explains for fine-tuning).
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, **inputs: Any) -> dict[str, Any]:
+        out = self.model(**inputs)
+        return {k: getattr(out, k) for k in ("mlm", "mor", "match", "qa") if getattr(out, k) is not None}
 
 
 def shared_parameters(model: nn.Module, which: str) -> list[torch.Tensor]:
@@ -108,7 +124,7 @@ class PretrainStage:
             self.log(f"pretraining starts from {cfg.train.init_checkpoint}: {report}")
         model.to(self.device)
         self.core = model
-        self.model = wrap_model(model) if wrap_model else model
+        self.model = wrap_model(HeadOutputs(model)) if wrap_model else HeadOutputs(model)
         sizes = {"vocab_size": cfg.model.vocab_size, "num_object_labels": self.data.num_object_labels,
                  "num_attr_labels": self.data.num_attr_labels, "visual_feat_dim": self.data.visual_feat_dim,
                  "num_qa_answers": len(self.data.answers)}  # fmt: skip
@@ -172,14 +188,14 @@ class PretrainStage:
         if "mor" in active:
             kwargs["region_mask"] = batch["region_mask"]
         with self.autocast():
-            return self.model(**inputs, **kwargs)
+            # The objectives read the heads as attributes (out.mlm, out.mor["feat"], ...).
+            return SimpleNamespace(**self.model(**inputs, **kwargs))
 
     def _lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
     def train_epoch(self) -> dict[str, float]:
         """One pass over this rank's shard of the corpus; returns the epoch's ``pretrain/*`` metrics."""
-        import models.hooks as hooks
         from tasks.pretrain import active_tasks
 
         pcfg, cfg = self.pcfg, self.cfg
@@ -193,34 +209,11 @@ class PretrainStage:
             active = active_tasks(self.tasks, self.rules, self.epoch + 1, self._lr())
             if not active:
                 continue  # the schedule has every task off at this point: nothing to train
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-            out = self._forward(batch, active)
-            results = {t: self.objectives[t].loss(out, batch) for t in active}
-            losses = {t: r.loss for t, r in results.items()}
-            counts = {t: r.n for t, r in results.items()}
-            weights = self.weighting.update(self.step, losses, self.shared, counts)
+            results, weights, total = self.train_step(batch, active)
             weighting_s += self.weighting.last_update_s
-            aux = hooks.aux_loss(self.core)
-            total = self.weighting.combine(losses)
-            total = total + aux if torch.is_tensor(aux) else total
-            self.optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            self._sync_strategy_grads()
-            if pcfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.core.parameters(), pcfg.grad_clip)
-            self.optimizer.step()
-            self.schedule.step()
-            hooks.post_step(self.core)
-            if self.step % pcfg.weight_every == 0:
-                signals = self.weighting.signals()
-                for t in self.tasks:
-                    self.weight_rows.append({"step": self.step, "epoch": self.epoch + 1, "task": t,
-                                             "weight": weights.get(t, 0.0), "active": int(t in active),
-                                             "signal": _signal_of(signals, t)})  # fmt: skip
-            self.step += 1
             steps += 1
             samples += batch["input_ids"].shape[0]
-            total_loss += float(total.detach())
+            total_loss += total
             for t, r in results.items():
                 s = sums[t]
                 s["loss"] += float(r.loss.detach()) * r.n
@@ -254,6 +247,41 @@ class PretrainStage:
         for k, v in self.weighting.signals().items():
             metrics[f"pretrain/{k}"] = v
         return metrics
+
+    def train_step(self, batch: dict[str, torch.Tensor], active: list[str]) -> tuple[dict, dict[str, float], float]:
+        """One optimisation step on ``batch`` with the ``active`` tasks.
+
+        Returns:
+            (``{task: TaskLoss}``, the weights applied, the weighted total loss).
+        """
+        import models.hooks as hooks
+
+        pcfg = self.pcfg
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        out = self._forward(batch, active)
+        results = {t: self.objectives[t].loss(out, batch) for t in active}
+        losses = {t: r.loss for t, r in results.items()}
+        counts = {t: r.n for t, r in results.items()}
+        weights = self.weighting.update(self.step, losses, self.shared, counts)
+        aux = hooks.aux_loss(self.core)
+        total = self.weighting.combine(losses)
+        total = total + aux if torch.is_tensor(aux) else total
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        self._sync_strategy_grads()
+        if pcfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.core.parameters(), pcfg.grad_clip)
+        self.optimizer.step()
+        self.schedule.step()
+        hooks.post_step(self.core)
+        if self.step % pcfg.weight_every == 0:
+            signals = self.weighting.signals()
+            for t in self.tasks:
+                self.weight_rows.append({"step": self.step, "epoch": self.epoch + 1, "task": t,
+                                         "weight": weights.get(t, 0.0), "active": int(t in active),
+                                         "signal": _signal_of(signals, t)})  # fmt: skip
+        self.step += 1
+        return results, weights, float(total.detach())
 
     def _sync_strategy_grads(self) -> None:
         """The strategy's parameters live outside DDP: average their gradients by hand."""

@@ -248,6 +248,15 @@ class Progress(Callback):
                 return
             self.printed.add(seen)
             print(f"{self._stamp()} {self._key(trial):<22} epoch {int(result['epoch'])}: "
+        if "pretrain/epoch" in result and "eval/acc" not in result:
+            seen = (self._key(trial), -int(result["pretrain/epoch"]))  # its own epoch counter
+            if seen not in self.printed:
+                self.printed.add(seen)
+                losses = " ".join(f"{k.rsplit('_', 1)[-1]} {v:.3f}" for k, v in sorted(result.items())
+                                  if k.startswith("pretrain/loss_") and k.count("_") == 1)  # fmt: skip
+                print(f"{self._stamp()} {self._key(trial):<22} pretrain epoch {int(result['pretrain/epoch'])}: "
+                      f"{losses} {result.get('pretrain/samples_per_s', 0):.0f} samples/s", flush=True)
+            return
                   f"acc {result['eval/acc']:.4f} loss {result.get('train/loss', float('nan')):.4f} "
                   f"{result.get('train/samples_per_s', 0):.0f} samples/s", flush=True)
 

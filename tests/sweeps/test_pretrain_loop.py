@@ -13,7 +13,7 @@ import torch
 import tasks
 from sweeps.config import parse_cli_overrides
 from sweeps.grid import expand, load_grid, load_preset
-from sweeps.train import TrialLoop, config_dims
+from sweeps.train import TrialLoop, config_dims, unwrap
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +144,7 @@ def test_pretraining_logs_per_task_losses_and_weights_then_transfers(cache):
     report = tracker.texts["pretrain/transfer_report.txt"]
     assert "0 missing" in report and "fresh (no counterpart, initialised anew): head" in report
     assert tracker.tags["pretrain.weighting"] == "grad_std" and "6 fresh (head)" in tracker.tags["pretrain.transfer"]
-    n_encoder = sum(1 for n, _ in loop.model.named_parameters() if n.startswith("lxmert."))
+    n_encoder = sum(1 for n, _ in unwrap(loop.model).named_parameters() if n.startswith("lxmert."))
     assert loop.pretrain_summary["transfer"]["loaded"] == n_encoder
     # fine-tuning time includes pretraining's
     assert loop.history[-1][1]["time/elapsed_s"] > pre[2]["pretrain/time_s"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import signal
 import subprocess
@@ -56,7 +57,7 @@ def test_smoke_sweep_logs_parent_and_one_finished_child_per_cell_and_seed(smoke_
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["sweep.status"] == "complete"
     assert json.loads(parent.data.tags["sweep.trials"]) == list(expected)
-    assert "grad_std" in json.loads(parent.data.tags["sweep.pending"])
+    assert json.loads(parent.data.tags["sweep.pending"]) == {}  # grad_std runs (issue 6)
     assert parent.data.metrics["sweep/overhead_ratio"] > 0
 
     assert sorted(r.data.tags["trial.key"] for r in children) == sorted(expected)
@@ -94,6 +95,27 @@ def test_smoke_sweep_logs_parent_and_one_finished_child_per_cell_and_seed(smoke_
         assert len(predictions) - 1 == int(run.data.metrics["eval/n"])
         examples = json.loads(artifact_text(client, run.info.run_id, "eval/examples_top5.json"))
         assert examples and all(len(e["top5"]) == 5 for e in examples)
+    # The pretraining cells (equal and gradient-std task weights): per-task losses and weights for
+    # every pretraining epoch, at step = pretraining epoch; then the strict encoder transfer.
+    pretraining = [r for r in children if expected[r.data.tags["trial.key"]].config.pretrain.enabled]
+    assert sorted(r.data.tags["trial.cell"] for r in pretraining) == ["grad_std", "pretrain_equal"]
+    for run in pretraining:
+        key = run.data.tags["trial.key"]
+        pcfg = expected[key].config.pretrain
+        assert run.data.params["pretrain.weighting"] == pcfg.weighting == run.data.tags["pretrain.weighting"]
+        steps = list(range(1, pcfg.epochs + 1))
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "pretrain/epoch")) == steps
+        for task in pcfg.task_list:
+            for metric in (f"pretrain/loss_{task}", f"pretrain/weight_{task}", f"pretrain/eval_loss_{task}"):
+                history = client.get_metric_history(run.info.run_id, metric)
+                assert sorted(m.step for m in history) == steps, (key, metric)
+                assert all(math.isfinite(m.value) for m in history), (key, metric)
+        weights = [run.data.metrics[f"pretrain/weight_{t}"] for t in pcfg.task_list]
+        assert sum(weights) == pytest.approx(len(weights), rel=1e-6)
+        if pcfg.weighting == "equal":
+            assert weights == [1.0] * len(weights)
+        assert "0 missing" in artifact_text(client, run.info.run_id, "pretrain/transfer_report.txt")
+        assert artifact_text(client, run.info.run_id, "pretrain/weights.csv").startswith("step,epoch,task,weight")
     # LayerDrop cells ran one layer fewer per stack in training
     ld = next(r for r in children if r.data.tags["trial.cell"] == "layerdrop_955")
     assert ld.data.metrics["layers/lang_ran"] == plan.trials[0].config.model.l_layers - 1
