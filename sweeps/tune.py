@@ -24,7 +24,14 @@ from ray.tune import Callback
 from sweeps.config import ConfigError, flatten
 from sweeps.grid import Plan, Trial
 
-TRAINABLE_CPU = 0.01  # the trial's driver only waits on its TorchTrainer; its workers hold the CPUs
+#: What a trial's own process (the function trainable, the Train driver) reserves: memory only, no
+#: CPU. It only waits on its TorchTrainer; the Train workers hold the CPUs. Even a small CPU fraction
+#: breaks packing: on nodes whose CPUs are a whole number of trial workers (two 1-CPU nodes, two
+#: 1-CPU trials) Tune spreads the trainables over the nodes, no node then has a whole worker's CPUs
+#: free, and every trial waits forever for its worker group. Tune needs a non-empty bundle, hence
+#: memory: a floor (the trainable and its Train controller, which Ray puts on the same node, hold
+#: about 0.4 GB RSS each, mostly shared torch libraries) that does not cut concurrency on small hosts.
+TRAINABLE_RESOURCES = {"cpu": 0, "memory": 256 * 1024**2}
 
 #: Environment of every trial's Train controller and workers (set explicitly so that it holds
 #: whether the sweep was started locally, with RAY_ADDRESS, or by `ray job submit`).
@@ -300,7 +307,7 @@ def _fit(name: str, paths: SweepPaths, param_space: dict[str, Any] | None, n_at_
     """Run one Tune experiment (or restore and finish it); returns (results, wall_s, done_before)."""
     from ray import tune
 
-    trainable = tune.with_resources(run_trial, {"cpu": TRAINABLE_CPU})
+    trainable = tune.with_resources(run_trial, TRAINABLE_RESOURCES)
     path = str(paths.ray_dir / name)
     done_before: set[str] = set()
     if restore and tune.Tuner.can_restore(path):
