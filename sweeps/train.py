@@ -587,7 +587,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     with quiet_mlflow():
         if rank == 0:
             tracker = TrialTracker(loop_config["context"], loop_config["trial_key"])
-            tracker.start(tags=loop_config.get("tags", {}), params=loop_config["config"])
+            tracker.start(tags={**loop_config.get("tags", {}), **placement_tags()}, params=loop_config["config"])
         try:
             loop.fit(report, tracker)
         except BaseException:
@@ -598,6 +598,19 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
                 except Exception:
                     pass
             raise
+
+
+def placement_tags() -> dict[str, str]:
+    """Where this Ray worker runs: ``trial.node_id`` (the Ray node), ``trial.node_ip``,
+    ``trial.hostname``. Rank 0 tags its trial's run with them when it (re)opens it, so after a
+    restart on another node they say where the trial ran last."""
+    import socket
+
+    import ray
+
+    return {"trial.node_id": ray.get_runtime_context().get_node_id(),
+            "trial.node_ip": ray.util.get_node_ip_address(),
+            "trial.hostname": socket.gethostname()}
 
 
 def config_dims(cfg: ExperimentConfig, num_answers: int, visual_feat_dim: int) -> ExperimentConfig:
