@@ -23,6 +23,7 @@ import io
 import json
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -110,11 +111,16 @@ def _retry(what: str, uri: str, fn: Callable[[], T], budget_s: float | None = No
     from mlflow.exceptions import MlflowException
 
     budget = float(os.environ.get("MLFLOW_RETRY_SECONDS", "120")) if budget_s is None else budget_s
-    deadline = time.monotonic() + budget
+    start = time.monotonic()
+    deadline = start + budget
     delay = 0.5
+    retried = False
     while True:
         try:
-            return fn()
+            result = fn()
+            if retried:
+                _say(f"MLflow {uri} reachable again: {what} done after {time.monotonic() - start:.1f} s of retries")
+            return result
         except MlflowException as err:
             # 4xx other than 429 are the caller's mistake: retrying cannot help.
             code = getattr(err, "get_http_status_code", lambda: 500)()
@@ -128,8 +134,16 @@ def _retry(what: str, uri: str, fn: Callable[[], T], budget_s: float | None = No
                 f"MLflow {uri} failed for {budget:.0f} s while trying to {what}: "
                 f"{type(last).__name__}: {str(last)[:300]}"
             ) from None
+        if not retried:
+            # Logging is synchronous: say why the trial has stalled, once per call.
+            _say(f"MLflow {uri} failed to {what} ({type(last).__name__}); retrying for up to {budget:.0f} s")
+            retried = True
         time.sleep(delay)
         delay = min(delay * 2, 10.0)
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------------------------
