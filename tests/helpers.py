@@ -29,7 +29,13 @@ BIN = Path(PYTHON).parent
 #: * RAY_ADDRESS is set per node (below): with more than one Ray cluster on a host, processes that
 #:   look their cluster up without an address (Ray Train's placement-group cleaner) fail with
 #:   "Found multiple active Ray instances" and leak the placement groups of a killed driver.
-NODE_ENV = {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+NODE_ENV = {
+    "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+    # A job's entrypoint (`ray job submit -- python sweeps/ablation.py`) runs with the node's
+    # PATH: put this interpreter's bin first, so `python` is the one with torch and Ray, also
+    # when the tests were started as `.venv/bin/python -m pytest` without an activated venv.
+    "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+}
 
 
 def free_port() -> int:
@@ -90,6 +96,13 @@ class RayHead:
             return json.load(response)["data"]["result"]["result"]
 
 
+def own_agent_ports() -> list[str]:
+    """Ports Ray would otherwise take at fixed defaults (the dashboard agent's 52365, the client
+    server's 10001): with two nodes, or another cluster, on this host the second node's agent
+    could not bind, and job submission then fails with "No available agent to submit job"."""
+    return [f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}"]
+
+
 def start_ray_head(tmp: Path, num_cpus: int = 2, extra_args: tuple[str, ...] = (),
                    env: dict[str, str] | None = None) -> RayHead:
     """``ray start --head --block`` on 127.0.0.1 with token auth; ``env`` goes to every process of
@@ -100,7 +113,7 @@ def start_ray_head(tmp: Path, num_cpus: int = 2, extra_args: tuple[str, ...] = (
     log = open(tmp / f"ray-head-{port}.log", "w")
     cmd = [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
            f"--num-cpus={num_cpus}", "--num-gpus=0", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-           f"--temp-dir={temp_dir}", "--disable-usage-stats", *extra_args]
+           f"--temp-dir={temp_dir}", "--disable-usage-stats", *own_agent_ports(), *extra_args]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp,
                             env=dict(os.environ, **auth, **NODE_ENV, RAY_ADDRESS=f"127.0.0.1:{port}", **(env or {})))
     url = f"http://127.0.0.1:{dash}"
@@ -131,7 +144,8 @@ def start_ray_node(head: RayHead, tmp: Path, num_cpus: int = 1,
     temp_dir = Path(f"/tmp/ray-test-{os.getpid()}-{port}-n{len(before)}")
     log = open(tmp / f"ray-node-{port}-{len(before)}.log", "w")
     cmd = [str(BIN / "ray"), "start", f"--address={head.gcs_address}", "--block", "--node-ip-address=127.0.0.1",
-           f"--num-cpus={num_cpus}", "--num-gpus=0", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+           f"--num-cpus={num_cpus}", "--num-gpus=0", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+           *own_agent_ports()]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp,
                             env=dict(os.environ, **head.auth, **NODE_ENV, RAY_ADDRESS=head.gcs_address,
                                      **(env or {})))
