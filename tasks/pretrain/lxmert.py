@@ -119,12 +119,13 @@ def prepare(root: str | Path, cache_dir: str, sources: list[str], eval_sources: 
     for tsv in dict.fromkeys(SOURCE_TSV[s] for s in [*sources, *eval_sources]):
         convert_tsv(root / tsv, store_of(tsv), limit=image_limit)
     out = corpus_dir(cache_dir, root, sources, eval_sources, image_limit, tokenizer, max_seq_len)
-    st.build_once(out, lambda tmp: _build(tmp, root, store_of, sources, eval_sources, tokenizer, max_seq_len))
+    st.build_once(out, lambda tmp: _build(tmp, root, store_of, sources, eval_sources, tokenizer, max_seq_len,
+                                          image_limit))  # fmt: skip
     return out
 
 
 def _build(tmp: Path, root: Path, store_of, sources: list[str], eval_sources: list[str], tokenizer: str,
-           max_seq_len: int) -> dict:  # fmt: skip
+           max_seq_len: int, image_limit: int = 0) -> dict:  # fmt: skip
     t0 = time.perf_counter()
     table = json.loads((root / ANSWERS_FILE).read_text())
     answers = [a["ans"] if isinstance(a, dict) else str(a) for a in table]
@@ -136,9 +137,11 @@ def _build(tmp: Path, root: Path, store_of, sources: list[str], eval_sources: li
     for path in stores:
         ids = st.read_json(path / st.META)["image_ids"]
         n = len(st.open_array(path, "feats"))
+        # A full store also serves an image limit (tasks.vqa.data.feature_store_path): use its first N.
+        n = min(n, image_limit) if image_limit else n
         row_of.append({str(i): r for r, i in enumerate(ids[:n])})
         for name, hi in (("objects_id", NUM_OBJECT_LABELS), ("attrs_id", NUM_ATTR_LABELS)):
-            top = int(np.max(st.open_array(path, name))) if n else -1
+            top = int(np.max(st.open_array(path, name)[:n])) if n else -1
             if top >= hi:
                 raise ValueError(f"{path}: {name} reaches {top}, beyond LXMERT's {hi} classes")
     splits = {}

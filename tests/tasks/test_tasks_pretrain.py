@@ -191,6 +191,12 @@ def test_lxmert_pretraining_files_load_as_a_corpus(tmp_path, small_vocab):
     assert b["qa_labels"][6] in (ans.index("red"), ans.index("yes"))
     # every other image is a valid mismatch (keys are image identities)
     assert len(set(ds.image_keys().tolist())) == 3
+    # LXMERT's tiny subsets: the first N images of each feature file (a full store serves it too)
+    tiny = load(PretrainConfig(corpus="lxmert", root=str(root), sources="mscoco_train", eval_source="mscoco_minival",
+                               max_seq_len=12, image_limit=2), data)  # fmt: skip
+    assert json.loads((tiny.train.path / "texts.json").read_text()) == texts[:5]
+    assert all(len(s) == 2 for s in tiny.train.stores) and int(tiny.train.arrays["image_index"].max()) == 1
+    assert len(tiny.eval) == 1  # minival's image 1 is within the first 2
 
 
 def test_missing_lxmert_file_is_named_before_any_work(tmp_path):
