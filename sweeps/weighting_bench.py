@@ -12,7 +12,9 @@ pre-assembled batches. Variants run back to back in each repeat, in a rotated or
 ``equal`` is taken per repeat and its median over repeats reported (slow phases of a shared
 machine hit the variants of one repeat alike), with the ratio of the best times beside it. The
 ``update`` column is the share of a step spent inside the strategy's ``update`` (the per-task
-gradients for grad_std / gradnorm).
+gradients for grad_std / gradnorm), measured inside the same steps; ``1/(1-update)`` is the
+overhead it implies, which other jobs on a shared machine disturb far less than the wall-clock
+ratios (they slow every part of a step alike).
 
 A variant is ``<weighting>[@<weight_every>][/<shared>]``, e.g. ``grad_std@10/last_layer``.
 """
@@ -120,11 +122,13 @@ def main(argv: list[str] | None = None) -> int:
             seconds, spent = run(stages[name], timed=True)
             times[name].append(seconds / args.steps)
             update[name].append(spent / max(seconds, 1e-9))
-    print(f"\n{'variant':<26} {'ms/step':>9} {'vs equal (paired median)':>25} {'(best/best)':>12} {'update':>8}")
+    print(f"\n{'variant':<26} {'ms/step':>9} {'vs equal (paired median)':>25} {'(best/best)':>12} {'update':>8} "
+          f"{'1/(1-update)':>13}")
     for name in names:
         ratios = [t / e for t, e in zip(times[name], times["equal"])]
+        share = statistics.median(update[name])
         print(f"{name:<26} {1000 * statistics.median(times[name]):9.1f} {statistics.median(ratios):24.3f}x "
-              f"{min(times[name]) / min(times['equal']):11.3f}x {100 * statistics.median(update[name]):7.1f}%")
+              f"{min(times[name]) / min(times['equal']):11.3f}x {100 * share:7.1f}% {1 / max(1 - share, 1e-9):12.3f}x")
     return 0
 
 
