@@ -248,13 +248,6 @@ class Progress(Callback):
         return _trial_name(trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if "eval/acc" in result and "epoch" in result:
-            # The trainable's return value repeats the last epoch's metrics: print each epoch once.
-            seen = (self._key(trial), int(result["epoch"]))
-            if seen in self.printed:
-                return
-            self.printed.add(seen)
-            print(f"{self._stamp()} {self._key(trial):<22} epoch {int(result['epoch'])}: "
         if "pretrain/epoch" in result and "eval/acc" not in result:
             seen = (self._key(trial), -int(result["pretrain/epoch"]))  # its own epoch counter
             if seen not in self.printed:
@@ -264,6 +257,13 @@ class Progress(Callback):
                 print(f"{self._stamp()} {self._key(trial):<22} pretrain epoch {int(result['pretrain/epoch'])}: "
                       f"{losses} {result.get('pretrain/samples_per_s', 0):.0f} samples/s", flush=True)
             return
+        if "eval/acc" in result and "epoch" in result:
+            # The trainable's return value repeats the last epoch's metrics: print each epoch once.
+            seen = (self._key(trial), int(result["epoch"]))
+            if seen in self.printed:
+                return
+            self.printed.add(seen)
+            print(f"{self._stamp()} {self._key(trial):<22} epoch {int(result['epoch'])}: "
                   f"acc {result['eval/acc']:.4f} loss {result.get('train/loss', float('nan')):.4f} "
                   f"{result.get('train/samples_per_s', 0):.0f} samples/s", flush=True)
 
