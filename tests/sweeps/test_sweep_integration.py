@@ -257,3 +257,20 @@ def test_a_trial_on_two_ddp_workers_drops_the_same_layers_and_logs_once(ray_head
     assert run.data.metrics["eval/n"] == cfg.data.eval_limit  # every question once, none twice
     assert run.data.metrics["layers/lang_ran"] == cfg.model.l_layers - 1
     assert [m.step for m in client.get_metric_history(run.info.run_id, "epoch")] == [1]
+
+
+def test_a_pretraining_trial_on_two_ddp_workers_finishes_and_logs_once(ray_head, tmp_path):
+    """grad_std under DDP: per-task gradients on every rank, their statistics averaged over ranks,
+    the pretraining model trained through its head outputs only (DDP must see no unused output)."""
+    runs = tmp_path / "runs"
+    args = [*ABLATION, "--preset", "smoke", "--cells", "grad_std", "--name", "ddp-pretrain", "--runs-dir",
+            str(runs), "--no-report", "resources.num_workers=2", "train.epochs=1", "pretrain.weight_every=1"]
+    proc = subprocess.run(args, cwd=tmp_path, env=ray_head.env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    client, _, children = sweep_runs(f"sqlite:///{runs / 'mlflow.db'}", "ddp-pretrain")
+    assert len(children) == 1 and children[0].info.status == "FINISHED"
+    run = children[0]
+    assert run.data.tags["trial.world_size"] == "2"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "pretrain/epoch")] == [1]
+    weights = [run.data.metrics[f"pretrain/weight_{t}"] for t in ("mlm", "mor", "match", "qa")]
+    assert sum(weights) == pytest.approx(4.0) and len(set(weights)) > 1
