@@ -105,7 +105,7 @@ def test_uncertainty_weighting_learns_inverse_loss_weights():
     strategy = build("uncertainty", ["mlm", "match"], {"mlm": 1.0, "match": 1.0}, PretrainConfig())
     losses = {"mlm": torch.tensor(4.0), "match": torch.tensor(0.5)}
     assert strategy.update(0, losses, [], {}) == {"mlm": 1.0, "match": 1.0}  # starts as equal weighting
-    assert float(strategy.combine(losses)) == pytest.approx(4.5)
+    assert float(strategy.combine(losses).detach()) == pytest.approx(4.5)
     opt = torch.optim.Adam(strategy.parameters(), lr=0.05)
     for _ in range(600):  # Σ exp(-s) L + s is minimised at exp(-s) = 1 / L
         opt.zero_grad()
