@@ -24,9 +24,8 @@ Every signal LXMERT's objectives need, generated deterministically (same seed, s
   caption comes from an image with a different shape, so it is really false. Questions take no
   part in matching (their ``match_labels`` are -1): a presence question often names a shape that is
   not in its image ("is there a circle?" on a square, answer "no"), so a question whose words
-  disagree with the image is no evidence of a mismatch, and the matching signal would contradict
-  itself (measured: with questions in, a small model's matching loss stayed at chance for 800
-  steps; with captions only it fell to ~0 after ~650).
+  disagree with the image is no evidence of a mismatch, and the matching label would contradict
+  the words it is judged by.
 
 Layout: ``<cache>/pretrain/synthetic-v<FORMAT>-<features>-n<N>+<E>-s<seed>-<tokenizer>-T<T>/`` with
 ``meta.json`` (vocabularies), ``images/{train,eval}/`` (image stores) and ``{train,eval}/`` (sentence

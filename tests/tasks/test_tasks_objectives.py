@@ -3,9 +3,9 @@ CPU steps, its loss falls well below where it started.
 
 Matching needs a different model than the others: whether a caption matches its image is an
 interaction (the caption's shape word against the image's shape) with no first-order signal, so
-a small model sits on a plateau before it "clicks". Measured on this corpus: at BERT's init std
-0.02 a 1-1-1 model needed ~700-1,000 steps and a 2-2-2 one did not click in 1,400; with init std
-0.1 the 1-1-1 model clicks after ~250 steps (docs/pretraining.md).
+a small model sits on a plateau before it "clicks". Measured on caption pairs: at BERT's init std
+0.02 a 1-1-1 model needed ~650-1,000 steps and a 2-2-2 one did not click in 1,400; with init std
+0.1 this 1-1-1 model clicks after ~250 steps (docs/pretraining.md).
 """
 
 from __future__ import annotations
