@@ -160,7 +160,7 @@ def test_killing_the_driver_mid_sweep_then_rerunning_finishes_without_duplicates
         second = subprocess.run(args, cwd=tmp_path, env=env, stdout=log2, stderr=subprocess.STDOUT, timeout=900)
     output = (tmp_path / "second.log").read_text()
     assert second.returncode == 0, output[-5000:]
-    assert "restoring sweep 'resume'" in output
+    assert "restoring 'resume'" in output
     client, parents, children = sweep_runs(uri, "resume")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert sorted(r.data.tags["trial.key"] for r in children) == ["softmax-s0", "span-s0"]
