@@ -88,7 +88,7 @@ class SweepOutcome:
     @property
     def ideal_s(self) -> float:
         ran = [t.duration_s for t in self.trials if t.ran_now]
-        return sum(ran) / max(1, self.concurrency)
+        return sum(ran) / max(1, min(self.concurrency, len(ran)))
 
     @property
     def overhead_ratio(self) -> float:
@@ -153,6 +153,19 @@ def run_trial(param: dict[str, Any]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 # the driver
 # ----------------------------------------------------------------------------------------------
+
+
+def longest_first(trials: list[Trial]) -> list[Trial]:
+    """Trials in the order to start them: the longest first, so the sweep does not end on one
+    long trial while the other slots idle. Pretraining trials come first (they do a whole extra
+    stage), then the rest by FLOPs per sample times epochs; ties keep the grid's order."""
+    from models.flops import flops_per_sample
+
+    def cost(t: Trial) -> tuple[bool, float]:
+        c = t.config
+        return c.pretrain.enabled, flops_per_sample(c.model, training=True, backward=True) * c.train.epochs
+
+    return sorted(trials, key=cost, reverse=True)
 
 
 def trial_spec(trial: Trial, paths: SweepPaths, context: dict[str, Any]) -> dict[str, Any]:
@@ -367,7 +380,7 @@ def run(plan: Plan, paths: SweepPaths, context: dict[str, Any], max_concurrent: 
     import ray
     from ray import tune
 
-    specs = [trial_spec(t, paths, context) for t in plan.trials]
+    specs = [trial_spec(t, paths, context) for t in longest_first(plan.trials)]
     n_at_once = concurrency(plan, ray.cluster_resources(), max_concurrent)
     paths.train_dir.mkdir(parents=True, exist_ok=True)
     results, wall, done_before = _fit(paths.sweep_id, paths, {"trial": tune.grid_search(specs)}, n_at_once,

@@ -42,6 +42,18 @@ def test_flatten_round_trip_and_cli_strings():
     assert unflatten(ExperimentConfig, {k: str(v) for k, v in flat.items()}) == cfg
 
 
+def test_trials_start_longest_first(preset):
+    """Pretraining trials, then 10-6-6, then the rest in the grid's order (seeds kept); LayerDrop
+    runs one layer fewer per stack in training: 10-6-6 with it costs what 9-5-5 does, 9-5-5 least."""
+    from sweeps.tune import longest_first
+
+    plan = expand(load_grid("paper"), preset)
+    keys = [t.key for t in longest_first(plan.trials)]
+    assert {k.rsplit("-", 1)[0] for k in keys[:6]} == {"pretrain_equal", "grad_std"}
+    assert keys[6:12] == ["base_1066-s0", "base_1066-s1", "base_1066-s2", "softmax-s0", "softmax-s1", "softmax-s2"]
+    assert [k.rsplit("-", 1)[0] for k in keys[-3:]] == ["layerdrop_955"] * 3 and len(keys) == len(plan.trials)
+
+
 def test_unknown_key_names_it_and_suggests():
     with pytest.raises(ConfigError, match=r"unknown key 'train.lrr'.*train.lr"):
         apply_overrides(ExperimentConfig(), {"train.lrr": 1})
