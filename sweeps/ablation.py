@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     total_wall = time.time() - t_start
     if timing.ideal_s > 0:
         print(f"wall time {total_wall:.0f} s (trials phase {timing.wall_s:.0f} s); ideal {timing.ideal_s:.0f} s "
-              f"(sum of {sum(t.ran_now for t in timing.trials)} trial times / {timing.concurrency} at once); "
+              f"(sum of {timing.n_ran} trial times / {min(timing.concurrency, timing.n_ran)} at once); "
               f"overhead ratio {timing.overhead_ratio:.3f} (trials phase), "
               f"{total_wall / timing.ideal_s:.3f} (whole command)")
     sweeper.finish(

@@ -281,7 +281,8 @@ def expand(
     Raises:
         ConfigError: naming the grid / preset file, cell and key at fault.
     """
-    replace = {**preset.axes, **(axis_replace or {})}
+    # Cells asked for by name run even where the preset's own `cell` axis leaves them out.
+    replace = {**{k: v for k, v in preset.axes.items() if not (cells and k == "cell")}, **(axis_replace or {})}
     try:
         base = apply_overrides(ExperimentConfig(), preset.overrides, source=f"{preset.path}: set")
         base = apply_overrides(base, grid.fixed, source=f"{grid.path}: fixed")
@@ -334,4 +335,7 @@ def expand(
         trials.append(Trial(key=key, cell=cell, axis_values=values, config=cfg))
     if not trials:
         raise ConfigError(f"{grid.path}: no runnable trials (pending: {', '.join(pending) or 'none'})")
+    absent = [c for c in cells or [] if c not in pending and all(t.cell.name != c for t in trials)]
+    if absent:
+        raise ConfigError(f"--cells: {', '.join(absent)} not on the axes of grid {grid.name} (axes list the cells to run)")
     return Plan(grid=grid, preset=preset, trials=trials, pending=pending)

@@ -86,9 +86,13 @@ class SweepOutcome:
     concurrency: int
 
     @property
+    def n_ran(self) -> int:
+        return sum(t.ran_now for t in self.trials)
+
+    @property
     def ideal_s(self) -> float:
-        ran = [t.duration_s for t in self.trials if t.ran_now]
-        return sum(ran) / max(1, min(self.concurrency, len(ran)))
+        """Sum of the trial times of this run over the slots they could fill at once."""
+        return sum(t.duration_s for t in self.trials if t.ran_now) / max(1, min(self.concurrency, self.n_ran))
 
     @property
     def overhead_ratio(self) -> float:

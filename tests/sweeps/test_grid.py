@@ -54,6 +54,14 @@ def test_trials_start_longest_first(preset):
     assert [k.rsplit("-", 1)[0] for k in keys[-3:]] == ["layerdrop_955"] * 3 and len(keys) == len(plan.trials)
 
 
+def test_cells_named_on_the_command_line_run_even_where_the_preset_leaves_them_out():
+    default = load_preset("default")
+    grid = load_grid("paper")
+    assert "pretrain_equal" not in {t.cell.name for t in expand(grid, default).trials}
+    plan = expand(grid, default, cells=["pretrain_equal", "grad_std"])
+    assert [t.key for t in plan.trials] == [f"{c}-s{s}" for c in ("pretrain_equal", "grad_std") for s in (0, 1, 2)]
+
+
 def test_unknown_key_names_it_and_suggests():
     with pytest.raises(ConfigError, match=r"unknown key 'train.lrr'.*train.lr"):
         apply_overrides(ExperimentConfig(), {"train.lrr": 1})
