@@ -222,9 +222,12 @@ def main(argv: list[str] | None = None) -> int:
         _discard(paths)
         print(f"--fresh: deleted {removed} MLflow run(s) and the Ray state of the previous '{name}'", flush=True)
     code = tracking.code_version(ROOT)
+    # The cells this sweep runs (and the grid's pending ones, which the report lists as not run);
+    # grid cells that the preset or --cells leave out are not the report's business.
+    in_plan = {t.cell.name for t in plan.trials} | set(plan.pending)
     cells = {
         c.name: {"label": c.label, "table": c.table, "paper": c.paper, "pending": c.pending}
-        for c in plan.grid.cells.values()
+        for c in plan.grid.cells.values() if c.name in in_plan
     }
     import json
 

@@ -163,6 +163,8 @@ def test_killing_the_driver_mid_sweep_then_rerunning_finishes_without_duplicates
     assert "restoring 'resume'" in output
     client, parents, children = sweep_runs(uri, "resume")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    # the report's cells are the ones this sweep ran, not the whole grid
+    assert set(json.loads(parents[0].data.tags["sweep.cells"])) == {"softmax", "span"}
     assert sorted(r.data.tags["trial.key"] for r in children) == ["softmax-s0", "span-s0"]
     assert {r.info.run_id for r in before} <= {r.info.run_id for r in children}, "child runs were replaced"
     for run in children:
