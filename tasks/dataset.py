@@ -99,6 +99,28 @@ class QuestionPart:
         return st.read_json(self.path / "labels.json")
 
 
+def shard_order(n: int, shuffle: bool, seed: int = 0, epoch: int = 0, rank: int = 0, world_size: int = 1,
+                drop_last: bool = False) -> np.ndarray:  # fmt: skip
+    """Positions ``0..n-1`` one rank visits in one epoch (`ArrayDataset.shard_order` explains the rule)."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+    if world_size > 1:
+        if drop_last:
+            order = order[: n - n % world_size]
+        elif n % world_size:
+            order = np.concatenate([order, order[: world_size - n % world_size]])
+        order = order[rank::world_size]
+    return order
+
+
+def num_batches(n: int, batch_size: int, world_size: int = 1, drop_last: bool = False) -> int:
+    """Batches per epoch per rank over ``n`` samples, as `shard_order` shards them."""
+    if world_size > 1:
+        n = n // world_size if drop_last else -(-n // world_size)
+    return n // batch_size if drop_last else -(-n // batch_size)
+
+
 @dataclass
 class ArrayDataset:
     """Questions with their images' region features; yields ready batches of torch tensors.
@@ -218,27 +240,11 @@ class ArrayDataset:
         Returns:
             (N_rank,) int64 positions.
         """
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
-        n = len(self)
-        if shuffle:
-            order = np.random.default_rng([seed, epoch]).permutation(n)
-        else:
-            order = np.arange(n)
-        if world_size > 1:
-            if drop_last:
-                order = order[: n - n % world_size]
-            elif n % world_size:
-                order = np.concatenate([order, order[: world_size - n % world_size]])
-            order = order[rank::world_size]
-        return order
+        return shard_order(len(self), shuffle, seed, epoch, rank, world_size, drop_last)
 
     def num_batches(self, batch_size: int, world_size: int = 1, drop_last: bool = False) -> int:
         """Batches per epoch per rank, as `batches` yields them."""
-        n = len(self)
-        if world_size > 1:
-            n = n // world_size if drop_last else -(-n // world_size)
-        return n // batch_size if drop_last else -(-n // batch_size)
+        return num_batches(len(self), batch_size, world_size, drop_last)
 
     def batches(
         self,

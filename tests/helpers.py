@@ -163,3 +163,14 @@ def start_ray_node(head: RayHead, tmp: Path, num_cpus: int = 1,
     except BaseException:
         stop_process_group(proc)
         raise
+
+
+def one_thread():
+    """Fixture body: torch on one thread for the test, then as it was (tiny models run fastest on
+    one thread, and far better than on two when the CPU is shared)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

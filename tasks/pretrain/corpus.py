@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from tasks import store as st
+from tasks.dataset import num_batches, shard_order
 
 SENTENCE_ARRAYS = ("input_ids", "lengths", "image_index", "store_id", "label_idx", "label_score", "kind")
 IMAGE_ARRAYS = ("feats", "boxes", "objects_id", "objects_conf", "attrs_id", "attrs_conf")
@@ -158,21 +159,10 @@ class PretrainCorpus:
     def shard_order(self, shuffle: bool, seed: int = 0, epoch: int = 0, rank: int = 0, world_size: int = 1,
                     drop_last: bool = False) -> np.ndarray:  # fmt: skip
         """Positions this rank visits in one epoch (as ``tasks.dataset.ArrayDataset.shard_order``)."""
-        n = len(self)
-        order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
-        if world_size > 1:
-            if drop_last:
-                order = order[: n - n % world_size]
-            elif n % world_size:
-                order = np.concatenate([order, order[: world_size - n % world_size]])
-            order = order[rank::world_size]
-        return order
+        return shard_order(len(self), shuffle, seed, epoch, rank, world_size, drop_last)
 
     def num_batches(self, batch_size: int, world_size: int = 1, drop_last: bool = False) -> int:
-        n = len(self)
-        if world_size > 1:
-            n = n // world_size if drop_last else -(-n // world_size)
-        return n // batch_size if drop_last else -(-n // batch_size)
+        return num_batches(len(self), batch_size, world_size, drop_last)
 
     def batches(self, batch_size: int, masking: Masking, shuffle: bool = False, seed: int = 0, epoch: int = 0,
                 rank: int = 0, world_size: int = 1, drop_last: bool = False) -> Iterator[dict[str, torch.Tensor]]:  # fmt: skip

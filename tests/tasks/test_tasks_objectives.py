@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import one_thread
 
 from models import lxmert_pretraining, lxmert_tiny
 from tasks import DataConfig
@@ -28,13 +29,7 @@ CASES = {
 }  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (two fight over a shared CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+_one_thread = pytest.fixture(autouse=True, name="_one_thread")(one_thread)
 
 
 @pytest.fixture(scope="module")
