@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,9 +150,36 @@ def run_trial(param: dict[str, Any]) -> dict[str, Any]:
         ),
     )
     result = trainer.fit()
+    prune_unregistered_checkpoints(result, spec["trial_key"])
     metrics = dict(result.metrics or {})
     metrics["trial_wall_s"] = time.time() - start
     return metrics
+
+
+def prune_unregistered_checkpoints(result, trial_key: str) -> list[Path]:
+    """Remove the trial's checkpoint folders that Ray Train never registered.
+
+    A worker persists its checkpoint folder first and reports it to the Train controller after; a
+    worker lost in between (its node gone) leaves a folder that ``num_to_keep`` never counts nor
+    deletes. Once the run has finished, every ``checkpoint_*`` folder in its run directory that is
+    not among the kept checkpoints is such an orphan. Local or shared-filesystem storage only;
+    returns the folders removed.
+    """
+    import pyarrow.fs
+
+    kept = [c for c, _ in (result.best_checkpoints or [])]
+    if not kept or not isinstance(result.filesystem, pyarrow.fs.LocalFileSystem):
+        return []
+    keep = {Path(c.path).resolve() for c in kept}
+    removed = []
+    for folder in sorted(Path(result.path).glob("checkpoint_*")):
+        if folder.is_dir() and folder.resolve() not in keep:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    if removed:
+        print(f"[{trial_key}] removed {len(removed)} checkpoint folder(s) a lost worker wrote but never "
+              f"registered: {', '.join(f.name for f in removed)}", flush=True)
+    return removed
 
 
 # ----------------------------------------------------------------------------------------------
