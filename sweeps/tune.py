@@ -167,10 +167,9 @@ def prune_unregistered_checkpoints(result, trial_key: str) -> list[Path]:
     """
     import pyarrow.fs
 
-    kept = [c for c, _ in (result.best_checkpoints or [])]
-    if not kept or not isinstance(result.filesystem, pyarrow.fs.LocalFileSystem):
+    keep = {Path(c.path).resolve() for c, _ in result.best_checkpoints or []}
+    if not keep or not isinstance(result.filesystem, pyarrow.fs.LocalFileSystem):
         return []
-    keep = {Path(c.path).resolve() for c in kept}
     removed = []
     for folder in sorted(Path(result.path).glob("checkpoint_*")):
         if folder.is_dir() and folder.resolve() not in keep:

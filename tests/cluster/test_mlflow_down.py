@@ -16,8 +16,15 @@ import re
 import time
 
 import pytest
-import torch
-from cluster_testutils import MLFLOW_CLIENT_ENV, Driver, MlflowServer, steps, sweep_args, sweep_runs
+from cluster_testutils import (
+    MLFLOW_CLIENT_ENV,
+    Driver,
+    MlflowServer,
+    checkpoint_states,
+    steps,
+    sweep_args,
+    sweep_runs,
+)
 from helpers import free_port, start_ray_head, stop_process_group
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -62,9 +69,7 @@ def test_mlflow_down_for_good_fails_the_trial_clearly_and_a_rerun_catches_up(tmp
         assert len(children) == 1 and steps(client, children[0].info.run_id, "epoch") == [1]
         run_id = children[0].info.run_id
         # Not dropped: the trial's newest checkpoint holds epoch 2's metrics.
-        newest = max((runs / "ray" / "mlflow-down" / "train" / "softmax-s0").glob("checkpoint_*/state.pt"),
-                     key=lambda p: p.stat().st_mtime)
-        state = torch.load(newest, map_location="cpu", weights_only=False)
+        state = checkpoint_states(runs, "mlflow-down", "softmax-s0")[-1]
         assert [epoch for epoch, _ in state["history"]] == [1, 2]
 
         # The same command with the server back: the sweep resumes the failed trial from that

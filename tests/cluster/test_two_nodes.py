@@ -28,12 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 from cluster_testutils import (
     MLFLOW_CLIENT_ENV,
     Driver,
     MlflowServer,
     assert_every_epoch_once,
+    checkpoint_states,
     listening_addresses,
     steps,
     sweep_args,
@@ -230,6 +230,5 @@ def test_sweep_runs_on_both_nodes_and_survives_losing_one(two_nodes, tmp_path, r
     # Both nodes' workers checkpointed into the one runs dir: the last two epochs kept per trial,
     # and nothing else (a checkpoint the lost node persisted but never reported is pruned).
     for key in ran_on:
-        kept = sorted((runs / "ray" / "two-nodes" / "train" / key).glob("checkpoint_*/state.pt"))
-        kept_epochs = [torch.load(f, map_location="cpu", weights_only=False)["epoch"] for f in kept]
-        assert sorted(kept_epochs) == [epochs - 1, epochs], (key, kept)
+        kept_epochs = [state["epoch"] for state in checkpoint_states(runs, "two-nodes", key)]
+        assert sorted(kept_epochs) == [epochs - 1, epochs], (key, kept_epochs)

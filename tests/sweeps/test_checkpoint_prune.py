@@ -6,13 +6,14 @@ from pathlib import Path
 import pyarrow.fs
 from ray.train import Checkpoint, Result
 
+from sweeps.train import STATE_FILE
 from sweeps.tune import prune_unregistered_checkpoints
 
 
 def _folder(run_dir: Path, name: str) -> Path:
     folder = run_dir / name
     folder.mkdir(parents=True)
-    (folder / "state.pt").write_bytes(b"x")
+    (folder / STATE_FILE).write_bytes(b"x")
     return folder
 
 
@@ -31,7 +32,7 @@ def test_orphans_go_and_registered_checkpoints_stay(tmp_path, capsys):
     (run_dir / "checkpoint_manager_snapshot.json").write_text("{}")
     removed = prune_unregistered_checkpoints(_result(run_dir, kept), "span-s0")
     assert removed == [orphan] and not orphan.exists()
-    assert all((k / "state.pt").exists() for k in kept)
+    assert all((k / STATE_FILE).exists() for k in kept)
     assert (run_dir / "checkpoint_manager_snapshot.json").exists()
     assert "[span-s0] removed 1 checkpoint folder(s)" in capsys.readouterr().out
 
