@@ -9,8 +9,13 @@ Definitions (also stated in every report, see :data:`DEFINITIONS`):
 * a cell's accuracy over seeds is built from each usable trial's ``best/acc`` (evaluation accuracy
   at the best epoch, ``best/epoch``); the last epoch's ``eval/acc`` is kept beside it;
 * mean, sample standard deviation (ddof=1; none for one seed) and 95% t-interval over seeds;
-* difference from the reference cell (softmax): paired bootstrap over questions, see
-  :func:`compare`.
+* difference from the reference cell (softmax; equal task weights in Table 3): seeds are the
+  unit of replication (:mod:`reports.inference`: paired t-test over seeds, Holm's correction per
+  family, probability of improvement, minimum detectable effect); the question-level bootstrap of
+  :func:`question_bootstrap` is kept as a secondary column (same training runs, question
+  resampling only);
+* cells whose mechanism never engaged (trial tag ``mechanism.engaged=false``) and cells still
+  learning at their last epoch are flagged, and their comparisons say so.
 """
 
 from __future__ import annotations
@@ -19,11 +24,15 @@ from typing import Any
 
 import numpy as np
 
+from reports import inference
 from reports.stats import N_RESAMPLES, paired_bootstrap, rng_for, summarize
 from reports.store import Sweep, Trial
 
 #: The cell every other cell is compared with.
 REFERENCE_CELL = "softmax"
+#: A trial whose evaluation accuracy rose by more than this many percentage points over its last
+#: epoch is still learning (its cell is compared on the steep part of its learning curve).
+STILL_LEARNING_PP = 1.0
 #: Pretraining objectives in LXMERT's order (Table 3's columns; others follow alphabetically).
 PRETRAIN_TASKS = ("mlm", "mor", "match", "qa")
 PRETRAIN_TASK_LABELS = {"mlm": "MLM", "mor": "Masked obj.", "match": "Matching", "qa": "Image QA"}
@@ -45,14 +54,41 @@ DEFINITIONS = {
         "95% Student-t interval mean +- t(0.975, n-1) * std / sqrt(n). Only FINISHED trials listed in "
         "the sweep's plan are averaged; every other trial is listed under 'Incomplete'."
     ),
+    "seed_test": (
+        "Seeds are the unit of replication: data order, initialisation and dropout change with the seed, "
+        "and at small budgets their effect dwarfs most differences between variants. Δ is the mean over seeds "
+        "of (cell - reference) accuracy at each trial's best epoch; when both cells ran the same seeds they "
+        "are paired (the same seed means the same data order) and tested with a paired t-test over the "
+        "per-seed differences, its 95% t-interval given; otherwise Welch's t-test over the two sets of seeds. "
+        f"p-values are Holm-adjusted within each family of comparisons (all cells vs the same reference). "
+        f"Verdict: 'better' / 'worse' when the Holm-adjusted p is below {inference.ALPHA}, else 'no "
+        "detectable difference'. P(improve) is the probability that a seed of the cell beats a seed of the "
+        "reference (Mann-Whitney U / pairs; Agarwal et al. 2021). MDE is the smallest difference this many "
+        f"seeds detect with {inference.POWER:.0%} power at the observed seed-to-seed standard deviation of "
+        "the differences; 'seeds for paper Δ' is how many seeds per cell the paper's own claimed difference "
+        "would need at that standard deviation."
+    ),
     "bootstrap": (
-        f"Paired bootstrap over questions: for every seed run by both the variant and the reference, "
+        f"Same training runs, question resampling only (secondary): for every seed run by both the variant "
+        f"and the reference, "
         f"per-question score differences from `eval/predictions.csv` (best epoch) are averaged over "
         f"those seeds; the {N_RESAMPLES} resamples draw questions with replacement from a generator "
         f"seeded by the two cell names (deterministic). Reported: the observed mean difference, the "
         f"percentile 95% interval, and the two-sided p-value 2 * min(P(b <= 0), P(b >= 0)) "
-        f"(with +1 smoothing). The interval reflects question sampling only: seed-to-seed variance "
-        f"is shown separately by the 95% interval over seeds."
+        f"(with +1 smoothing). It ignores seed-to-seed variance, the larger source of variation in a "
+        f"training ablation, so it never decides a verdict."
+    ),
+    "degenerate": (
+        "A cell is flagged when its mechanism never engaged in a trial (MLflow tag `mechanism.engaged=false`, "
+        "with the measured evidence in `mechanism.evidence`): a span that never fell below the longest "
+        "distance it could mask computes softmax exactly; a learned alpha that never moved is fixed-alpha "
+        "entmax; LayerDrop that dropped no layer is the plain model. Its comparisons then compare a model "
+        "with (nearly) itself."
+    ),
+    "learning": (
+        "A trial is still learning when its evaluation accuracy rose by more than "
+        f"{STILL_LEARNING_PP:g} pp over its last epoch; comparisons of cells whose trials were still learning compare points "
+        "on the steep part of their learning curves, and are marked so."
     ),
     "throughput": "Training samples/s: per trial, the mean over epochs of `train/samples_per_s`; then over seeds.",
     "wall_time": (
@@ -95,11 +131,18 @@ def _trial_numbers(trial: Trial) -> dict[str, Any]:
     wall = m.get("time/trial_s")
     if wall is None and h.get("time/elapsed_s"):
         wall = h["time/elapsed_s"][max(h["time/elapsed_s"])]
+    epochs = sorted(eval_hist)
+    last_gain = eval_hist[epochs[-1]] - eval_hist[epochs[-2]] if len(epochs) >= 2 else None
+    engaged = trial.tags.get("mechanism.engaged")
     return {
         "seed": trial.seed,
         "key": trial.key,
         "run_id": trial.run_id,
         "acc": m["best/acc"],
+        "last_gain": last_gain,
+        "still_learning": last_gain is not None and 100.0 * last_gain > STILL_LEARNING_PP,
+        "engaged": None if engaged is None else _truthy(engaged),
+        "evidence": trial.tags.get("mechanism.evidence", ""),
         "best_epoch": best_epoch,
         "last_epoch": last_epoch,
         "acc_last": eval_hist[last_epoch] if last_epoch is not None else None,
@@ -179,16 +222,15 @@ def _signature(trials: list[Trial]) -> tuple[tuple[str, ...] | None, bool]:
     return None, False
 
 
-def compare(sweep: Sweep, variant: str, reference: str) -> dict[str, Any]:
-    """Paired bootstrap of ``variant`` minus ``reference`` over questions.
+def question_bootstrap(sweep: Sweep, variant: str, reference: str) -> dict[str, Any]:
+    """Paired bootstrap of ``variant`` minus ``reference`` over questions (secondary evidence).
 
-    Seeds are paired (seed s of the variant with seed s of the reference, so both saw the same
-    initialisation of everything the seed controls); the per-question differences are averaged
-    over the paired seeds, then questions are resampled. Questions are those present in every
-    paired predictions file.
+    Seeds are paired (seed s of the variant with seed s of the reference); the per-question
+    differences are averaged over the paired seeds, then questions are resampled. Questions are
+    those present in every paired predictions file. It resamples questions only: the training runs
+    are held fixed, so it says nothing about seed-to-seed variance and never decides a verdict.
     """
-    out: dict[str, Any] = {"variant": variant, "reference": reference, "seeds": [], "bootstrap": None,
-                           "reason": ""}
+    out: dict[str, Any] = {"seeds": [], "bootstrap": None, "reason": ""}
     var = {t.seed: t for t in sweep.usable(variant) if t.predictions}
     ref = {t.seed: t for t in sweep.usable(reference) if t.predictions}
     if not ref:
@@ -215,6 +257,36 @@ def compare(sweep: Sweep, variant: str, reference: str) -> dict[str, Any]:
     result = paired_bootstrap(diffs, rng_for(variant, reference))
     out["seeds"] = seeds
     out["bootstrap"] = result.as_dict()
+    return out
+
+
+def _paper_effect(rows: dict[str, dict[str, Any]], variant: str, reference: str) -> float | None:
+    """The paper's own difference (test-dev, as a fraction) when both cells carry the paper's numbers."""
+    a, b = rows[variant]["paper"].get("test_dev"), rows[reference]["paper"].get("test_dev")
+    return None if a is None or b is None else (float(a) - float(b)) / 100.0
+
+
+def compare(sweep: Sweep, rows: dict[str, dict[str, Any]], per_seed: dict[str, dict[int, float]],
+            variant: str, reference: str, kind: str, family: str) -> dict[str, Any]:
+    """One comparison: the seed-level test (primary) and the question bootstrap (secondary)."""
+    seed_test = inference.compare_seeds(variant, reference, per_seed[variant], per_seed[reference],
+                                        paper_effect=_paper_effect(rows, variant, reference), family=family)
+    comp: dict[str, Any] = {"variant": variant, "reference": reference, "kind": kind, "family": family,
+                            "seed_test": seed_test, **question_bootstrap(sweep, variant, reference)}
+    return comp
+
+
+def _caveats(rows: dict[str, dict[str, Any]], comp: dict[str, Any]) -> list[str]:
+    """Why a comparison's verdict must be read with care: a degenerate cell, a cell still learning."""
+    out = []
+    for name in (comp["variant"], comp["reference"]):
+        row = rows[name]
+        if row["degenerate"]:
+            seeds = ", ".join(str(d["seed"]) for d in row["degenerate"])
+            out.append(f"{name}: mechanism never engaged (seed {seeds})")
+        if row["still_learning"]:
+            out.append(f"{name}: still learning at its last epoch (seed "
+                       f"{', '.join(str(s) for s in row['still_learning'])})")
     return out
 
 
@@ -271,6 +343,10 @@ def compute(sweep: Sweep, reference: str = REFERENCE_CELL) -> dict[str, Any]:
             "vs_equal": None,
             "pretrain": _pretrain_summary(per),
             "run_ids": [p["run_id"] for p in per],
+            "degenerate": [{"seed": p["seed"], "evidence": p["evidence"]} for p in per if p["engaged"] is False],
+            "engaged_seeds": [p["seed"] for p in per if p["engaged"] is True],
+            "still_learning": [p["seed"] for p in per if p["still_learning"]],
+            "last_gain": _summary([p["last_gain"] for p in per if p["last_gain"] is not None]),
         }
         rows[name]["_per"] = per
     types = type_order(all_types)
@@ -288,19 +364,21 @@ def compute(sweep: Sweep, reference: str = REFERENCE_CELL) -> dict[str, Any]:
                     rows[name]["baseline"] = other
                     break
 
+    # Per-seed accuracies: the unit of every verdict.
+    per_seed = {name: {t.seed: float(t.metrics["best/acc"]) for t in sweep.usable(name) if t.seed is not None}
+                for name in rows}
     comparisons = []
     ref_ok = reference in rows
     for name, row in rows.items():
         if name == reference or row["n"] == 0:
             continue
         if ref_ok:
-            comp = compare(sweep, name, reference)
-            comp["kind"] = "vs reference"
+            comp = compare(sweep, rows, per_seed, name, reference, "vs reference", f"vs {reference}")
             row["vs_reference"] = comp
             comparisons.append(comp)
         if row["baseline"] and row["baseline"] != reference:
-            comp = compare(sweep, name, row["baseline"])
-            comp["kind"] = "vs baseline without LayerDrop"
+            comp = compare(sweep, rows, per_seed, name, row["baseline"], "vs baseline without LayerDrop",
+                           "LayerDrop vs its baseline")
             comparisons.append(comp)
 
     # Table 3: pretraining cells against the equal-weights one (LXMERT's weighting, same budget).
@@ -309,11 +387,16 @@ def compute(sweep: Sweep, reference: str = REFERENCE_CELL) -> dict[str, Any]:
     for name in table3:
         if name == equal or equal is None or rows[name]["n"] == 0:
             continue
-        comp = compare(sweep, name, equal)
-        comp["kind"] = "vs equal task weights"
+        comp = compare(sweep, rows, per_seed, name, equal, "vs equal task weights", f"vs {equal}")
         rows[name]["vs_equal"] = comp
         if name != reference and equal != reference:
             comparisons.append(comp)
+
+    every = {id(c): c for c in comparisons + [r["vs_equal"] for r in rows.values() if r.get("vs_equal")]}
+    inference.holm([c["seed_test"] for c in every.values()])  # Holm within each family
+    for comp in every.values():
+        comp["caveats"] = _caveats(rows, comp)
+        comp["seed_test"] = comp["seed_test"].as_dict()
 
     incomplete = [
         {"key": t.key, "cell": t.cell, "seed": t.seed, "status": t.status, "run_id": t.run_id, "reason": t.reason}
