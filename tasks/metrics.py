@@ -33,8 +33,7 @@ decimals, we leave that to display.
 **Soft-score accuracy** (LXMERT's evaluation when only its label files exist): the soft target
 of the arg-max answer (0 / 0.3 / 0.6 / 0.9 / 1.0 from the count of matching humans in LXMERT's
 preprocessing), averaged. It follows the official accuracy closely but not exactly: the labels
-come from a preprocessing step with its own answer normalisation, and answers outside the
-3,129-answer vocabulary score 0.
+were computed by a preprocessing step with its own answer normalisation.
 """
 
 from __future__ import annotations
