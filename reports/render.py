@@ -178,6 +178,15 @@ def _label(tables: dict[str, Any], cell: str | None) -> str:
     return row["label"] if row else cell
 
 
+def metric_label(tables: dict[str, Any]) -> tuple[str, str, str]:
+    """(column label, per-type column suffix, phrase for titles) of what the accuracy columns
+    measure (``tables["metric"]``; reports built before it existed: LXMERT's soft score)."""
+    return {
+        "vqa_official": ("VQA acc.", "acc.", "VQA accuracy"),
+        "mixed": ("VQA acc. or soft score (mixed)", "acc. or soft score", "VQA accuracy or soft score (mixed metrics)"),
+    }.get(tables.get("metric", "soft_score"), ("Soft score", "soft score", "soft score"))
+
+
 def _common_columns(row: dict[str, Any]) -> list[str]:
     return [
         paper_cell(row),
@@ -198,10 +207,11 @@ def table1(tables: dict[str, Any]) -> Table:
     cells = [tables["cells"][c] for c in tables["tables"]["table1"]]
     types = tables["answer_types"]
     show_last = any(r["last_differs"] for r in cells)
-    header = ["Variant", "Seeds", "Acc. (best epoch) mean ± std", "95% CI over seeds"]
-    header += [f"{TYPE_LABELS.get(t, t.replace('_', ' '))} acc." for t in types]
+    acc, per_type, what = metric_label(tables)
+    header = ["Variant", "Seeds", f"{acc} (best epoch) mean ± std", "95% CI over seeds"]
+    header += [f"{TYPE_LABELS.get(t, t.replace('_', ' '))} {per_type}" for t in types]
     if show_last:
-        header.append("Acc. (last epoch)")
+        header.append(f"{acc} (last epoch)")
     header += _COMMON_HEADER
     rows = []
     for r in cells:
@@ -213,7 +223,7 @@ def table1(tables: dict[str, Any]) -> Table:
     notes = _table_notes(cells)
     if not show_last and cells:
         notes.append("Last-epoch accuracy equals best-epoch accuracy for every trial (the best epoch was the last).")
-    return Table("table1", "Table 1: VQA accuracy on the evaluation split (percent)", header, rows,
+    return Table("table1", f"Table 1: {what} on the evaluation split (percent)", header, rows,
                  ["l", "r"] + ["r"] * (len(header) - 2), notes)
 
 
@@ -222,9 +232,10 @@ def table2(tables: dict[str, Any], key: str = "table2", title: str | None = None
     cells = [tables["cells"][c] for c in tables["tables"][key]]
     ref_label = _label(tables, tables["reference"])
     show_last = any(r["last_differs"] for r in cells)
-    header = ["Variant", "Seeds", "Acc. (best epoch) mean ± std", "95% CI over seeds"]
+    acc, _, _ = metric_label(tables)
+    header = ["Variant", "Seeds", f"{acc} (best epoch) mean ± std", "95% CI over seeds"]
     if show_last:
-        header.append("Acc. (last epoch)")
+        header.append(f"{acc} (last epoch)")
     header += [f"Δ vs {ref_label} over seeds (pp) [95% CI]", "Verdict (seeds as the unit)"] + _COMMON_HEADER
     rows = []
     for r in cells:
@@ -254,7 +265,8 @@ def table3(tables: dict[str, Any]) -> Table:
     ref = tables.get("reference_table3")
     ref_label = _label(tables, ref) if ref else "equal weights"
     tasks = _pretrain_tasks(cells)
-    header = ["Variant", "Seeds", "Pretraining", "VQA acc. (best epoch) mean ± std", "95% CI over seeds",
+    acc, _, what = metric_label(tables)
+    header = ["Variant", "Seeds", "Pretraining", f"{acc} (best epoch) mean ± std", "95% CI over seeds",
               f"Δ vs {ref_label} over seeds (pp) [95% CI]", "Verdict (seeds as the unit)"]  # fmt: skip
     header += [f"{PRETRAIN_TASK_LABELS.get(t, t)} loss (held-out)" for t in tasks]
     header += [f"{PRETRAIN_TASK_LABELS.get(t, t)} weight" for t in tasks]
@@ -287,7 +299,7 @@ def table3(tables: dict[str, Any]) -> Table:
         notes.append("Share of the last pretraining epoch spent computing task weights (`pretrain/weighting_frac`): "
                      + fracs + ".")
     notes += [n for n in _table_notes(cells)[1:]]  # partial / not-run notes; no paper numbers to mark
-    return Table("table3", "Table 3: pretraining task weighting, then VQA fine-tuning (accuracy in percent)",
+    return Table("table3", f"Table 3: pretraining task weighting, then VQA fine-tuning ({what} in percent)",
                  header, rows, ["l", "r", "l"] + ["r"] * (len(header) - 3), notes)
 
 
@@ -406,7 +418,8 @@ def document(tables: dict[str, Any], figures: dict[str, Any]) -> list[Block]:
     if inc["pending"]:
         blocks.append(("p", f"**Cells not run:** {len(inc['pending'])} cell(s) of the grid are declared but "
                             "not runnable yet. See 'Incomplete' below."))
-    blocks.append(("p", "**Accuracy.** " + DEFINITIONS["accuracy"] + " " + DEFINITIONS["answer_types"]))
+    definitions = tables.get("definitions", DEFINITIONS)  # the accuracy text names the sweep's metric
+    blocks.append(("p", "**Accuracy.** " + definitions["accuracy"] + " " + DEFINITIONS["answer_types"]))
     blocks.append(("p", "**Over seeds.** " + DEFINITIONS["over_seeds"]))
     if tables["tables"]["table1"]:
         blocks.append(("table", table1(tables)))

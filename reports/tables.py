@@ -7,7 +7,9 @@ fractions in [0, 1], exactly as MLflow holds them; renderers show percent.
 Definitions (also stated in every report, see :data:`DEFINITIONS`):
 
 * a cell's accuracy over seeds is built from each usable trial's ``best/acc`` (evaluation accuracy
-  at the best epoch, ``best/epoch``); the last epoch's ``eval/acc`` is kept beside it;
+  at the best epoch, ``best/epoch``); the last epoch's ``eval/acc`` is kept beside it; whether
+  that is the official VQA accuracy or LXMERT's soft score comes from the trials' ``eval.metric``
+  tag (:func:`eval_metric`), and the report's labels follow it;
 * mean, sample standard deviation (ddof=1; none for one seed) and 95% t-interval over seeds;
 * difference from the reference cell (softmax; equal task weights in Table 3): seeds are the
   unit of replication (:mod:`reports.inference`: paired t-test over seeds, Holm's correction per
@@ -40,10 +42,30 @@ PRETRAIN_TASK_LABELS = {"mlm": "MLM", "mor": "Masked obj.", "match": "Matching",
 TYPE_ORDER = ("yes_no", "number", "other")
 TYPE_LABELS = {"yes_no": "yes/no", "number": "number", "other": "other"}
 
+#: The child-run tag that says what a trial's `eval/acc` (and `best/acc`) measures. Runs that lack
+#: it were logged before it existed, when `eval/acc` was always LXMERT's soft score.
+METRIC_TAG = "eval.metric"
+OFFICIAL, SOFT, MIXED = "vqa_official", "soft_score", "mixed"
+#: What the accuracy columns are, by the sweep's metric (`eval_metric`).
+METRIC_DEFINITIONS = {
+    OFFICIAL: (
+        "VQA accuracy: the official VQA metric (the current rules of the VQA authors' evaluation "
+        "code) of the top answer against each question's human answers, averaged over questions."
+    ),
+    SOFT: (
+        "Soft score, not the official VQA accuracy: the evaluation questions had only LXMERT's soft "
+        "labels (no official annotation file), so each question scores the soft target of the top "
+        "answer (0, 0.3, 0.6, 0.9 or 1), averaged over questions."
+    ),
+    MIXED: (
+        "Mixed metrics: some trials report the official VQA accuracy and some LXMERT's soft score "
+        "(their `eval.metric` tags differ), so the numbers are not comparable across those trials."
+    ),
+}
+
 DEFINITIONS = {
     "accuracy": (
-        "VQA accuracy on the evaluation split (the soft score of the top answer, averaged over "
-        "questions) at each trial's best epoch: MLflow's `best/acc`, logged with `best/epoch`. The "
+        "Evaluation-split accuracy at each trial's best epoch: MLflow's `best/acc`, logged with `best/epoch`. The "
         "paper reports one end-of-training number; `best/acc` is the closest equivalent that does "
         "not depend on when training stopped. The last epoch's `eval/acc` is shown beside it where "
         "it differs."
@@ -106,6 +128,13 @@ DEFINITIONS = {
         "bootstrap. The paper has no numbers for these cells."
     ),
 }
+
+
+def eval_metric(sweep: Sweep) -> str:
+    """What the sweep's accuracies measure: ``vqa_official``, ``soft_score`` or ``mixed`` (from the
+    usable trials' `METRIC_TAG`; a run without the tag reported the soft score)."""
+    kinds = {t.tags.get(METRIC_TAG) or SOFT for t in sweep.trials if t.usable}
+    return kinds.pop() if len(kinds) == 1 else (MIXED if kinds else SOFT)
 
 
 def _summary(values: list[float]) -> dict[str, Any]:
@@ -404,6 +433,7 @@ def compute(sweep: Sweep, reference: str = REFERENCE_CELL) -> dict[str, Any]:
     ]
     pending = [{"cell": c.name, "label": c.label, "reason": c.pending} for c in sweep.cells.values() if c.pending]
     tags = sweep.tags
+    metric = eval_metric(sweep)
     return {
         "sweep": {
             "id": sweep.sweep_id,
@@ -423,7 +453,8 @@ def compute(sweep: Sweep, reference: str = REFERENCE_CELL) -> dict[str, Any]:
             "planned_trials": sum(t.planned for t in sweep.trials),
             "usable_trials": sum(t.usable for t in sweep.trials),
         },
-        "definitions": DEFINITIONS,
+        "metric": metric,
+        "definitions": {**DEFINITIONS, "accuracy": METRIC_DEFINITIONS[metric] + " " + DEFINITIONS["accuracy"]},
         "reference": reference if ref_ok else None,
         "reference_table3": equal,
         "answer_types": types,

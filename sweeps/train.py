@@ -46,6 +46,9 @@ STATE_FILE = "state.pt"
 #: The pretraining stage's epoch counter in MLflow (its metrics are logged at step = that epoch).
 PRETRAIN_EPOCH = "pretrain/epoch"
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "visual_feats", "visual_pos")
+#: Values of the MLflow tag ``eval.metric``: what a trial's ``eval/acc`` (and ``best/acc``) is.
+EVAL_OFFICIAL = "vqa_official"
+EVAL_SOFT = "soft_score"
 
 
 class VQALogits(nn.Module):
@@ -336,23 +339,55 @@ class TrialLoop:
             local[k] = local[k][np.sort(first)]
         return local
 
+    @property
+    def eval_metric(self) -> str:
+        """What ``eval/acc`` is (MLflow tag ``eval.metric``): ``vqa_official`` when the evaluation
+        questions carry their human answers (easy-VQA; VQA v2 with the official annotation file),
+        else ``soft_score`` (LXMERT's soft score of the top answer)."""
+        return EVAL_OFFICIAL if self.data.eval.human_answers is not None else EVAL_SOFT
+
+    def question_scores(self, result: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        """Per-question ``(acc, soft_score)`` of an `evaluate` result (rank 0), each (N,) in [0, 1].
+
+        ``acc`` is the official VQA accuracy of the predicted answer string against the question's
+        human answers when they exist (`eval_metric`), else the soft score. Computed once per
+        result and kept in it under ``"acc"``.
+        """
+        soft = np.asarray(result["score"], np.float64)
+        if "acc" not in result:
+            humans = self.data.eval.human_answers
+            if humans is None:
+                result["acc"] = soft
+            else:
+                predicted = [self.data.answers[int(i)] for i in result["pred"]]
+                result["acc"] = humans.scores(result["question_id"], predicted)
+        return result["acc"], soft
+
     def eval_metrics(self, result: dict[str, Any]) -> dict[str, float]:
+        acc, soft = self.question_scores(result)
         types = np.asarray(self.data.eval.answer_type_of(result["question_id"]))
-        by_type = {t: float(result["score"][types == t].mean()) for t in sorted(set(types.tolist()))}
-        out = {"eval/acc": float(np.mean(result["score"])) if len(result["score"]) else 0.0,
+        n = len(acc)
+        out = {"eval/acc": float(acc.mean()) if n else 0.0,
+               "eval/soft_score": float(soft.mean()) if n else 0.0,
                "eval/loss": result["loss_sum"] / max(1, result["n"]),
-               "eval/n": float(len(result["score"]))}
-        for group, acc in by_type.items():
-            out[f"eval/acc_{_slug(group)}"] = acc
+               "eval/n": float(n)}  # fmt: skip
+        for group in sorted(set(types.tolist())):
+            mask = types == group
+            out[f"eval/acc_{_slug(group)}"] = float(acc[mask].mean())
+            out[f"eval/soft_score_{_slug(group)}"] = float(soft[mask].mean())
         return out
 
     def predictions_table(self, result: dict[str, Any]) -> str:
+        """``eval/predictions.csv``: per question, ``score`` = what ``eval/acc`` averages and
+        ``soft_score`` = LXMERT's soft score."""
+        acc, soft = self.question_scores(result)
         answers = self.data.answers
         types = self.data.eval.answer_type_of(result["question_id"])
         qtypes = self.data.eval.question_type_of(result["question_id"])
-        lines = ["question_id,answer,score,answer_type,question_type"]
-        for qid, pred, score, atype, qtype in zip(result["question_id"], result["pred"], result["score"], types, qtypes):
-            lines.append(f"{int(qid)},{_csv(answers[int(pred)])},{float(score):.4f},{_csv(atype)},{_csv(qtype)}")
+        lines = ["question_id,answer,score,answer_type,question_type,soft_score"]
+        for qid, pred, score, atype, qtype, ss in zip(result["question_id"], result["pred"], acc, types, qtypes, soft):
+            lines.append(f"{int(qid)},{_csv(answers[int(pred)])},{float(score):.4f},{_csv(atype)},{_csv(qtype)},"
+                         f"{float(ss):.4f}")
         return "\n".join(lines) + "\n"
 
     def examples(self, result: dict[str, Any], n: int) -> list[dict[str, Any]]:
@@ -472,7 +507,7 @@ class TrialLoop:
                 "data/eval_questions": float(len(self.data.eval)),
             })
             tracker.set_tags({"trial.precision": self.precision, "trial.device": self.device.type,
-                              "trial.world_size": str(self.world_size)})
+                              "trial.world_size": str(self.world_size), "eval.metric": self.eval_metric})
         if self.pretrain_pending:
             self.pretrain(report, tracker)
         while self.epoch < cfg.train.epochs:

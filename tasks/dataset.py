@@ -30,11 +30,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from tasks import store as st
+
+if TYPE_CHECKING:
+    from tasks.human_answers import HumanAnswers
 
 QUESTION_ARRAYS = (
     "input_ids",
@@ -125,7 +129,9 @@ def num_batches(n: int, batch_size: int, world_size: int = 1, drop_last: bool = 
 class ArrayDataset:
     """Questions with their images' region features; yields ready batches of torch tensors.
 
-    Build with `ArrayDataset.from_parts`. ``len()`` is the number of questions.
+    Build with `ArrayDataset.from_parts`. ``len()`` is the number of questions. ``human_answers``
+    (set by the task's ``load`` on evaluation datasets whose questions have them) holds the human
+    answer strings the official VQA accuracy scores against; ``None`` = only soft labels exist.
     """
 
     answers: list[str]
@@ -139,6 +145,7 @@ class ArrayDataset:
     _qid_order: np.ndarray | None = field(repr=False, default=None)
     _texts: list[str] | None = field(repr=False, default=None)
     _raw: list[dict] | None = field(repr=False, default=None)
+    human_answers: HumanAnswers | None = field(repr=False, default=None)
 
     @classmethod
     def from_parts(cls, parts: list[QuestionPart], answers: list[str], limit: int = 0) -> ArrayDataset:

@@ -46,6 +46,7 @@ import torch
 from tasks import store as st
 from tasks.config import DataConfig
 from tasks.dataset import ArrayDataset, FeatureStore, QuestionPart, TaskData, summarize
+from tasks.human_answers import HumanAnswers
 from tasks.questions import write_part
 from tasks.tokenization import get_tokenizer
 
@@ -518,4 +519,15 @@ def load(cfg: DataConfig) -> TaskData:
         parts[split] = QuestionPart.open(_question_dir(cfg, split), fs)
     train = ArrayDataset.from_parts([parts[s] for s in cfg.train_splits.split(",")], vocab, cfg.train_limit)
     ev = ArrayDataset.from_parts([parts[cfg.eval_split]], vocab, cfg.eval_limit)
+    ev.human_answers = _human_answers(ev, vocab)
     return TaskData(train=train, eval=ev, answers=vocab, summary=summarize(train, ev))
+
+
+def _human_answers(ds: ArrayDataset, vocab: list[str]) -> HumanAnswers:
+    """easy-VQA's one answer per question as ten identical human answers (all annotators agree)."""
+    li = np.asarray(ds.arrays["label_idx"])
+    if len(li) and (li[:, 0] < 0).any():
+        q = int(ds.question_ids[np.argmax(li[:, 0] < 0)])
+        raise ValueError(f"easy-VQA question {q} has no answer in {ds.parts[0].path}")
+    return HumanAnswers.unanimous(ds.question_ids, [vocab[i] for i in li[:, 0].tolist()],
+                                  source=f"easy-VQA {ds.parts[0].path.name} answers")

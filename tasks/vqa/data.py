@@ -9,6 +9,10 @@ A split's question store records, per question, the row of its image in the spli
 store. With ``image_limit = N`` only the first N images of each feature file are used and the
 questions on other images are left out (counted), like LXMERT's ``--tiny`` / ``--fast``; without
 it, a question whose image has no features is an error naming both ids.
+
+The evaluation split's human answers (for the official VQA accuracy) come from the official
+annotation file when there is one (`tasks.human_answers.annotation_file`), converted once into
+``annotations-v1/<file stem>-<signature>/``; without it evaluation uses LXMERT's soft score.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tasks import human_answers as ann
 from tasks import store as st
 from tasks.config import DataConfig
 from tasks.dataset import ArrayDataset, FeatureStore, QuestionPart, TaskData, summarize
@@ -72,6 +77,7 @@ def check_inputs(cfg: DataConfig) -> None:
     for rel in dict.fromkeys(needed):
         if not (root / rel).is_file():
             raise files.missing_file_error(root, rel)
+    ann.annotation_file(root, cfg.eval_split, cfg.annotations)  # a configured file must exist
 
 
 def prepare(cfg: DataConfig) -> dict:
@@ -94,6 +100,9 @@ def prepare(cfg: DataConfig) -> dict:
         fdir = feature_store_path(cfg, files.SPLIT_TSV[split])
         st.build_once(qdir, lambda tmp, s=split, f=fdir: _build_questions(tmp, cfg, s, f, tok, ans2label))
         out[f"questions.{split}"] = str(qdir)
+    annotation = ann.annotation_file(root, cfg.eval_split, cfg.annotations)
+    if annotation is not None:
+        out["annotations"] = str(ann.build_store(cfg.cache_dir, annotation))
     return out
 
 
@@ -179,6 +188,11 @@ def load(cfg: DataConfig) -> TaskData:
         parts[split] = QuestionPart.open(question_store_path(cfg, split, tok_key), stores[tsv])
     train = ArrayDataset.from_parts([parts[s] for s in cfg.train_splits.split(",")], label2ans, cfg.train_limit)
     ev = ArrayDataset.from_parts([parts[cfg.eval_split]], label2ans, cfg.eval_limit)
+    annotation = ann.annotation_file(root, cfg.eval_split, cfg.annotations)
+    if annotation is not None:
+        ev.human_answers = ann.HumanAnswers.open(ann.store_path(cfg.cache_dir, annotation))
+        ev.human_answers.rows(ev.question_ids)  # every evaluation question must have its answers
     summary = summarize(train, ev)
     summary["outside_image_limit"] = sum(p.meta.get("outside_image_limit", 0) for p in parts.values())
+    summary["eval.annotations"] = str(annotation) if annotation is not None else ""
     return TaskData(train=train, eval=ev, answers=label2ans, summary=summary)

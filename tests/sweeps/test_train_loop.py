@@ -78,7 +78,7 @@ def test_predictions_and_examples_cover_the_evaluation_split(cache):
     loop, _ = run(cfg)
     result = loop.evaluate()
     table = loop.predictions_table(result).splitlines()
-    assert table[0] == "question_id,answer,score,answer_type,question_type"
+    assert table[0] == "question_id,answer,score,answer_type,question_type,soft_score"
     assert len(table) - 1 == len(loop.data.eval) == 128
     examples = loop.examples(result, 3)
     assert [e["question_id"] for e in examples] == [int(q) for q in loop.data.eval.question_ids[:3]]
