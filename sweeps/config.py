@@ -59,6 +59,9 @@ class TrainConfig:
     lookahead_k: int = 5
     lookahead_alpha: float = 0.8
     grad_clip: float = 5.0
+    #: Learning-rate multiplier for the adaptive mechanisms' own parameters (span z, learned-alpha
+    #: logits; no weight decay): see ``sweeps.optim.param_groups``.
+    mechanism_lr_scale: float = 1.0
     precision: str = "auto"
     eval_batch_size: int = 512
     #: Fixed example questions (the first N of the evaluation split) whose top-5 answers are
@@ -82,6 +85,7 @@ class TrainConfig:
         _positive("train.lr", self.lr)
         _positive("train.cycle_steps", self.cycle_steps)
         _positive("train.lookahead_k", self.lookahead_k)
+        _positive("train.mechanism_lr_scale", self.mechanism_lr_scale)
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if not 0.0 < self.lookahead_alpha <= 1.0:

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import models.hooks as hooks
 from models.layerdrop import set_step as set_layerdrop_step
 from sweeps.config import ExperimentConfig, unflatten
 from sweeps.optim import build_optimizer, build_schedule, total_steps
@@ -140,7 +141,7 @@ class TrialLoop:
         self.model = wrap_model(VQALogits(model)) if wrap_model else VQALogits(model)
         self.optimizer = build_optimizer(unwrap(self.model), cfg.train.optimizer, cfg.train.lr,
                                          cfg.train.weight_decay, cfg.train.lookahead_k,
-                                         cfg.train.lookahead_alpha)
+                                         cfg.train.lookahead_alpha, cfg.train.mechanism_lr_scale)
         self.steps_total = total_steps(len(self.data.train), cfg.train.batch_size, world_size, cfg.train.epochs)
         self.schedule = build_schedule(self.optimizer, cfg.train.schedule, self.steps_total,
                                        cfg.train.warmup_ratio, cfg.train.lr_min, cfg.train.cycle_steps)
@@ -158,6 +159,8 @@ class TrialLoop:
         self.head_rows: list[dict[str, Any]] = []
         self.best = {"acc": -1.0, "epoch": 0}
         self.elapsed_s = 0.0
+        self.steps_dropping = 0  # training steps in which LayerDrop skipped at least one layer
+        self.depths = {"lang": cfg.model.l_layers, "visn": cfg.model.r_layers, "cross": cfg.model.x_layers}
         # The pretraining stage (built when it starts or resumes; dropped once transferred).
         self.wrap_model = wrap_model
         self.pretrain_stage = None
@@ -181,6 +184,8 @@ class TrialLoop:
             "head_rows": self.head_rows,
             "best": self.best,
             "elapsed_s": self.elapsed_s,
+            "steps_dropping": self.steps_dropping,
+            "mechanisms": hooks.mechanism_state(unwrap(self.model)),
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
             **self._pretrain_state(),
         }
@@ -204,6 +209,8 @@ class TrialLoop:
         self.head_rows = list(state["head_rows"])
         self.best = dict(state["best"])
         self.elapsed_s = float(state["elapsed_s"])
+        self.steps_dropping = int(state.get("steps_dropping", 0))
+        hooks.load_mechanism_state(unwrap(self.model), state.get("mechanisms", {}))
         pretrain = state.get("pretrain")
         if pretrain is not None and pretrain["done"]:
             self.pretrain_summary = {k: v for k, v in pretrain.items() if k != "done"}
@@ -222,8 +229,6 @@ class TrialLoop:
         return {k: batch[k].to(self.device, non_blocking=True) for k in MODEL_INPUTS}
 
     def train_epoch(self) -> dict[str, float]:
-        import models.hooks as hooks
-
         model, core = self.model, unwrap(self.model)
         model.train()
         cfg = self.cfg.train
@@ -259,6 +264,7 @@ class TrialLoop:
             ran = core.layers_ran  # {stack: [layer indices]} of this forward (LayerDrop's choice)
             for stack, layers in ran.items():
                 layer_counts[stack] = layer_counts.get(stack, 0.0) + len(layers)
+            self.steps_dropping += any(len(ran[s]) < self.depths[s] for s in ran)
             drop_trace = zlib.crc32(repr(sorted(ran.items())).encode(), drop_trace)
         seconds = time.perf_counter() - start
         self._check_same_layers_on_every_rank(drop_trace)
@@ -412,6 +418,26 @@ class TrialLoop:
             })
         return out
 
+    def engagement(self) -> dict[str, str]:
+        """MLflow tags saying whether the cell's adaptive mechanisms ever changed what it computes.
+
+        ``mechanism.engaged`` is ``true`` when every mechanism of the model engaged (a span that
+        fell below the longest distance it could mask, a learned alpha that left its start, a
+        LayerDrop that dropped a layer), ``false`` when one never did (the cell then computes its
+        simpler neighbour: softmax, fixed-alpha entmax, the plain model), with the measured
+        evidence in ``mechanism.evidence``. No tags for a model without adaptive mechanisms.
+        """
+        found = hooks.engagement(unwrap(self.model))
+        if self.cfg.model.layerdrop.mode != "none":
+            found["layerdrop"] = {
+                "engaged": self.steps_dropping > 0,
+                "evidence": f"LayerDrop skipped layers in {self.steps_dropping} of {self.step} training steps",
+            }
+        if not found:
+            return {}
+        return {"mechanism.engaged": str(all(e["engaged"] for e in found.values())).lower(),
+                "mechanism.evidence": "; ".join(f"{name}: {e['evidence']}" for name, e in sorted(found.items()))}
+
     # -- pretraining ----------------------------------------------------------------------------
 
     def _build_pretrain_stage(self):
@@ -458,7 +484,7 @@ class TrialLoop:
         # The optimizer and schedule restart on the transferred weights (Lookahead keeps copies).
         self.optimizer = build_optimizer(core, self.cfg.train.optimizer, self.cfg.train.lr,
                                          self.cfg.train.weight_decay, self.cfg.train.lookahead_k,
-                                         self.cfg.train.lookahead_alpha)  # fmt: skip
+                                         self.cfg.train.lookahead_alpha, self.cfg.train.mechanism_lr_scale)  # fmt: skip
         self.schedule = build_schedule(self.optimizer, self.cfg.train.schedule, self.steps_total,
                                        self.cfg.train.warmup_ratio, self.cfg.train.lr_min,
                                        self.cfg.train.cycle_steps)  # fmt: skip
@@ -489,8 +515,6 @@ class TrialLoop:
         it before returning (Ray Train's ``report`` does): MLflow is written after it, so a crash
         between the two only delays logging to the next resume's catch-up.
         """
-        import models.hooks as hooks
-
         cfg = self.cfg
         core = unwrap(self.model)
         if tracker is not None:
@@ -539,6 +563,9 @@ class TrialLoop:
                 )
             if tracker is not None:
                 tracker.log_epoch(self.epoch, metrics)
+                engaged = self.engagement()
+                if engaged:
+                    tracker.set_tags(engaged)
                 from sweeps.tracking import csv_text
 
                 tracker.log_text(csv_text(self.head_rows), "stats/attention_heads.csv")

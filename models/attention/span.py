@@ -50,6 +50,11 @@ class SpanMask(nn.Module):
         self.span_max, self.ramp, self.penalty = span_max, ramp, penalty
         self.z = nn.Parameter(torch.full((num_heads,), float(init)))
         self._offsets: dict[tuple[int, int, torch.device], Tensor] = {}
+        # Engagement evidence (see :meth:`engagement`): the smallest z after any optimizer step (a
+        # device tensor, so tracking it never syncs the host) and the longest query-key distance
+        # the mask could act on.
+        self._zmin: Tensor | None = None
+        self._reach = 0
 
     def _offset(self, q_len: int, k_len: int, device: torch.device) -> Tensor:
         """(Q, K) float32 ``1 - |i - j| / R``, cached per shape: m = clamp(z * S_max / R + this, 0, 1)."""
@@ -68,6 +73,7 @@ class SpanMask(nn.Module):
     def is_full(self, q_len: int, k_len: int) -> bool:
         """Whether m = 1 on every (i, j) with zero gradient for z (z * S_max > max |i - j| for every
         head), so that the mask can be skipped exactly. Checked on CPU only (a host sync elsewhere)."""
+        self._reach = max(self._reach, max(q_len, k_len) - 1)
         if self.z.device.type != "cpu":
             return False
         return float(self.z.detach().min()) * self.span_max > max(q_len, k_len) - 1
@@ -85,12 +91,36 @@ class SpanMask(nn.Module):
 
     @torch.no_grad()
     def post_step(self) -> None:
-        """Clamp z to [0, 1] after the optimizer step."""
+        """Clamp z to [0, 1] after the optimizer step; track the smallest z reached."""
         self.z.clamp_(0.0, 1.0)
+        low = self.z.detach().min()
+        self._zmin = low.clone() if self._zmin is None else torch.minimum(self._zmin, low)
 
     def stats(self) -> dict[str, Tensor]:
         """``{"span": (H,) span in tokens}``."""
         return {"span": (self.z.detach().clamp(0, 1) * self.span_max).float().cpu()}
+
+    def mechanism_parameters(self) -> list[nn.Parameter]:
+        """The parameters of the mechanism itself (z), for their own learning rate."""
+        return [self.z]
+
+    def engagement(self) -> dict[str, object]:
+        """Whether the span ever masked anything: the smallest span reached (after any optimizer
+        step) against the longest query-key distance seen. A span at or above that distance gives
+        m = 1 everywhere, i.e. softmax exactly."""
+        zmin = float(self._zmin) if self._zmin is not None else float(self.z.detach().min())
+        smallest = min(zmin, float(self.z.detach().min())) * self.span_max
+        return {"mechanism": "span", "engaged": smallest < self._reach, "smallest": smallest,
+                "reach": self._reach}
+
+    def mechanism_state(self) -> dict[str, float]:
+        """What :meth:`engagement` needs across a checkpoint/resume (plain numbers)."""
+        return {"zmin": float(self._zmin) if self._zmin is not None else float(self.z.detach().min()),
+                "reach": float(self._reach)}
+
+    def load_mechanism_state(self, state: dict[str, float]) -> None:
+        self._zmin = torch.tensor(float(state["zmin"]), device=self.z.device)
+        self._reach = int(state["reach"])
 
     def extra_repr(self) -> str:
         return f"heads={self.z.numel()}, span_max={self.span_max}, ramp={self.ramp}, penalty={self.penalty}"
