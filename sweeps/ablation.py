@@ -14,8 +14,10 @@ are kept, unfinished ones continue from their last checkpoint.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import re
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -157,8 +159,97 @@ def prepare_data(plan: Plan, runs_dir: Path) -> Plan:
     return plan
 
 
+#: How the local Ray a sweep starts for itself (no RAY_ADDRESS, not inside `ray job submit`) listens.
+RAY_LISTEN_ENV = "ABLATION_RAY_LISTEN"
+#: "loopback" (default): every Ray server of the node (GCS, raylet, object manager, workers, agents,
+#: the metrics endpoint) on 127.0.0.1 only. "all": Ray's own default, the host's address, with the
+#: gRPC servers on all interfaces (only needed to let another machine join or reach this Ray).
+RAY_LISTEN_CHOICES = ("loopback", "all")
+
+
+def ray_listen_setting() -> str:
+    """The validated ``ABLATION_RAY_LISTEN`` value (``loopback`` when unset).
+
+    Raises:
+        ConfigError: naming the variable and the value when it is neither ``loopback`` nor ``all``.
+    """
+    value = os.environ.get(RAY_LISTEN_ENV, "").strip().lower() or "loopback"
+    if value not in RAY_LISTEN_CHOICES:
+        raise ConfigError(f"{RAY_LISTEN_ENV}={os.environ[RAY_LISTEN_ENV]!r}: expected one of "
+                          f"{', '.join(RAY_LISTEN_CHOICES)} (where a local Ray listens)")
+    return value
+
+
+def _private_auth_token() -> Path | None:
+    """Make sure the token file a new local Ray authenticates with is readable by this user only.
+
+    Ray 2.60 turns token authentication on for a local ``ray.init()`` and writes a missing
+    ``~/.ray/auth_token`` with the process umask (0644 by default: any local user could read it and
+    then talk to every Ray server). The token is created here first, mode 0600, the way Ray
+    generates it (256 random bits, hex); an existing one that others can read is set to 0600.
+    Nothing is done when the token comes from ``RAY_AUTH_TOKEN`` or ``RAY_AUTH_MODE`` is not
+    ``token`` (the user's explicit choice). Returns the token file, or None.
+    """
+    if os.environ.get("RAY_AUTH_MODE", "token").strip().lower() != "token" or os.environ.get("RAY_AUTH_TOKEN"):
+        return None
+    named = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    path = Path(named or Path.home() / ".ray" / "auth_token").expanduser()
+    if not named:  # a named file that is missing is Ray's error to report ("fatal misconfiguration")
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))
+            return path
+    if path.is_file() and path.stat().st_mode & 0o077:
+        mode = path.stat().st_mode & 0o777
+        try:
+            path.chmod(0o600)
+            print(f"note: the Ray token {path} was readable by other users (mode {mode:o}); set it to 600",
+                  file=sys.stderr, flush=True)
+        except OSError as err:
+            print(f"warning: the Ray token {path} is readable by other users (mode {mode:o}) and could "
+                  f"not be restricted: {err}", file=sys.stderr, flush=True)
+    return path
+
+
+def _local_ray_on_loopback() -> str:
+    """Make the local Ray about to start take the loopback address (127.0.0.1) as its node address,
+    so that every server it starts binds the loopback interface. Returns that address.
+
+    On Linux Ray replaces a loopback ``_node_ip_address`` with the host's routable address, and
+    its gRPC servers then listen on all interfaces. Ray's single-machine mode (its default on macOS
+    and Windows, switched by ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``) keeps 127.0.0.1, and Ray's
+    servers bind 127.0.0.1 whenever the node address is loopback. The variable is read when Ray is
+    imported, which the driver already did (sweeps.tune), so the module's copy is set too; the
+    environment carries it to every process of the node.
+
+    Raises:
+        RuntimeError: if this Ray version still resolves a routable address (nothing started yet).
+    """
+    import ray
+    from ray._private import ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    address = ray.util.get_node_ip_address()
+    if not ipaddress.ip_address(address).is_loopback:
+        raise RuntimeError(
+            f"Ray {ray.__version__} would listen on {address}, not 127.0.0.1, despite single-machine "
+            f"mode; set {RAY_LISTEN_ENV}=all to run on all interfaces anyway (then firewall Ray's ports)"
+        )
+    return address
+
+
 def connect_ray(verbose: bool = False) -> str:
-    """Connect to RAY_ADDRESS / the job's cluster, or start a local one. Returns a description."""
+    """Connect to RAY_ADDRESS / the job's cluster, or start a local one. Returns a description.
+
+    A local Ray (no cluster given) listens on 127.0.0.1 only and requires its token (mode 0600),
+    unless ``ABLATION_RAY_LISTEN=all`` asks for Ray's default of all interfaces.
+    """
     import ray
 
     in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
@@ -172,8 +263,18 @@ def connect_ray(verbose: bool = False) -> str:
         ray.init(address=address or "auto", runtime_env=runtime_env or None, log_to_driver=verbose)
         where = f"Ray cluster at {ray.get_runtime_context().gcs_address}"
     else:
-        ray.init(runtime_env=runtime_env, include_dashboard=False, log_to_driver=verbose)
-        where = "a local Ray instance"
+        try:
+            listen = ray_listen_setting()
+            node_ip = _local_ray_on_loopback() if listen == "loopback" else None
+        except (ConfigError, RuntimeError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+        token = _private_auth_token()
+        ray.init(runtime_env=runtime_env, include_dashboard=False, log_to_driver=verbose,
+                 _node_ip_address=node_ip)
+        where = ("a local Ray instance listening on "
+                 + (f"{node_ip} only" if node_ip else f"all interfaces ({ray.util.get_node_ip_address()})")
+                 + (f", token in {token}" if token else ""))
     res = ray.cluster_resources()
     return f"{where} ({res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU)"
 
