@@ -295,14 +295,51 @@ def _paper_effect(rows: dict[str, dict[str, Any]], variant: str, reference: str)
     return None if a is None or b is None else (float(a) - float(b)) / 100.0
 
 
-def compare(sweep: Sweep, rows: dict[str, dict[str, Any]], per_seed: dict[str, dict[int, float]],
-            variant: str, reference: str, kind: str, family: str) -> dict[str, Any]:
-    """One comparison: the seed-level test (primary) and the question bootstrap (secondary)."""
-    seed_test = inference.compare_seeds(variant, reference, per_seed[variant], per_seed[reference],
-                                        paper_effect=_paper_effect(rows, variant, reference), family=family)
-    comp: dict[str, Any] = {"variant": variant, "reference": reference, "kind": kind, "family": family,
-                            "seed_test": seed_test, **question_bootstrap(sweep, variant, reference)}
-    return comp
+def seed_accuracies(sweep: Sweep, rows: dict[str, dict[str, Any]],
+                    seeds: set[int] | None = None) -> dict[str, dict[int, float]]:
+    """``{cell: {seed: best/acc}}`` of the usable trials (of ``seeds`` only, when given)."""
+    return {name: {t.seed: float(t.metrics["best/acc"]) for t in sweep.usable(name)
+                   if t.seed is not None and (seeds is None or t.seed in seeds)} for name in rows}
+
+
+def comparison_plan(rows: dict[str, dict[str, Any]], reference: str) -> list[dict[str, Any]]:
+    """Which cell is compared with which, in which Holm family, and where the result is shown.
+
+    Every cell against ``reference`` (family ``vs <reference>``); a LayerDrop cell also against its
+    own architecture without LayerDrop; Table 3's pretraining cells against the equal-weights cell
+    (LXMERT's weighting, the same budget; family ``vs <equal>``). ``slot`` is the row key the
+    comparison fills, ``listed`` whether it appears in the comparisons table.
+    """
+    plan: list[dict[str, Any]] = []
+    if reference in rows:
+        for name, row in rows.items():
+            if name == reference or row["n"] == 0:
+                continue
+            plan.append({"variant": name, "reference": reference, "kind": "vs reference",
+                         "family": f"vs {reference}", "slot": "vs_reference", "listed": True})
+    for name, row in rows.items():
+        if row["n"] and row["baseline"] and row["baseline"] != reference:
+            plan.append({"variant": name, "reference": row["baseline"], "kind": "vs baseline without LayerDrop",
+                         "family": "LayerDrop vs its baseline", "slot": None, "listed": True})
+    table3 = [n for n, r in rows.items() if r["table"] == 3]
+    equal = next((n for n in table3 if (rows[n]["pretrain"] or {}).get("weighting") == "equal"), None)
+    for name in table3:
+        if name == equal or equal is None or rows[name]["n"] == 0:
+            continue
+        plan.append({"variant": name, "reference": equal, "kind": "vs equal task weights",
+                     "family": f"vs {equal}", "slot": "vs_equal",
+                     "listed": name != reference and equal != reference})
+    return plan
+
+
+def seed_verdicts(rows: dict[str, dict[str, Any]], per_seed: dict[str, dict[int, float]],
+                  plan: list[dict[str, Any]]) -> list[inference.SeedComparison]:
+    """The seed-level test of every planned comparison, Holm-corrected within each family."""
+    tests = [inference.compare_seeds(p["variant"], p["reference"], per_seed[p["variant"]], per_seed[p["reference"]],
+                                     paper_effect=_paper_effect(rows, p["variant"], p["reference"]),
+                                     family=p["family"]) for p in plan]
+    inference.holm(tests)
+    return tests
 
 
 def _caveats(rows: dict[str, dict[str, Any]], comp: dict[str, Any]) -> list[str]:
@@ -394,38 +431,23 @@ def compute(sweep: Sweep, reference: str = REFERENCE_CELL) -> dict[str, Any]:
                     break
 
     # Per-seed accuracies: the unit of every verdict.
-    per_seed = {name: {t.seed: float(t.metrics["best/acc"]) for t in sweep.usable(name) if t.seed is not None}
-                for name in rows}
+    per_seed = seed_accuracies(sweep, rows)
+    plan = comparison_plan(rows, reference)
+    tests = seed_verdicts(rows, per_seed, plan)
     comparisons = []
-    ref_ok = reference in rows
-    for name, row in rows.items():
-        if name == reference or row["n"] == 0:
-            continue
-        if ref_ok:
-            comp = compare(sweep, rows, per_seed, name, reference, "vs reference", f"vs {reference}")
-            row["vs_reference"] = comp
-            comparisons.append(comp)
-        if row["baseline"] and row["baseline"] != reference:
-            comp = compare(sweep, rows, per_seed, name, row["baseline"], "vs baseline without LayerDrop",
-                           "LayerDrop vs its baseline")
-            comparisons.append(comp)
-
-    # Table 3: pretraining cells against the equal-weights one (LXMERT's weighting, same budget).
-    table3 = [n for n, r in rows.items() if r["table"] == 3]
-    equal = next((n for n in table3 if (rows[n]["pretrain"] or {}).get("weighting") == "equal"), None)
-    for name in table3:
-        if name == equal or equal is None or rows[name]["n"] == 0:
-            continue
-        comp = compare(sweep, rows, per_seed, name, equal, "vs equal task weights", f"vs {equal}")
-        rows[name]["vs_equal"] = comp
-        if name != reference and equal != reference:
-            comparisons.append(comp)
-
-    every = {id(c): c for c in comparisons + [r["vs_equal"] for r in rows.values() if r.get("vs_equal")]}
-    inference.holm([c["seed_test"] for c in every.values()])  # Holm within each family
-    for comp in every.values():
+    equal = next((p["reference"] for p in plan if p["slot"] == "vs_equal"), None)
+    if equal is None:
+        equal = next((n for n, r in rows.items()
+                      if r["table"] == 3 and (r["pretrain"] or {}).get("weighting") == "equal"), None)
+    for p, test in zip(plan, tests):
+        comp = {"variant": p["variant"], "reference": p["reference"], "kind": p["kind"], "family": p["family"],
+                "seed_test": test.as_dict(), **question_bootstrap(sweep, p["variant"], p["reference"])}
         comp["caveats"] = _caveats(rows, comp)
-        comp["seed_test"] = comp["seed_test"].as_dict()
+        if p["slot"]:
+            rows[p["variant"]][p["slot"]] = comp
+        if p["listed"]:
+            comparisons.append(comp)
+    table3 = [n for n, r in rows.items() if r["table"] == 3]
 
     incomplete = [
         {"key": t.key, "cell": t.cell, "seed": t.seed, "status": t.status, "run_id": t.run_id, "reason": t.reason}
@@ -455,7 +477,7 @@ def compute(sweep: Sweep, reference: str = REFERENCE_CELL) -> dict[str, Any]:
         },
         "metric": metric,
         "definitions": {**DEFINITIONS, "accuracy": METRIC_DEFINITIONS[metric] + " " + DEFINITIONS["accuracy"]},
-        "reference": reference if ref_ok else None,
+        "reference": reference if reference in rows else None,
         "reference_table3": equal,
         "answer_types": types,
         "cells": rows,

@@ -162,3 +162,41 @@ def test_cells_still_learning_are_flagged(new_store, tmp_path):
     (comp,) = out["tables"]["comparisons"]
     assert any("still learning" in c for c in comp["caveats"])
     assert "still learning" in out["md"]
+
+
+def test_calibrate_recomputes_verdicts_on_three_seed_subsets(new_store, tmp_path, capsys):
+    from reports import calibrate
+
+    uri, runs = new_store
+    seeds = tuple(range(6))
+    cells = {
+        "softmax": SOFTMAX,
+        # +3 pp on every seed: every 3-seed subset says "better" too
+        "entmax": CellSpec("Adaptive sparse (learned-alpha entmax)", 1, [0.60, 0.72],
+                           seed_shift=dict.fromkeys(seeds, 0.03), redraw=0.0),
+        # swings of +-6 pp: all seeds say no difference; some subsets ({0, 2, 4}) say better
+        "span": CellSpec("Adaptive span", 1, [0.60, 0.72], redraw=0.0,
+                         seed_shift={0: 0.06, 1: -0.06, 2: 0.06, 3: -0.06, 4: 0.06, 5: -0.06}),
+    }
+    fill_sweep(uri, runs, sweep_id="calib", spec=SweepSpec(cells=cells, seeds=seeds, epochs=2, n_questions=3000,
+                                                           failed=(), missing=()))
+    assert calibrate.main(["--sweep", "calib", "--tracking-uri", uri, "--json", str(tmp_path / "c.json")]) == 0
+    out = capsys.readouterr().out
+    assert "20 subsets of 3 seeds" in out  # C(6, 3): all of them
+    import json
+
+    result = {c["variant"]: c for c in json.loads((tmp_path / "c.json").read_text())["comparisons"]}
+    assert result["entmax"]["verdict"] == "better" and result["entmax"]["agreement"] == 1.0
+    assert result["span"]["verdict"] == "no detectable difference"
+    assert result["span"]["agreement"] < 1.0 and "better" in result["span"]["subset_verdicts"]
+    assert "| span vs softmax | no detectable difference |" in out
+
+
+def test_calibrate_refuses_a_sweep_with_too_few_seeds(new_store, capsys):
+    from reports import calibrate
+
+    uri, runs = new_store
+    fill_sweep(uri, runs, sweep_id="few", spec=SweepSpec(cells={"softmax": SOFTMAX, "span": SOFTMAX}, seeds=(0, 1, 2),
+                                                         epochs=2, n_questions=100, failed=(), missing=()))
+    assert calibrate.main(["--sweep", "few", "--tracking-uri", uri]) == 2
+    assert "at least 6 seeds" in capsys.readouterr().err
