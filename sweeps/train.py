@@ -142,7 +142,8 @@ class TrialLoop:
         self.optimizer = build_optimizer(unwrap(self.model), cfg.train.optimizer, cfg.train.lr,
                                          cfg.train.weight_decay, cfg.train.lookahead_k,
                                          cfg.train.lookahead_alpha, cfg.train.mechanism_lr_scale)
-        self.steps_total = total_steps(len(self.data.train), cfg.train.batch_size, world_size, cfg.train.epochs)
+        self.steps_total = total_steps(self.data.train.epoch_length, cfg.train.batch_size, world_size,
+                                       cfg.train.epochs)
         self.schedule = build_schedule(self.optimizer, cfg.train.schedule, self.steps_total,
                                        cfg.train.warmup_ratio, cfg.train.lr_min, cfg.train.cycle_steps)
         use_bf16 = self.device.type == "cuda" and cfg.train.precision in ("auto", "bf16")

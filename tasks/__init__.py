@@ -54,7 +54,10 @@ def load(cfg: DataConfig) -> TaskData:
     if cfg.name == "easyvqa":
         from tasks import easyvqa
 
-        return easyvqa.load(cfg)
-    from tasks.vqa import data as vqa
+        data = easyvqa.load(cfg)
+    else:
+        from tasks.vqa import data as vqa
 
-    return vqa.load(cfg)
+        data = vqa.load(cfg)
+    data.train.epoch_size = cfg.epoch_size
+    return data

@@ -103,12 +103,34 @@ class QuestionPart:
         return st.read_json(self.path / "labels.json")
 
 
+def epoch_positions(n: int, epoch_size: int, seed: int, epoch: int) -> np.ndarray:
+    """The ``epoch_size`` positions of ``epoch`` when epochs walk through a stream of seeded
+    permutations of ``0..n-1`` (permutation k drawn from ``(seed, k)``), ``epoch_size`` at a time.
+
+    Consecutive epochs take consecutive slices, so they see different questions until the stream
+    has used all ``n``; an epoch that straddles two permutations takes the end of one and the start
+    of the next.
+    """
+    start, stop = epoch * epoch_size, (epoch + 1) * epoch_size
+    chunks, pos = [], start
+    while pos < stop:
+        cycle, offset = divmod(pos, n)
+        take = min(n - offset, stop - pos)
+        chunks.append(np.random.default_rng([seed, cycle, 0x5EED]).permutation(n)[offset : offset + take])
+        pos += take
+    return np.concatenate(chunks)
+
+
 def shard_order(n: int, shuffle: bool, seed: int = 0, epoch: int = 0, rank: int = 0, world_size: int = 1,
-                drop_last: bool = False) -> np.ndarray:  # fmt: skip
+                drop_last: bool = False, epoch_size: int = 0) -> np.ndarray:  # fmt: skip
     """Positions ``0..n-1`` one rank visits in one epoch (`ArrayDataset.shard_order` explains the rule)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
-    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+    if epoch_size and shuffle:
+        order = epoch_positions(n, epoch_size, seed, epoch)
+        n = len(order)
+    else:
+        order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
     if world_size > 1:
         if drop_last:
             order = order[: n - n % world_size]
@@ -146,6 +168,8 @@ class ArrayDataset:
     _texts: list[str] | None = field(repr=False, default=None)
     _raw: list[dict] | None = field(repr=False, default=None)
     human_answers: HumanAnswers | None = field(repr=False, default=None)
+    #: Questions per shuffled epoch (0 = all); see `epoch_positions`. Set by ``tasks.load``.
+    epoch_size: int = field(repr=False, default=0)
 
     @classmethod
     def from_parts(cls, parts: list[QuestionPart], answers: list[str], limit: int = 0) -> ArrayDataset:
@@ -247,11 +271,16 @@ class ArrayDataset:
         Returns:
             (N_rank,) int64 positions.
         """
-        return shard_order(len(self), shuffle, seed, epoch, rank, world_size, drop_last)
+        return shard_order(len(self), shuffle, seed, epoch, rank, world_size, drop_last, self.epoch_size)
+
+    @property
+    def epoch_length(self) -> int:
+        """Questions in one shuffled (training) epoch: ``epoch_size`` when set, else all."""
+        return self.epoch_size or len(self)
 
     def num_batches(self, batch_size: int, world_size: int = 1, drop_last: bool = False) -> int:
-        """Batches per epoch per rank, as `batches` yields them."""
-        return num_batches(len(self), batch_size, world_size, drop_last)
+        """Batches per epoch per rank, as `batches` yields them (shuffled: `epoch_length` questions)."""
+        return num_batches(self.epoch_length, batch_size, world_size, drop_last)
 
     def batches(
         self,
