@@ -20,7 +20,7 @@ from models.finetune.gates import (
     mix,
     straight_through_gumbel,
 )
-from models.finetune.plan import FinetunePlan, make_optimizer
+from models.finetune.plan import FinetunePlan, GroupUsage, make_optimizer
 from models.finetune.policy import PolicyNetwork, SpotTunePolicy, policy_config
 from models.finetune.registry import FINETUNE_REGISTRY, apply_finetune, get_strategy
 from models.finetune.spottune import GRANULARITY, SpotTuneEncoder, decision_count
@@ -34,6 +34,7 @@ __all__ = [
     "GatedHeads",
     "GatedModule",
     "GatedUnit",
+    "GroupUsage",
     "PolicyNetwork",
     "SpotTuneEncoder",
     "SpotTunePolicy",

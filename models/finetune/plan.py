@@ -90,3 +90,36 @@ def make_optimizer(group: dict[str, Any]) -> torch.optim.Optimizer:
     if name == "adamw":
         return torch.optim.AdamW(group["params"], lr=lr)
     raise ValueError(f"parameter group {group.get('name')!r}: optimizer {name!r}; valid: ['adam', 'adamw', 'sgd']")
+
+
+class GroupUsage:
+    """Usage of the fine-tuned branch per decision and per group of samples (e.g. question type).
+
+    Feed it :meth:`FinetunePlan.last_decisions` after each forward with the batch's group labels::
+
+        by_type = GroupUsage()
+        by_type.update(plan.last_decisions(), batch_question_types)
+        rates = by_type.rates()      # {"what color": (D,) share of its samples that fine-tuned, ...}
+    """
+
+    def __init__(self) -> None:
+        self.used: dict[str, Tensor] = {}
+        self.seen: dict[str, int] = {}
+
+    def update(self, decisions: Tensor, groups: list[str] | tuple[str, ...]) -> None:
+        """Count (B, D) 0/1 decisions under each sample's group (B labels)."""
+        if decisions.shape[0] != len(groups):
+            raise ValueError(f"{decisions.shape[0]} rows of decisions for {len(groups)} group labels")
+        d = decisions.detach().to("cpu", torch.float64)
+        for group in dict.fromkeys(groups):
+            rows = torch.tensor([g == group for g in groups])
+            self.used[group] = self.used.get(group, torch.zeros(d.shape[1], dtype=torch.float64)) + d[rows].sum(0)
+            self.seen[group] = self.seen.get(group, 0) + int(rows.sum())
+
+    def rates(self) -> dict[str, Tensor]:
+        """``{group: (D,) share of the group's samples that took the fine-tuned branch}``."""
+        return {group: self.used[group] / self.seen[group] for group in self.used}
+
+    def reset(self) -> None:
+        self.used.clear()
+        self.seen.clear()

@@ -27,6 +27,7 @@ from models.finetune import (
     FINETUNE_REGISTRY,
     GRANULARITY,
     GatedModule,
+    GroupUsage,
     apply_finetune,
     decision_count,
     get_strategy,
@@ -369,6 +370,11 @@ def test_usage_and_entropy_stats_through_the_hooks():
     assert stats["policy/temperature"] == [5.0]
     # per-sample decisions of the last forward, for per-question-type usage
     assert wrapped.last_decisions.shape == (3, len(plan.decision_names))
+    by_type = GroupUsage()
+    by_type.update(plan.last_decisions(), ["what color", "is there", "what color"])
+    rates = by_type.rates()
+    assert torch.equal(rates["is there"], wrapped.last_decisions[1].double())
+    assert torch.equal(rates["what color"], wrapped.last_decisions[[0, 2]].double().mean(0))
 
 
 def test_frozen_copies_are_invisible_to_the_hooks():
