@@ -7,6 +7,7 @@ from models.builders import build_model, lxmert, lxmert_10_6_6, lxmert_base, lxm
 from models.config import (
     AttentionConfig,
     ConfigError,
+    FinetuneConfig,
     LayerDropConfig,
     ModelConfig,
     apply_overrides,
@@ -25,6 +26,7 @@ from models.lxmert import (
 __all__ = [
     "AttentionConfig",
     "ConfigError",
+    "FinetuneConfig",
     "LayerDropConfig",
     "LxmertForPretraining",
     "LxmertForVQA",

@@ -23,12 +23,24 @@ import re
 import torch
 from torch import Tensor, nn
 
-# <stack>_layers.<i>.<block> in a module path -> (stack, layer, attention name).
-_SITE = re.compile(r"(lang|visn|cross)_layers\.(\d+)\.(self_att|cross_att|lang_self_att|visn_self_att)\b")
+# <stack>_layers.<i>[.finetuned][.<block>] in a module path -> (stack, layer, block name). ``finetuned``
+# is the fine-tuned branch of a SpotTune layer gate (models.finetune), which stands for its layer.
+_SITE = re.compile(
+    r"(lang|visn|cross)_layers\.(\d+)(?:\.finetuned)?"
+    r"(?:\.(self_att|cross_att|lang_self_att|visn_self_att|ffn|lang_ffn|visn_ffn)\b)?"
+)
 
 
 def _modules_with(model: nn.Module, hook: str):
+    """Submodules defining ``hook``, skipping SpotTune's frozen copies (marked ``frozen_copy``): their
+    weights never change, so a penalty, a clamp or a second set of stats for them would be noise."""
+    skip: list[str] = []
     for name, module in model.named_modules():
+        if any(name.startswith(prefix) for prefix in skip):
+            continue
+        if getattr(module, "frozen_copy", False):
+            skip.append(f"{name}.")
+            continue
         if module is not model and callable(getattr(module, hook, None)):
             yield name, module
 
@@ -51,19 +63,23 @@ def post_step(model: nn.Module) -> None:
 def site_of(module_path: str) -> str:
     """``lxmert.encoder.cross_layers.2.cross_att.attention.kernel`` -> ``cross/2/cross``.
 
-    Paths outside the encoder's attention blocks are returned unchanged (dots -> slashes).
+    Feed-forwards are ``<stack>/<i>/ffn`` (``lang_ffn``, ``visn_ffn`` in cross layers), a whole layer
+    (a SpotTune layer gate) is ``<stack>/<i>/layer``. Paths outside the encoder's layers are returned
+    unchanged (dots -> slashes).
     """
     match = _SITE.search(module_path)
     if match is None:
         return module_path.replace(".", "/")
     stack, layer, block = match.groups()
-    return f"{stack}/{layer}/{block.removesuffix('_att')}"
+    return f"{stack}/{layer}/{block.removesuffix('_att') if block else 'layer'}"
 
 
 def collect_stats(model: nn.Module) -> dict[str, list[float]]:
     """``{"<stack>/<layer>/<attention>/<stat>": [value per head]}`` from every ``stats()``.
 
-    ``stack`` in ``lang | visn | cross``; ``attention`` in ``self | cross | lang_self | visn_self``.
+    ``stack`` in ``lang | visn | cross``; ``attention`` in ``self | cross | lang_self | visn_self``
+    (SpotTune's gated units add ``ffn | lang_ffn | visn_ffn | layer`` sites with one value per
+    decision of the unit, and the policy ``policy/entropy``, ``policy/temperature``).
     """
     out: dict[str, list[float]] = {}
     for name, m in _modules_with(model, "stats"):
