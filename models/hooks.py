@@ -25,6 +25,8 @@ from torch import Tensor, nn
 
 # <stack>_layers.<i>.<block> in a module path -> (stack, layer, attention name).
 _SITE = re.compile(r"(lang|visn|cross)_layers\.(\d+)\.(self_att|cross_att|lang_self_att|visn_self_att)\b")
+# A fusion layer built from a flow (models.flow): cross_layers.<i>.att.<stream>.
+_FLOW_SITE = re.compile(r"(cross)_layers\.(\d+)\.att\.(lang|visn|shared)\b")
 
 
 def _modules_with(model: nn.Module, hook: str):
@@ -51,19 +53,24 @@ def post_step(model: nn.Module) -> None:
 def site_of(module_path: str) -> str:
     """``lxmert.encoder.cross_layers.2.cross_att.attention.kernel`` -> ``cross/2/cross``.
 
+    A flow layer's stream (``cross_layers.2.att.lang...``) -> ``cross/2/lang`` (``visn``, ``shared``).
     Paths outside the encoder's attention blocks are returned unchanged (dots -> slashes).
     """
     match = _SITE.search(module_path)
-    if match is None:
-        return module_path.replace(".", "/")
-    stack, layer, block = match.groups()
-    return f"{stack}/{layer}/{block.removesuffix('_att')}"
+    if match is not None:
+        stack, layer, block = match.groups()
+        return f"{stack}/{layer}/{block.removesuffix('_att')}"
+    match = _FLOW_SITE.search(module_path)
+    if match is not None:
+        return "/".join(match.groups())
+    return module_path.replace(".", "/")
 
 
 def collect_stats(model: nn.Module) -> dict[str, list[float]]:
     """``{"<stack>/<layer>/<attention>/<stat>": [value per head]}`` from every ``stats()``.
 
-    ``stack`` in ``lang | visn | cross``; ``attention`` in ``self | cross | lang_self | visn_self``.
+    ``stack`` in ``lang | visn | cross``; ``attention`` in ``self | cross | lang_self | visn_self``
+    (LXMERT's layers) or ``lang | visn | shared`` (a flow layer's streams).
     """
     out: dict[str, list[float]] = {}
     for name, m in _modules_with(model, "stats"):
