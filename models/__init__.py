@@ -14,6 +14,7 @@ from models.config import (
     to_flat_dict,
 )
 from models.lxmert import (
+    LXMERT_PRETRAIN_HEADS,
     PRETRAIN_HEADS,
     LxmertForPretraining,
     LxmertForVQA,
@@ -25,6 +26,7 @@ from models.lxmert import (
 __all__ = [
     "AttentionConfig",
     "ConfigError",
+    "LXMERT_PRETRAIN_HEADS",
     "LayerDropConfig",
     "LxmertForPretraining",
     "LxmertForVQA",

@@ -21,9 +21,10 @@ from torch import nn
 from models.attention import MultiHeadAttention, build_kernel
 from models.config import AttentionConfig, ConfigError, ModelConfig, apply_overrides
 from models.flow import CROSS, FLOW_LAYERS, Flow, FlowLayer, layer_kinds
-from models.heads import MaskedObjectHead, MatchHead, MLMHead, VQAHead
+from models.heads import ContrastiveHead, MaskedObjectHead, MatchHead, MLMHead, VQAHead
 from models.layerdrop import LayerDrop
 from models.lxmert import (
+    LXMERT_PRETRAIN_HEADS,
     PRETRAIN_HEADS,
     AttentionBlock,
     CrossLayer,
@@ -139,27 +140,33 @@ def lxmert(cfg: ModelConfig) -> LxmertForVQA:
 
 def lxmert_pretraining(
     cfg: ModelConfig,
-    heads: tuple[str, ...] | list[str] = PRETRAIN_HEADS,
+    heads: tuple[str, ...] | list[str] = LXMERT_PRETRAIN_HEADS,
     *,
     num_object_labels: int = 1600,
     num_attr_labels: int = 400,
     num_qa_answers: int = 9500,
+    contrastive_dim: int = 256,
+    contrastive_temperature: float = 0.07,
+    contrastive_learn_temperature: bool = True,
 ) -> LxmertForPretraining:
     """Assemble an :class:`LxmertForPretraining`: the same encoder as :func:`lxmert` plus LXMERT's
     pretraining heads, initialised like BERT (the MLM bias at 0, as HuggingFace does).
 
     Args:
         cfg: Model config (``num_answers`` is the fine-tuning head's and is not used here).
-        heads: Which heads to build, a subset of ``mlm, mor, match, qa``.
+        heads: Which heads to build, a subset of ``mlm, mor, match, qa, contrastive``.
         num_object_labels: Object classes of masked object prediction (LXMERT: 1,600).
         num_attr_labels: Attribute classes (LXMERT: 400).
         num_qa_answers: Answers of the image-QA head (LXMERT: 9,500).
+        contrastive_dim: Embedding size of the contrastive head.
+        contrastive_temperature: Its initial (or fixed) temperature.
+        contrastive_learn_temperature: Train the temperature (else fixed).
     """
     unknown = sorted(set(heads) - set(PRETRAIN_HEADS))
     if unknown:
         raise ConfigError(f"pretraining heads {unknown} are unknown; valid: {', '.join(PRETRAIN_HEADS)}")
     for key, value in (("num_object_labels", num_object_labels), ("num_attr_labels", num_attr_labels),
-                       ("num_qa_answers", num_qa_answers)):  # fmt: skip
+                       ("num_qa_answers", num_qa_answers), ("contrastive_dim", contrastive_dim)):  # fmt: skip
         if value < 1:
             raise ConfigError(f"{key}={value} must be >= 1")
     h, eps = cfg.hidden_size, cfg.layer_norm_eps
@@ -168,6 +175,7 @@ def lxmert_pretraining(
         "mor": lambda: MaskedObjectHead(h, num_object_labels, num_attr_labels, cfg.visual_feat_dim, eps),
         "match": lambda: MatchHead(h),
         "qa": lambda: VQAHead(h, num_qa_answers, eps),
+        "contrastive": lambda: ContrastiveHead(h, contrastive_dim, contrastive_temperature, contrastive_learn_temperature),
     }
     encoder = backbone(cfg)
     model = LxmertForPretraining(cfg, encoder, nn.ModuleDict({n: factories[n]() for n in PRETRAIN_HEADS if n in heads}))
