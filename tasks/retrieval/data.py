@@ -202,6 +202,35 @@ def synthetic_dir(cache_dir: str | Path, features: str, grid: int, n_images: int
     return Path(cache_dir) / "retrieval" / name
 
 
+def synthetic_scenes(n_images: int, seed: int) -> dict[str, np.ndarray]:
+    """The scenes of the synthetic set: drawn from the generator's stream 3, the first ``n_images``
+    with distinct (shape, colour, size, place).
+
+    Raises:
+        ValueError: more images than distinct descriptions (648).
+    """
+    from tasks.pretrain import synthetic
+
+    combos = len(synthetic.SHAPES) * len(synthetic.COLORS) * len(synthetic.SIZES) * 9
+    if not 1 <= n_images <= combos:
+        raise ValueError(f"a synthetic retrieval set holds 1 to {combos} images (distinct shape, colour, size, place); "
+                         f"got {n_images}")  # fmt: skip
+    draw = max(4 * n_images, 256)
+    while True:  # draw until n scenes with distinct descriptions (a few rounds near the 648 limit)
+        scenes = synthetic.draw_scenes(draw, seed * 7919 + SYNTHETIC_STREAM)
+        words = synthetic.attributes(scenes)
+        seen: dict[tuple, int] = {}
+        for i, key in enumerate(zip(words["shape"], words["color"], words["size"], words["place"])):
+            seen.setdefault(key, i)
+        if len(seen) >= n_images or draw >= 64 * combos:
+            break
+        draw *= 2
+    keep = np.sort(np.fromiter(seen.values(), np.int64))[:n_images]
+    if len(keep) < n_images:
+        raise ValueError(f"only {len(keep)} distinct synthetic scenes found; ask for fewer images")
+    return {k: v[keep] for k, v in scenes.items()}
+
+
 def build_synthetic(tmp: Path, data, feature_store: Path, n_images: int, per_image: int, seed: int,
                     max_seq_len: int) -> dict:  # fmt: skip
     """Write the synthetic retrieval set into the empty directory ``tmp``; returns its meta.
@@ -219,26 +248,9 @@ def build_synthetic(tmp: Path, data, feature_store: Path, n_images: int, per_ima
     from tasks import easyvqa
     from tasks.pretrain import synthetic
 
-    combos = len(synthetic.SHAPES) * len(synthetic.COLORS) * len(synthetic.SIZES) * 9
-    if not 1 <= n_images <= combos:
-        raise ValueError(f"a synthetic retrieval set holds 1 to {combos} images (distinct shape, colour, size, place); "
-                         f"got {n_images}")  # fmt: skip
     fmeta = st.read_json(feature_store / st.META)
     mean, std = np.asarray(fmeta["feature_mean"], np.float32), np.asarray(fmeta["feature_std"], np.float32)
-    draw = max(4 * n_images, 256)
-    while True:  # draw until n scenes with distinct descriptions (a few rounds near the 648 limit)
-        scenes = synthetic.draw_scenes(draw, seed * 7919 + SYNTHETIC_STREAM)
-        words = synthetic.attributes(scenes)
-        seen: dict[tuple, int] = {}
-        for i, key in enumerate(zip(words["shape"], words["color"], words["size"], words["place"])):
-            seen.setdefault(key, i)
-        if len(seen) >= n_images or draw >= 64 * combos:
-            break
-        draw *= 2
-    keep = np.sort(np.fromiter(seen.values(), np.int64))[:n_images]
-    if len(keep) < n_images:
-        raise ValueError(f"only {len(keep)} distinct synthetic scenes found; ask for fewer images")
-    scenes = {k: v[keep] for k, v in scenes.items()}
+    scenes = synthetic_scenes(n_images, seed)
     words = synthetic.attributes(scenes)
     images = synthetic.render(scenes, synthetic.coverage_maps(scenes))
     desc, boxes = easyvqa.featurize(images, data.features, data.grid)
@@ -253,9 +265,9 @@ def build_synthetic(tmp: Path, data, feature_store: Path, n_images: int, per_ima
     st.save(tmp, "image_rows", np.arange(n_images, dtype=np.int64))
     info = _write_texts(tmp, texts, owner, data.tokenizer, max_seq_len)
     return {"source": "synthetic", "format_version": FORMAT_VERSION, "feature_store": "images",
-            "image_ids": [f"synthetic-{seed}-{int(i)}" for i in keep], "n_images": n_images, "n_texts": len(texts),
-            "seed": seed, "stream": SYNTHETIC_STREAM, "features": data.features, "grid": data.grid,
-            "scenes": {k: v.tolist() for k, v in scenes.items()}, **info}  # fmt: skip
+            "image_ids": [f"synthetic-{seed}-{i}" for i in range(n_images)], "n_images": n_images,
+            "n_texts": len(texts), "seed": seed, "stream": SYNTHETIC_STREAM, "features": data.features,
+            "grid": data.grid, "scenes": {k: v.tolist() for k, v in scenes.items()}, **info}  # fmt: skip
 
 
 def prepare_synthetic(data, n_images: int = 100, per_image: int = 2, seed: int = 0, max_seq_len: int = 0) -> Path:
@@ -266,7 +278,8 @@ def prepare_synthetic(data, n_images: int = 100, per_image: int = 2, seed: int =
         n_images: Images in the set.
         per_image: Captions per image.
         seed: The pretraining corpus' seed (``pretrain.corpus_seed``).
-        max_seq_len: Tokens per caption; 0 = the data config's.
+        max_seq_len: Tokens per caption; 0 = the longest caption's (truncation would cut the place
+            words off and make captions ambiguous; a model needs as many positions).
     """
     from tasks import prepare as prepare_task
     from tasks.config import ConfigError
@@ -276,7 +289,12 @@ def prepare_synthetic(data, n_images: int = 100, per_image: int = 2, seed: int =
         raise ConfigError(f"the synthetic retrieval set uses easy-VQA's feature extractor: data.name must be easyvqa, "
                           f"not {data.name!r}")  # fmt: skip
     feature_store = Path(prepare_task(data)["features"])
-    t = max_seq_len or data.max_seq_len
+    t = max_seq_len
+    if not t:
+        from tasks.pretrain import synthetic
+
+        texts, _ = synthetic_captions(synthetic.attributes(synthetic_scenes(n_images, seed)), per_image)
+        t = max(len(ids) for ids in get_tokenizer(data.tokenizer).encode(texts))
     path = synthetic_dir(data.cache_dir, data.features, data.grid, n_images, per_image, seed, data.tokenizer, t)
     st.build_once(path, lambda tmp: build_synthetic(tmp, data, feature_store, n_images, per_image, seed, t))
     return path

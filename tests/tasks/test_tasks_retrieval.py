@@ -150,6 +150,7 @@ def test_synthetic_set_has_one_unambiguous_image_per_caption(easyvqa_cache, voca
         shape, color, size, place = keys[rset.text_image[t]]
         assert all(w in text for w in (shape, color, size, place)), text
     # Drawn from a stream the pretraining corpus does not use; same arguments, same set.
+    assert rset.meta["truncated"] == 0  # the set is tokenised to its longest caption: no place word cut off
     assert rset.meta["stream"] == 3 and prepare_synthetic(data, n_images=40, per_image=2, seed=0) == path
     b = rset.pair_batch(np.array([0, 1]), np.array([3, 4]))
     assert b["input_ids"].shape == (2, rset.max_seq_len) and b["visual_feats"].shape[:2] == (2, rset.feats.shape[1])
