@@ -135,7 +135,10 @@ def masked_mean(states: Tensor, keep: Tensor | None) -> Tensor:
 
 
 class ContrastiveHead(nn.Module):
-    """Image-text contrastive projection: pooled text / image states -> Linear -> unit vectors.
+    """Image-text contrastive projection: mean-pooled text / image states -> Linear -> unit vectors.
+
+    Each modality's states are averaged over its real positions (tokens, regions: with no
+    single-modality layers the [CLS] state would be the same for every text) and projected.
 
     Similarities are ``scale * <text, image>`` with ``scale = 1 / temperature``. A learned temperature
     is parametrised as CLIP's (Radford et al. 2021, https://arxiv.org/abs/2103.00020):
@@ -167,21 +170,22 @@ class ContrastiveHead(nn.Module):
         else:
             self.register_buffer("log_scale", log_scale)
 
-    def embed_text(self, pooled_text: Tensor) -> Tensor:
-        """(B, H) pooled text states -> (B, D) unit vectors."""
-        return F.normalize(self.text(pooled_text), dim=-1)
+    def embed_text(self, lang: Tensor, keep: Tensor | None = None) -> Tensor:
+        """(B, T, H) token states and their (B, T) 1/0 mask (None: all real) -> (B, D) unit vectors."""
+        return F.normalize(self.text(masked_mean(lang, keep)), dim=-1)
 
-    def embed_image(self, pooled_image: Tensor) -> Tensor:
-        """(B, H) pooled image states -> (B, D) unit vectors."""
-        return F.normalize(self.image(pooled_image), dim=-1)
+    def embed_image(self, visn: Tensor, keep: Tensor | None = None) -> Tensor:
+        """(B, R, H) region states and their (B, R) 1/0 mask (None: all real) -> (B, D) unit vectors."""
+        return F.normalize(self.image(masked_mean(visn, keep)), dim=-1)
 
     def scale(self) -> Tensor:
         """The 0-d similarity scale ``1 / temperature``."""
         return self.log_scale.exp()
 
-    def forward(self, pooled_text: Tensor, pooled_image: Tensor) -> dict[str, Tensor]:
-        """(B, H), (B, H) -> ``{"text": (B, D), "image": (B, D), "scale": ()}``."""
-        return {"text": self.embed_text(pooled_text), "image": self.embed_image(pooled_image), "scale": self.scale()}
+    def forward(self, lang: Tensor, lang_keep: Tensor | None, visn: Tensor, visn_keep: Tensor | None) -> dict[str, Tensor]:
+        """(B, T, H), (B, T), (B, R, H), (B, R) -> ``{"text": (B, D), "image": (B, D), "scale": ()}``."""
+        return {"text": self.embed_text(lang, lang_keep), "image": self.embed_image(visn, visn_keep),
+                "scale": self.scale()}  # fmt: skip
 
     @torch.no_grad()
     def post_step(self) -> None:

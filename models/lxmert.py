@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from models.attention import MultiHeadAttention, additive_mask
 from models.config import ModelConfig
 from models.dropout import Dropout
-from models.heads import VQAHead, masked_mean
+from models.heads import VQAHead
 from models.layerdrop import LayerDrop
 
 #: LXMERT's pretraining heads, in its order (what :func:`models.lxmert_pretraining` builds by default).
@@ -530,8 +530,7 @@ class LxmertForPretraining(nn.Module):
             out.qa = self.heads["qa"](base.pooled)
         if "contrastive" in names:
             lang, visn = unimodal[-1]
-            out.contrastive = self.heads["contrastive"](masked_mean(lang, attention_mask),
-                                                        masked_mean(visn, visual_attention_mask))  # fmt: skip
+            out.contrastive = self.heads["contrastive"](lang, attention_mask, visn, visual_attention_mask)
         return out
 
     @property

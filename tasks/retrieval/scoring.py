@@ -11,7 +11,7 @@ similarity (N + M single-modality encodings).
   contrastive head.
 
 The model is anything shaped like :class:`models.LxmertForPretraining` (``model(**inputs,
-heads=(...,))``, ``model.lxmert``, ``model.heads``); tasks/ never imports models.
+heads=(...,))``, ``model.lxmert.encode_unimodal``, ``model.heads``); tasks/ never imports models.
 """
 
 from __future__ import annotations
@@ -50,8 +50,6 @@ def itm_scorer(model: torch.nn.Module, rset: RetrievalSet,
 def embed(model: torch.nn.Module, rset: RetrievalSet, batch_size: int = 256,
           autocast: Callable[[], AbstractContextManager] = nullcontext) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """(image embeddings (N_images, D), text embeddings (N_texts, D)) from the contrastive head."""
-    from models.heads import masked_mean  # the pooling the contrastive head was trained with
-
     if "contrastive" not in getattr(model, "heads", {}):
         raise ValueError("embedding scoring needs a model with a contrastive head (pretrain.tasks with contrastive); "
                          "use scoring=itm")  # fmt: skip
@@ -62,11 +60,11 @@ def embed(model: torch.nn.Module, rset: RetrievalSet, batch_size: int = 256,
         for start in range(0, rset.n_texts, batch_size):
             b = {k: v.to(device) for k, v in rset.text_batch(np.arange(start, min(start + batch_size, rset.n_texts))).items()}
             lang, _ = model.lxmert.encode_unimodal(b["input_ids"], b["attention_mask"], b["token_type_ids"])
-            texts.append(head.embed_text(masked_mean(lang, b["attention_mask"])).float().cpu())
+            texts.append(head.embed_text(lang, b["attention_mask"]).float().cpu())
         for start in range(0, rset.n_images, batch_size):
             b = {k: v.to(device) for k, v in rset.image_batch(np.arange(start, min(start + batch_size, rset.n_images))).items()}
             _, visn = model.lxmert.encode_unimodal(visual_feats=b["visual_feats"], visual_pos=b["visual_pos"])
-            images.append(head.embed_image(masked_mean(visn, None)).float().cpu())
+            images.append(head.embed_image(visn).float().cpu())
     return torch.cat(images).numpy(), torch.cat(texts).numpy()
 
 

@@ -328,10 +328,10 @@ def test_contrastive_head_reads_the_single_modality_states(flow):
                                                   batch["visual_feats"], batch["visual_pos"],
                                                   batch["visual_attention_mask"])  # fmt: skip
     head = model.heads["contrastive"]
-    keep = batch["attention_mask"].float().unsqueeze(-1)
-    text = head.embed_text((lang * keep).sum(1) / keep.sum(1))
+    keep = batch["attention_mask"].float().unsqueeze(-1)  # the mean over real tokens / regions, by hand
+    text = torch.nn.functional.normalize(head.text((lang * keep).sum(1) / keep.sum(1)), dim=-1)
     vkeep = batch["visual_attention_mask"].float().unsqueeze(-1)
-    image = head.embed_image((visn * vkeep).sum(1) / vkeep.sum(1))
+    image = torch.nn.functional.normalize(head.image((visn * vkeep).sum(1) / vkeep.sum(1)), dim=-1)
     torch.testing.assert_close(out.contrastive["text"], text, atol=1e-6, rtol=0)
     torch.testing.assert_close(out.contrastive["image"], image, atol=1e-6, rtol=0)
     assert torch.allclose(out.contrastive["text"].norm(dim=-1), torch.ones(3))
