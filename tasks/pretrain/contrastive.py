@@ -118,9 +118,10 @@ def in_batch_info_nce(
         logits = scale * (queries @ cands.T)
         removed = same
         if extra is not None:
-            eg = extra_groups if extra_groups is not None else None
-            extra_removed = (g[:, None] == eg[None, :]) if eg is not None else torch.zeros(
-                b, extra.shape[0], dtype=torch.bool, device=text.device)
+            if extra_groups is None:
+                extra_removed = torch.zeros(b, extra.shape[0], dtype=torch.bool, device=text.device)
+            else:
+                extra_removed = g[:, None] == extra_groups.to(g.device)[None, :]
             removed = torch.cat([same, extra_removed], 1)
         loss, hit = info_nce(logits, target, removed)
         return loss.mean(), float(hit.sum()), cands.shape[0]

@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from models import ConfigError, build_model, hooks, lxmert_base, lxmert_pretraining, lxmert_tiny
 from models.attention import ATTENTION_REGISTRY
 from models.checkpoint import CheckpointError, load_pretrained
-from models.flops import count_params, flops_per_sample, layerdrop_saving
+from models.flops import count_params, flop_count, flops_per_sample, layerdrop_saving
 from models.flow import FLOW_LAYERS, FLOWS, Flow, FlowLayer
 from models.layerdrop import prune
 
@@ -251,8 +251,14 @@ def test_flow_costs_at_lxmert_base_size():
     mixed = lxmert_base("flow=mixed", "flow_merged_from=2")
     assert flops_per_sample(mixed, 20, 36) == pytest.approx(
         (2 * flops_per_sample(base, 20, 36) + 3 * flops_per_sample(merged, 20, 36)) / 5, rel=1e-12)
+    # LayerDrop over a mixed fusion stack: each of its 5 layers runs in 4 of 5 training steps.
     ld = lxmert_base("flow=mixed", "flow_merged_from=2", "layerdrop.mode=fixed", "layerdrop.n_drop=1")
-    assert 0.1 < layerdrop_saving(ld) < 0.25
+    assert flop_count(ld, training=True).cross == pytest.approx(0.8 * flop_count(ld).cross, rel=1e-12)
+    every_other = lxmert_base("flow=mixed", "flow_merged_from=2", "layerdrop.eval=every_other")
+    kept = flop_count(every_other).cross  # layers 0, 2 and 4 run: one LXMERT layer, two merged
+    per = {"x": flop_count(base).cross / 5, "m": flop_count(merged).cross / 5}
+    assert kept == pytest.approx(per["x"] + 2 * per["m"], rel=1e-12)
+    assert 0 < layerdrop_saving(ld) < 1
 
 
 def test_flow_config_errors_name_the_key():
