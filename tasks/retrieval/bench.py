@@ -7,6 +7,7 @@ Builds the synthetic caption set (easy-VQA's features, prepared once), a randoml
 pretraining model with a matching and a contrastive head, and scores the set both ways in one run.
 Prints N x M, the seconds and pairs per second of each, their ratio, and what N x M pairs at that
 rate would take for COCO's 5K test set (5,000 images x 25,000 captions), a linear extrapolation.
+A command, not library code: it builds a model, which tasks/' library modules never do.
 """
 
 from __future__ import annotations

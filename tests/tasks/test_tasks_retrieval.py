@@ -245,3 +245,12 @@ def test_evaluate_scores_every_pair_with_the_matching_head_and_by_embedding(easy
     with pytest.raises(ValueError, match="contrastive head"):
         evaluate(lxmert_pretraining(cfg, ("match",), num_object_labels=3, num_attr_labels=3, num_qa_answers=3), rset,
                  "embedding", log=None)  # fmt: skip
+
+
+def test_retrieval_benchmark_command_runs(easyvqa_cache, capsys):
+    from tasks.retrieval import bench
+
+    assert bench.main(["--images", "6", "--per-image", "1", "--hidden", "16", "--heads", "2", "--layers", "0,1,0",
+                       "--cache-dir", str(easyvqa_cache)]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "6 images x 6 texts = 36 pairs" in out and "ratio itm / embedding time" in out
