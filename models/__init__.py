@@ -15,6 +15,7 @@ from models.config import (
     to_flat_dict,
 )
 from models.lxmert import (
+    LXMERT_PRETRAIN_HEADS,
     PRETRAIN_HEADS,
     LxmertForPretraining,
     LxmertForVQA,
@@ -27,6 +28,7 @@ __all__ = [
     "AttentionConfig",
     "ConfigError",
     "FinetuneConfig",
+    "LXMERT_PRETRAIN_HEADS",
     "LayerDropConfig",
     "LxmertForPretraining",
     "LxmertForVQA",

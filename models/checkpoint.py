@@ -79,6 +79,8 @@ from models.config import AttentionConfig, ModelConfig
 # not part of a VQA model.
 _PRETRAIN_HEADS = ("cls.", "obj_predict_head.")
 _NATIVE_PRETRAIN_HEADS = ("heads.",)
+#: Checkpoint-side names of our heads that have no LXMERT counterpart (never exported).
+_OURS_ONLY = ("contrastive_head.",)
 # The MLM decoder: tied to the word embeddings, so it is never a parameter of its own here.
 _TIED_DECODER = "cls.predictions.decoder.weight"
 # Non-parameter buffers some HF versions save (recomputed here, so nothing is lost by ignoring them).
@@ -196,7 +198,8 @@ def hf_key_map(depths: Mapping[str, int], head: bool = True, pretrain_heads: Ite
         depths: ``{"lang": l_layers, "visn": r_layers, "cross": x_layers}``.
         head: Include the VQA head (``answer_head.logit_fc.*``).
         pretrain_heads: Include these pretraining heads (``mlm | mor | match | qa``) under
-            HuggingFace ``LxmertForPreTraining``'s names.
+            HuggingFace ``LxmertForPreTraining``'s names; ``contrastive`` (no LXMERT counterpart)
+            under ``contrastive_head.*``, keys no LXMERT checkpoint has: it loads as fresh.
     """
     m: dict[str, list[str]] = {}
     e, v = "lxmert.embeddings", "lxmert.visual_embeddings"
@@ -238,8 +241,13 @@ def hf_key_map(depths: Mapping[str, int], head: bool = True, pretrain_heads: Ite
         if "qa" in heads:
             for ours, idx in (("fc1", 0), ("norm", 2), ("fc2", 3)):
                 m[f"heads.qa.{ours}.{w}"] = [f"answer_head.logit_fc.{idx}.{w}"]
+        if "contrastive" in heads:  # not LXMERT's: no checkpoint has these keys, so they are fresh
+            for name in ("text", "image"):
+                m[f"heads.contrastive.{name}.{w}"] = [f"contrastive_head.{name}.{w}"]
     if "mlm" in set(pretrain_heads):
         m["heads.mlm.bias"] = ["cls.predictions.bias"]
+    if "contrastive" in set(pretrain_heads):
+        m["heads.contrastive.log_scale"] = ["contrastive_head.log_scale"]
     return m
 
 
@@ -595,6 +603,8 @@ def to_hf_state_dict(model: nn.Module, *, task_model: bool = False) -> dict[str,
     head_prefixes = ("answer_head.", *_PRETRAIN_HEADS)
     for name, keys in mapping.items():
         if keys[0].startswith(head_prefixes) and not task_model:
+            continue
+        if keys[0].startswith(_OURS_ONLY):  # heads HuggingFace's LXMERT does not have
             continue
         value = params[name]
         parts = value.chunk(len(keys), 0) if len(keys) > 1 else (value,)

@@ -23,8 +23,11 @@ from typing import Any
 STACKS: tuple[str, ...] = ("lang", "visn", "cross")
 #: The attention modules of a cross-modality layer, as ``<stack>/<attention>`` names.
 CROSS_ATTENTIONS: tuple[str, ...] = ("cross/cross", "cross/lang_self", "cross/visn_self")
+#: The attention streams of a fusion layer built from a flow (``models.flow``; not single_stream,
+#: whose one attention serves both modalities): the language queries' or the vision queries'.
+FLOW_ATTENTIONS: tuple[str, ...] = ("cross/lang", "cross/visn")
 #: Everything ``attention.stacks`` accepts: a whole stack, or one attention kind of the x-layers.
-ATTENTION_SITES: tuple[str, ...] = STACKS + CROSS_ATTENTIONS
+ATTENTION_SITES: tuple[str, ...] = STACKS + CROSS_ATTENTIONS + FLOW_ATTENTIONS
 
 LAYERDROP_MODES: tuple[str, ...] = ("none", "prob", "fixed")
 LAYERDROP_EVAL: tuple[str, ...] = ("all", "every_other")
@@ -57,7 +60,9 @@ class AttentionConfig:
             ``lang`` / ``visn``: self-attention of the language / vision ("r") layers; ``cross``: all
             three attentions of the cross-modality layers; ``cross/cross``, ``cross/lang_self``,
             ``cross/visn_self``: only that attention of the cross-modality layers (e.g. span only in
-            the cross-attention: ``stacks=cross/cross``).
+            the cross-attention: ``stacks=cross/cross``); ``cross/lang``, ``cross/visn``: the
+            language or vision queries' attention of a fusion layer built from a flow (``merged``,
+            ``co_attention``, ``asymmetric_*``; ``single_stream`` has one attention: ``cross``).
         span_max_lang: S_max (tokens) of span heads whose keys are text tokens.
         span_max_visn: S_max of span heads whose keys are regions.
         span_max_cross: S_max of the shared cross-attention (text queries vs region keys and back).
@@ -341,6 +346,11 @@ class ModelConfig:
         attention: Attention normaliser per site.
         layerdrop: LayerDrop semantics.
         finetune: Fine-tuning strategy (``standard``: every parameter trains).
+        flow: What the ``x_layers`` fusion layers are (:mod:`models.flow`): ``modality_specific``
+            (LXMERT's cross layers), ``merged``, ``single_stream``, ``co_attention``,
+            ``asymmetric_lang``, ``asymmetric_visn`` or ``mixed``.
+        flow_merged_from: With ``flow=mixed``: the first ``flow_merged_from`` fusion layers are
+            LXMERT cross layers, the rest merged (0 <= it <= x_layers); 0 for every other flow.
     """
 
     vocab_size: int = 30522
@@ -362,6 +372,8 @@ class ModelConfig:
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     layerdrop: LayerDropConfig = field(default_factory=LayerDropConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    flow: str = "modality_specific"
+    flow_merged_from: int = 0
 
     def __post_init__(self) -> None:
         # Accept plain dicts for the nested configs (e.g. from YAML or a flat-dict round trip).
@@ -399,6 +411,7 @@ class ModelConfig:
                 raise ConfigError(f"{key}={getattr(self, key)} must lie in [0, 1)")
         self.attention.validate()
         self.layerdrop.validate()
+        self._validate_flow()
         if self.layerdrop.mode == "fixed":
             for stack in self.layerdrop.stack_list():
                 depth = self.depths[stack]
@@ -443,6 +456,38 @@ class ModelConfig:
                         f"finetune.{key}={getattr(ft, key)} exceeds the encoder's {self.depths[stack]} {stack} layer(s) "
                         "that finetune.policy_init=copy copies from; set finetune.policy_init=random"
                     )
+
+    def _validate_flow(self) -> None:
+        from models.flow import CROSS, FLOW_LAYERS, FLOWS, layer_kinds  # late: models.flow imports attention
+
+        if self.flow not in FLOWS:
+            raise ConfigError(f"flow={self.flow!r} is not a registered attention flow; valid: {list(FLOWS)}")
+        if self.flow == "mixed":
+            if not 0 <= self.flow_merged_from <= self.x_layers:
+                raise ConfigError(
+                    f"flow_merged_from={self.flow_merged_from} must lie in [0, x_layers={self.x_layers}] "
+                    "(the index of the first merged fusion layer)"
+                )
+        elif self.flow_merged_from != 0:
+            raise ConfigError(f"flow_merged_from={self.flow_merged_from} applies to flow=mixed only (flow={self.flow!r})")
+        if not self.x_layers:
+            return
+        kinds = set(layer_kinds(self.flow, self.x_layers, self.flow_merged_from))
+        sites = split_list(self.attention.stacks)
+        if CROSS not in kinds:
+            bad = [s for s in sites if s in CROSS_ATTENTIONS]
+            if bad:
+                raise ConfigError(
+                    f"attention.stacks names {bad}, attentions of LXMERT's cross layers, but flow={self.flow!r} "
+                    f"has none; use cross (all fusion-layer attentions) or {list(FLOW_ATTENTIONS)}"
+                )
+        if not any(k in FLOW_LAYERS and not FLOW_LAYERS[k].shared for k in kinds):
+            bad = [s for s in sites if s in FLOW_ATTENTIONS]
+            if bad:
+                raise ConfigError(
+                    f"attention.stacks names {bad}, per-modality attentions of a flow layer, but flow={self.flow!r} "
+                    "has none; use cross" + (f" or {list(CROSS_ATTENTIONS)}" if CROSS in kinds else "")
+                )
 
 
 # --------------------------------------------------------------------------------------------------

@@ -29,6 +29,8 @@ _SITE = re.compile(
     r"(lang|visn|cross)_layers\.(\d+)(?:\.finetuned)?"
     r"(?:\.(self_att|cross_att|lang_self_att|visn_self_att|ffn|lang_ffn|visn_ffn)\b)?"
 )
+# A fusion layer built from a flow (models.flow): cross_layers.<i>.att.<stream>.
+_FLOW_SITE = re.compile(r"(cross)_layers\.(\d+)\.att\.(lang|visn|shared)\b")
 
 
 def _modules_with(model: nn.Module, hook: str):
@@ -64,9 +66,13 @@ def site_of(module_path: str) -> str:
     """``lxmert.encoder.cross_layers.2.cross_att.attention.kernel`` -> ``cross/2/cross``.
 
     Feed-forwards are ``<stack>/<i>/ffn`` (``lang_ffn``, ``visn_ffn`` in cross layers), a whole layer
-    (a SpotTune layer gate) is ``<stack>/<i>/layer``. Paths outside the encoder's layers are returned
+    (a SpotTune layer gate) is ``<stack>/<i>/layer``; a flow layer's stream (``cross_layers.2.att.lang...``)
+    is ``cross/2/lang`` (``visn``, ``shared``). Paths outside the encoder's layers are returned
     unchanged (dots -> slashes).
     """
+    match = _FLOW_SITE.search(module_path)
+    if match is not None:
+        return "/".join(match.groups())
     match = _SITE.search(module_path)
     if match is None:
         return module_path.replace(".", "/")
@@ -78,8 +84,9 @@ def collect_stats(model: nn.Module) -> dict[str, list[float]]:
     """``{"<stack>/<layer>/<attention>/<stat>": [value per head]}`` from every ``stats()``.
 
     ``stack`` in ``lang | visn | cross``; ``attention`` in ``self | cross | lang_self | visn_self``
-    (SpotTune's gated units add ``ffn | lang_ffn | visn_ffn | layer`` sites with one value per
-    decision of the unit, and the policy ``policy/entropy``, ``policy/temperature``).
+    (LXMERT's layers) or ``lang | visn | shared`` (a flow layer's streams); SpotTune's gated units
+    add ``ffn | lang_ffn | visn_ffn | layer`` sites with one value per decision of the unit, and the
+    policy ``policy/entropy``, ``policy/temperature``.
     """
     out: dict[str, list[float]] = {}
     for name, m in _modules_with(model, "stats"):

@@ -51,8 +51,10 @@ class HeadOutputs(nn.Module):
         self.model = model
 
     def forward(self, **inputs: Any) -> dict[str, Any]:
+        from models import PRETRAIN_HEADS
+
         out = self.model(**inputs)
-        return {k: getattr(out, k) for k in ("mlm", "mor", "match", "qa") if getattr(out, k) is not None}
+        return {k: getattr(out, k) for k in PRETRAIN_HEADS if getattr(out, k) is not None}
 
 
 def shared_parameters(model: nn.Module, which: str) -> list[torch.Tensor]:

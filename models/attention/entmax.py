@@ -212,9 +212,10 @@ class EntmaxAttention(nn.Module):
         return alpha_entmax(scores, alpha, max_iter=self.max_iter, tol=self.tol)
 
     def forward(
-        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, need_probs: bool = False
+        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, need_probs: bool = False,
+        *, distance: object = None,
     ) -> tuple[Tensor, Tensor | None]:
-        """Args/returns as :meth:`models.attention.softmax.SoftmaxAttention.forward`."""
+        """Args/returns as :meth:`models.attention.softmax.SoftmaxAttention.forward` (``distance`` unused)."""
         scores = torch.matmul(q, k.transpose(-1, -2)).float() * (q.shape[-1] ** -0.5)
         if mask is not None:
             scores = scores + mask.float()

@@ -41,10 +41,18 @@ class MultiHeadAttention(nn.Module):
         return self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
 
     def attend(
-        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, need_probs: bool = False
+        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, need_probs: bool = False,
+        distance: object = None,
     ) -> tuple[Tensor, Tensor | None]:
-        """Kernel + output projection: (B, heads, Q, hd) queries -> (B, Q, H), probs or None."""
-        out, probs = self.kernel(q, k, v, mask, need_probs)
+        """Kernel + output projection: (B, heads, Q, hd) queries -> (B, Q, H), probs or None.
+
+        ``distance`` (a ``KeyDistance``) reaches the kernel only when given, so a kernel written
+        against the plain ``(q, k, v, mask, need_probs)`` contract still runs everywhere else.
+        """
+        if distance is None:
+            out, probs = self.kernel(q, k, v, mask, need_probs)
+        else:
+            out, probs = self.kernel(q, k, v, mask, need_probs, distance=distance)
         return self.merge(out), probs
 
     def merge(self, heads: Tensor) -> Tensor:
