@@ -17,9 +17,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from models import ModelConfig
@@ -71,6 +73,9 @@ class TrainConfig:
     init_allow_partial: bool = False
     #: Log the best model's weights as an MLflow artifact at the end of the trial.
     log_best_checkpoint: bool = True
+    #: Optimizer steps with a non-finite loss or gradient a trial may skip (per stage) before it
+    #: stops as diverged; 0 stops it at the first one.
+    max_nonfinite_steps: int = 0
 
     def validate(self) -> None:
         _choice("train.optimizer", self.optimizer, OPTIMIZERS)
@@ -80,6 +85,14 @@ class TrainConfig:
         _positive("train.batch_size", self.batch_size)
         _positive("train.eval_batch_size", self.eval_batch_size)
         _positive("train.lr", self.lr)
+        if self.seed < 0:
+            raise ConfigError(f"train.seed must be >= 0, got {self.seed}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.grad_clip < 0:
+            raise ConfigError(f"train.grad_clip must be >= 0 (0: no clipping), got {self.grad_clip}")
+        if self.max_nonfinite_steps < 0:
+            raise ConfigError(f"train.max_nonfinite_steps must be >= 0, got {self.max_nonfinite_steps}")
         _positive("train.cycle_steps", self.cycle_steps)
         _positive("train.lookahead_k", self.lookahead_k)
         if not 0.0 <= self.warmup_ratio < 1.0:
@@ -243,7 +256,11 @@ def coerce(key: str, raw: Any, typ: type, source: str = "overrides") -> Scalar:
         if typ is float:
             if isinstance(raw, bool):
                 raise ValueError
-            return float(raw)
+            value = float(raw)
+            if not math.isfinite(value):
+                # NaN passes every `<= 0` check and inf overflows the first step: no key wants either.
+                raise ConfigError(f"{source}: '{key}' must be a finite number, got {raw!r}")
+            return value
         if typ is str:
             if isinstance(raw, (list, tuple)):
                 return ",".join(str(x) for x in raw)
@@ -255,6 +272,50 @@ def coerce(key: str, raw: Any, typ: type, source: str = "overrides") -> Scalar:
             f"{source}: '{key}' expects {typ.__name__}, got {raw!r}"
         ) from None
     raise ConfigError(f"{source}: '{key}' has unsupported type {typ}")
+
+
+def load_yaml(path: str | Path, what: str = "YAML") -> Any:
+    """Read a YAML file (grids, presets: every YAML file the platform reads goes through here).
+
+    Like ``yaml.safe_load`` (no Python objects are built), but a mapping that repeats a key is
+    refused: YAML itself keeps the last value and drops the others silently, so a cell defined
+    twice, or a key given twice under ``set:``, would run something the file does not say.
+
+    Raises:
+        ConfigError: the file is missing, is not valid YAML, or repeats a key (naming the file, the
+            key and both lines).
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} file not found: {path}")
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                first: dict[Any, int] = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue  # `<<: *anchor` merges are meant to be overridden
+                    key = self.construct_object(key_node, deep=True)
+                    line = key_node.start_mark.line + 1
+                    try:
+                        seen = first.setdefault(key, line)
+                    except TypeError:  # an unhashable key: the base constructor reports it
+                        continue
+                    if seen != line:
+                        raise ConfigError(
+                            f"{path}:{line}: duplicate key '{key}' (first at line {seen}); YAML would keep only "
+                            "the last one and silently drop the other: remove or rename one"
+                        )
+            return super().construct_mapping(node, deep=deep)
+
+    try:
+        with open(path) as fh:
+            return yaml.load(fh, Loader=UniqueKeyLoader)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
 
 
 def parse_cli_overrides(items: list[str]) -> dict[str, str]:

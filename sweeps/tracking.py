@@ -142,6 +142,30 @@ def _retry(what: str, uri: str, fn: Callable[[], T], budget_s: float | None = No
         delay = min(delay * 2, 10.0)
 
 
+def quote(value: str) -> str:
+    """``value`` as a string literal of an MLflow search filter.
+
+    MLflow's filter parser has no escape sequences: it strips the quotes at both ends and keeps
+    the rest. A value with a single quote is written in double quotes and vice versa; one with
+    both cannot be written at all.
+
+    Raises:
+        TrackingError: the value holds both kinds of quote.
+    """
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise TrackingError(f"{value!r} holds both ' and \": MLflow's search filters cannot express it")
+
+
+def _to_int(text: str | None, default: int) -> int:
+    try:
+        return int(str(text))
+    except (TypeError, ValueError):
+        return default
+
+
 def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -225,7 +249,7 @@ class SweepTracker:
             self.uri,
             lambda: self.client.search_runs(
                 [self.experiment_id],
-                filter_string=f"tags.`sweep.id` = '{self.sweep_id}' and tags.`sweep.role` = 'parent'",
+                filter_string=f"tags.`sweep.id` = {quote(self.sweep_id)} and tags.`sweep.role` = 'parent'",
                 max_results=5,
             ),
         )
@@ -263,7 +287,7 @@ class SweepTracker:
             "list the sweep's runs",
             self.uri,
             lambda: list(self.client.search_runs(
-                [self.experiment_id], filter_string=f"tags.`sweep.id` = '{self.sweep_id}'", max_results=5000,
+                [self.experiment_id], filter_string=f"tags.`sweep.id` = {quote(self.sweep_id)}", max_results=5000,
             )),
         )
         for run in runs:
@@ -284,7 +308,7 @@ class SweepTracker:
             self.uri,
             lambda: list(self.client.search_runs(
                 [self.experiment_id],
-                filter_string=f"tags.`sweep.id` = '{self.sweep_id}' and tags.`sweep.role` = 'trial'",
+                filter_string=f"tags.`sweep.id` = {quote(self.sweep_id)} and tags.`sweep.role` = 'trial'",
                 max_results=5000,
             )),
         )
@@ -325,7 +349,7 @@ class TrialTracker:
             lambda: self.client.search_runs(
                 [self.experiment_id],
                 filter_string=(
-                    f"tags.`sweep.id` = '{self.sweep_id}' and tags.`trial.key` = '{self.trial_key}'"
+                    f"tags.`sweep.id` = {quote(self.sweep_id)} and tags.`trial.key` = {quote(self.trial_key)}"
                 ),
                 max_results=5,
             ),
@@ -341,6 +365,8 @@ class TrialTracker:
         if found:
             run = found[0]
             self.run_id = run.info.run_id
+            # How many times a worker has opened the run: 1 + restarts (retries, resumed sweeps).
+            all_tags["trial.attempt"] = str(_to_int(run.data.tags.get("trial.attempt"), 1) + 1)
             _retry("reopen the trial's run", self.uri,
                    lambda: self.client.update_run(self.run_id, status="RUNNING"))
             history = _retry(
@@ -353,6 +379,7 @@ class TrialTracker:
             params = {k: v for k, v in params.items() if k not in existing}
             set_tags(self.client, self.uri, self.run_id, all_tags)
         else:
+            all_tags["trial.attempt"] = "1"
             run = _retry(
                 "create the trial's run",
                 self.uri,

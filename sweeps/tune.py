@@ -23,6 +23,7 @@ from typing import Any
 from ray.tune import Callback
 
 from sweeps.config import ConfigError, flatten
+from sweeps.failures import failure_of
 from sweeps.grid import Plan, Trial
 
 #: What a trial's own process (the function trainable, the Train driver) reserves: memory only, no
@@ -73,7 +74,7 @@ class TrialOutcome:
     key: str
     cell: str
     seed: int
-    status: str  # TERMINATED | ERROR | PENDING | RUNNING
+    status: str  # TERMINATED | ERROR (raised, retries spent) | FAILED (not retried: its cause in error) | ...
     metrics: dict[str, Any] = field(default_factory=dict)
     error: str = ""
     duration_s: float = 0.0
@@ -313,6 +314,11 @@ class Progress(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.done += 1
+        failure = failure_of(trial.last_result)
+        if failure:  # ended without a retry (sweeps/failures.py): no accuracy to show
+            print(f"{self._stamp()} FAILED {self._key(trial)} ({self.done}/{self.total}), not retried: {failure}",
+                  flush=True)
+            return
         acc = (trial.last_result or {}).get("best/acc")
         acc_s = f"best acc {acc:.4f}" if isinstance(acc, (int, float)) else ""
         print(f"{self._stamp()} finished {self._key(trial)} ({self.done}/{self.total}) {acc_s}", flush=True)
@@ -390,7 +396,8 @@ def _outcomes(results, done_before: set[str]) -> list[TrialOutcome]:
     for result in results:
         spec = result.config["trial"]
         metrics = dict(result.metrics or {})
-        status = "ERROR" if result.error else "TERMINATED"
+        failure = failure_of(metrics)  # ended without a retry, with its cause (sweeps/failures.py)
+        status = "ERROR" if result.error else "FAILED" if failure else "TERMINATED"
         trial_id = metrics.get("trial_id", "")
         out.append(TrialOutcome(
             key=spec["trial_key"],
@@ -398,7 +405,7 @@ def _outcomes(results, done_before: set[str]) -> list[TrialOutcome]:
             seed=int(spec["tags"]["trial.seed"]),
             status=status,
             metrics=metrics,
-            error=error_summary(result.error),
+            error=error_summary(result.error) if result.error else failure,
             duration_s=float(metrics.get("trial_wall_s", 0.0) or 0.0),
             ran_now=status == "TERMINATED" and trial_id not in done_before,
         ))
@@ -461,7 +468,7 @@ def search(plan: Plan, paths: SweepPaths, context: dict[str, Any], n_trials: int
         )
         wall += seconds
         outcomes.extend(_outcomes(results, done_before))
-        finished = [r for r in results if not r.error and "best/acc" in (r.metrics or {})]
+        finished = [r for r in results if not r.error and not failure_of(r.metrics) and "best/acc" in (r.metrics or {})]
         if not finished:
             raise RuntimeError(f"search: every Optuna trial of cell '{cell}' failed; see {paths.ray_dir}")
         top = max(finished, key=lambda r: r.metrics["best/acc"])
