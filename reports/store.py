@@ -286,9 +286,9 @@ def load_sweep(client, uri: str, sweep: str, experiment: str = DEFAULT_EXPERIMEN
         ReportError: when the experiment or sweep does not exist (listing those that do).
     """
     exp_id = experiment_id(client, uri, experiment)
-    name = quote(sweep)
+    sweep_literal = quote(sweep)
     parents = _search_all(
-        client, [exp_id], f"tags.`sweep.id` = {name} and tags.`sweep.role` = 'parent'",
+        client, [exp_id], f"tags.`sweep.id` = {sweep_literal} and tags.`sweep.role` = 'parent'",
         order_by=["attributes.start_time DESC"],
     )
     if not parents:
@@ -318,7 +318,7 @@ def load_sweep(client, uri: str, sweep: str, experiment: str = DEFAULT_EXPERIMEN
 
     planned: list[str] = list(_json(ptags.get("sweep.trials"), []))
     failed: dict[str, str] = _json(ptags.get("sweep.failed"), {})
-    children = _search_all(client, [exp_id], f"tags.`sweep.id` = {name} and tags.`sweep.role` = 'trial'",
+    children = _search_all(client, [exp_id], f"tags.`sweep.id` = {sweep_literal} and tags.`sweep.role` = 'trial'",
                            order_by=["attributes.start_time DESC"])
     by_key: dict[str, list] = {}
     for run in children:

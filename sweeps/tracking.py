@@ -92,9 +92,17 @@ def check_tracking(uri: str, timeout_s: float = 5.0) -> None:
             db.parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise TrackingError(f"cannot create the MLflow store folder {db.parent}: {err}") from None
-    # Opening the store creates / migrates the schema once, here, rather than racing in workers.
+    # Opening the store creates / migrates the schema once, here, rather than racing in workers;
+    # two drivers creating one new SQLite store at once fail ("table ... already exists"), so
+    # drivers sharing a runs dir take turns.
+    guard = contextlib.nullcontext()
+    if parsed.scheme == "sqlite":
+        from tasks.store import file_lock
+
+        guard = file_lock(db.with_name(db.name + ".init-lock"))
     try:
-        client(uri).search_experiments(max_results=1)
+        with guard:
+            client(uri).search_experiments(max_results=1)
     except Exception as err:
         raise TrackingError(f"MLflow tracking store {uri} is not usable: {err}") from None
 
@@ -301,6 +309,33 @@ class SweepTracker:
         log_metrics(self.client, self.uri, rid, metrics, step=0)
         _retry("close the sweep's parent run", self.uri,
                lambda: self.client.set_terminated(rid, status=status))
+
+    def close_orphans(self, reason: str) -> list[str]:
+        """Mark this sweep's runs still RUNNING as KILLED, tagging ``failure.reason``.
+
+        Called by a driver holding the sweep's lock before anything else: no other driver runs
+        this sweep, so a RUNNING run was left by one that died (SIGKILL, a lost head node). A trial
+        that resumes reopens its run as RUNNING. Returns the trial keys (or ``parent``) closed.
+        """
+        runs = _retry(
+            "list the sweep's unfinished runs",
+            self.uri,
+            lambda: list(self.client.search_runs(
+                [self.experiment_id],
+                filter_string=f"tags.`sweep.id` = {quote(self.sweep_id)} and attributes.status = 'RUNNING'",
+                max_results=5000,
+            )),
+        )
+        closed = []
+        for run in runs:
+            rid = run.info.run_id
+            role = run.data.tags.get("sweep.role", "")
+            if role != "parent":
+                set_tags(self.client, self.uri, rid, {"failure.kind": "killed", "failure.reason": reason})
+            _retry("close a run the dead driver left open", self.uri,
+                   lambda r=rid: self.client.set_terminated(r, status="KILLED"))
+            closed.append("parent" if role == "parent" else run.data.tags.get("trial.key", rid))
+        return closed
 
     def children(self) -> list:
         return _retry(

@@ -47,6 +47,7 @@ from sweeps.failures import (
     failure_result,
     grad_norm,
     record_failure,
+    write_failure,
 )
 from sweeps.optim import build_optimizer, build_schedule, total_steps
 
@@ -706,6 +707,8 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
             # (Ray Train and Tune retry whatever is raised; see sweeps/failures.py).
             record_failure(tracker, *failure)
             log(f"FAILED, not retried ({failure[0]}): {failure[1]}")
+            if rank == 0 and loop_config.get("failure_file"):
+                write_failure(loop_config["failure_file"], *failure)
             ray.train.report(failure_result(*failure), checkpoint=None)
         except BaseException:
             _close_failed(tracker)

@@ -23,7 +23,7 @@ from typing import Any
 from ray.tune import Callback
 
 from sweeps.config import ConfigError, flatten
-from sweeps.failures import failure_of
+from sweeps.failures import FAILURE_FILE, failure_of, failure_result, read_failure
 from sweeps.grid import Plan, Trial
 
 #: What a trial's own process (the function trainable, the Train driver) reserves: memory only, no
@@ -74,7 +74,9 @@ class TrialOutcome:
     key: str
     cell: str
     seed: int
-    status: str  # TERMINATED | ERROR (raised, retries spent) | FAILED (not retried: its cause in error) | ...
+    #: TERMINATED | ERROR (raised, retries spent) | FAILED (not retried: its cause in ``error``) |
+    #: UNFINISHED (the sweep was interrupted before it ended)
+    status: str
     metrics: dict[str, Any] = field(default_factory=dict)
     error: str = ""
     duration_s: float = 0.0
@@ -128,6 +130,8 @@ def run_trial(param: dict[str, Any]) -> dict[str, Any]:
         spec["tags"] = {**spec["tags"], "search.params": json.dumps(param["search"], sort_keys=True)}
     res = spec["resources"]
     start = time.time()
+    failure_file = Path(spec["train_dir"]) / spec["trial_key"] / FAILURE_FILE
+    failure_file.unlink(missing_ok=True)  # a cause left by an earlier run of this trial
     env = {k: os.environ.get(k, v) for k, v in TRIAL_ENV.items()}
     os.environ.update(env)  # the Train controller inherits RAY_TRAIN_* from this process
     scaling = ray.train.ScalingConfig(
@@ -138,7 +142,8 @@ def run_trial(param: dict[str, Any]) -> dict[str, Any]:
     )
     trainer = TorchTrainer(
         train_fn_per_worker,
-        train_loop_config={k: spec[k] for k in ("trial_key", "config", "context", "tags")},
+        train_loop_config={**{k: spec[k] for k in ("trial_key", "config", "context", "tags")},
+                           "failure_file": str(failure_file)},
         scaling_config=scaling,
         run_config=ray.train.RunConfig(
             name=spec["trial_key"],
@@ -152,7 +157,9 @@ def run_trial(param: dict[str, Any]) -> dict[str, Any]:
     )
     result = trainer.fit()
     prune_unregistered_checkpoints(result, spec["trial_key"])
-    metrics = dict(result.metrics or {})
+    failure = read_failure(failure_file)
+    # A trial that ended without a retry returns its cause, not its last checkpoint's metrics.
+    metrics = failure_result(*failure) if failure else dict(result.metrics or {})
     metrics["trial_wall_s"] = time.time() - start
     return metrics
 
@@ -392,12 +399,18 @@ def _fit(name: str, paths: SweepPaths, param_space: dict[str, Any] | None, n_at_
 
 
 def _outcomes(results, done_before: set[str]) -> list[TrialOutcome]:
+    # Tune's own status per trial (the ResultGrid keeps the trials in its analysis, in result order):
+    # a trial stopped by Ctrl-C / SIGTERM ends with no error and is not finished either.
+    analysis = getattr(results, "_experiment_analysis", None)
+    states = [t.status for t in analysis.trials] if analysis is not None else []
     out = []
-    for result in results:
+    for i, result in enumerate(results):
         spec = result.config["trial"]
         metrics = dict(result.metrics or {})
         failure = failure_of(metrics)  # ended without a retry, with its cause (sweeps/failures.py)
-        status = "ERROR" if result.error else "FAILED" if failure else "TERMINATED"
+        state = states[i] if len(states) == len(results) else "TERMINATED"
+        status = ("ERROR" if result.error else "FAILED" if failure
+                  else "TERMINATED" if state == "TERMINATED" else "UNFINISHED")
         trial_id = metrics.get("trial_id", "")
         out.append(TrialOutcome(
             key=spec["trial_key"],
