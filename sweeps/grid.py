@@ -330,17 +330,18 @@ def expand(
             continue
         values = {k: v for k, v in point.items() if k != "cell"}
         key = trial_key(name, values)
+        errors: list[str] = []
+        cfg = apply_overrides(base, cell.overrides, source=f"{grid.path}: cells.{name}.set", errors=errors)
+        cfg = apply_overrides(cfg, values, source=f"{grid.path}: axes", errors=errors)
+        cfg = apply_overrides(cfg, cli_overrides or {}, source="command line", errors=errors)
         try:
-            cfg = apply_overrides(base, cell.overrides, source=f"{grid.path}: cells.{name}.set")
-            cfg = apply_overrides(cfg, values, source=f"{grid.path}: axes")
-            cfg = apply_overrides(cfg, cli_overrides or {}, source="command line")
+            cfg.validate()  # also with a bad override left out: its other problems are listed too
         except ConfigError as err:
-            problems.setdefault(str(err), []).append(key)
-            continue
-        try:
-            cfg.validate()
-        except ConfigError as err:
-            problems.setdefault(f"{grid.path}: cell '{name}': {err}", []).append(key)
+            # One line per bad key; the trial keys (listed once per problem) say which cells.
+            errors.extend(f"{grid.path}: {e}" for e in str(err).split("; "))
+        for text in errors:
+            problems.setdefault(text, []).append(key)
+        if errors:
             continue
         if key in seen:
             raise ConfigError(f"{grid.path}: two trials share the name '{key}' (duplicate axis values?)")

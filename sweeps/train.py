@@ -137,7 +137,7 @@ def load_state(path: str | Path) -> dict[str, Any]:
             f"(loading it could run code): {detail}. The platform never writes such files: it was replaced or "
             "written by other code; remove that checkpoint folder to resume from the one before."
         ) from None
-    except (EOFError, RuntimeError, OSError, ValueError) as err:
+    except Exception as err:  # truncated / not a torch file: EOFError, RuntimeError, IndexError, ...
         raise CheckpointRefused(
             f"trial checkpoint {path} ({size} bytes) cannot be read: {type(err).__name__}: {str(err)[:300]} "
             "(truncated or not a torch file); remove that checkpoint folder to resume from the one before"

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from tasks import store as st
+from tasks.config import DataConfig
 from tasks.vqa.files import TSVFormatError, parse_row
 
 log = logging.getLogger(__name__)
@@ -310,8 +311,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tsv", help="convert just this TSV file (with --out)")
     p.add_argument("--out", help="output store directory for --tsv")
     p.add_argument("--limit", type=int, default=0, help="with --tsv: only the first N images")
+    p.add_argument("--max-unanswerable", type=float, default=DataConfig.max_unanswerable,
+                   help="largest share of a split's labelled questions with no answer in the vocabulary "
+                   "(default %(default)s; above it the split is refused)")
+    p.add_argument("--verbose", action="store_true", help="show the traceback of an error")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        return _main(p, a)
+    except (TSVFormatError, FileNotFoundError, ValueError) as err:  # bad input: one line names it
+        if a.verbose:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _main(p: argparse.ArgumentParser, a: argparse.Namespace) -> int:
     if a.tsv:
         if not a.out:
             p.error("--tsv needs --out")
@@ -323,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not a.root:
         p.error("give --root (LXMERT's data folder) or --tsv/--out")
-    from tasks import DataConfig, prepare
+    from tasks import prepare
 
     cfg = DataConfig(
         name="vqa",
@@ -334,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         image_limit=a.image_limit,
         max_seq_len=a.max_seq_len,
         tokenizer=a.tokenizer,
+        max_unanswerable=a.max_unanswerable,
     )
     for k, v in prepare(cfg).items():
         print(f"{k}: {v}")
