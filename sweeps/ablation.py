@@ -348,6 +348,8 @@ def _run(args: argparse.Namespace, plan: Plan, name: str, runs_dir: Path, lock, 
               f"(sum of {timing.n_ran} trial times / {min(timing.concurrency, timing.n_ran)} at once); "
               f"overhead ratio {timing.overhead_ratio:.3f} (trials phase), "
               f"{total_wall / timing.ideal_s:.3f} (whole command)")
+    if interrupted:  # trials Tune stopped may not have closed their runs: nothing of this sweep runs now
+        sweeper.close_orphans("the sweep was interrupted (Ctrl-C / SIGTERM) while it ran")
     sweeper.finish(
         "KILLED" if interrupted else "FINISHED" if not failed else "FAILED",
         {"sweep/wall_s": total_wall, "sweep/trials_wall_s": timing.wall_s, "sweep/ideal_s": timing.ideal_s,
