@@ -4,10 +4,13 @@ Two drivers on one sweep race on everything a sweep owns (its Tune experiment, i
 folders, its MLflow runs): the second re-runs trials in the first one's folders. The lock is
 ``<runs dir>/sweeps/<sweep>.lock``, created with ``O_EXCL`` (atomic on local and on the usual
 shared filesystems, also across hosts) and holding the holder's host, PID, process start time and
-command line. A lock whose holder is gone is *stale*: on the holder's own host the driver checks
-the PID (and, against PID reuse, the process's start time) and takes the lock over. A holder on
-another host cannot be checked from here: the message names it, and the file to delete once it is
-certain that no driver runs there.
+command line. While it holds the lock, the driver touches the file every ``lease_s / 6`` seconds
+(a heartbeat). A lock whose holder is gone is *stale* and is taken over:
+
+* on the holder's own host when its PID is gone (or belongs to a newer process: PID reuse);
+* from another host (a resubmitted RayJob's new head pod, say) when the file's modification time
+  stays unchanged for ``lease_s`` seconds of watching. Only the change is compared, on this host's
+  clock, so clocks that disagree between hosts do not matter.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,8 +75,11 @@ class SweepLock:
 
     runs_dir: Path
     sweep_id: str
+    #: Heartbeat period x 6; how long a lock from another host must stay untouched to be stale.
+    lease_s: float = field(default_factory=lambda: float(os.environ.get("ABLATION_LOCK_LEASE_S", "60")))
     stale: dict[str, Any] | None = None
     _held: bool = field(default=False, repr=False)
+    _stop: threading.Event = field(default_factory=threading.Event, repr=False)
 
     @property
     def path(self) -> Path:
@@ -103,11 +110,21 @@ class SweepLock:
                     fh.flush()
                     os.fsync(fh.fileno())
                 self._held = True
+                self._stop.clear()
+                threading.Thread(target=self._heartbeat, name="sweep-lock-heartbeat", daemon=True).start()
                 return self
         raise SweepLocked(f"could not take the lock {self.path} (another driver took it over at the same time)")
 
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.lease_s / 6):
+            try:
+                os.utime(self.path)
+            except OSError:
+                return  # removed by hand: nothing left to keep alive
+
     def release(self) -> None:
         """Remove the lock if this process holds it."""
+        self._stop.set()
         if self._held:
             holder = self._read()
             if holder is not None and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
@@ -129,17 +146,35 @@ class SweepLock:
 
     def _is_stale(self, holder: dict[str, Any]) -> bool:
         if holder.get("host") != socket.gethostname():
-            return False  # cannot tell from here
+            return self._untouched_for_a_lease()
         try:
             pid = int(holder["pid"])
         except (KeyError, TypeError, ValueError):
             return True
         return not _alive(pid, holder.get("start_ticks"))
 
+    def _untouched_for_a_lease(self) -> bool:
+        """Watch the lock of a holder on another host: stale if its heartbeat stops for a lease."""
+        try:
+            seen = self.path.stat().st_mtime_ns
+        except OSError:
+            return True
+        print(f"the lock {self.path} is held from another host; watching its heartbeat for up to "
+              f"{self.lease_s:.0f} s", file=sys.stderr, flush=True)
+        deadline = time.monotonic() + self.lease_s
+        while time.monotonic() < deadline:
+            time.sleep(min(1.0, self.lease_s / 10))
+            try:
+                if self.path.stat().st_mtime_ns != seen:
+                    return False  # its driver is alive
+            except OSError:
+                return True
+        return True
+
     def _message(self, holder: dict[str, Any]) -> str:
         where = holder_text(holder)
         elsewhere = holder.get("host") != socket.gethostname()
-        hint = (f"If no driver runs there any more (its host died), delete {self.path} and rerun."
+        hint = ("Its heartbeat is alive: wait for it to finish or stop it there."
                 if elsewhere else "Wait for it to finish or stop it (Ctrl-C), then rerun to resume.")
         return (f"sweep '{self.sweep_id}' in {self.runs_dir} is being run by another driver: {where}, "
                 f"command: {' '.join(map(str, holder.get('argv', [])))[:300]}. {hint} "

@@ -6,11 +6,14 @@ sweep. The sweep-level behaviour of the same (through ``sweeps/ablation.py``) is
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -198,6 +201,32 @@ def test_one_driver_per_sweep_and_a_dead_drivers_lock_is_taken_over(tmp_path):
     assert lock.stale is not None and lock.stale["pid"] == holder.pid
     lock.release()
     assert not lock.path.exists()
+
+
+def test_a_lock_held_from_another_host_is_stale_once_its_heartbeat_stops(tmp_path):
+    path = tmp_path / "sweeps" / "demo.lock"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"host": "head-pod-0", "pid": 7, "started": 0, "argv": ["sweeps/ablation.py"]}))
+    stop = threading.Event()
+
+    def heartbeat():  # a live driver on the other host
+        while not stop.wait(0.1):
+            os.utime(path)
+
+    beating = threading.Thread(target=heartbeat)
+    beating.start()
+    try:
+        with pytest.raises(SweepLocked, match="PID 7 on host head-pod-0.*heartbeat is alive"):
+            SweepLock(tmp_path, "demo", lease_s=1.0).acquire()
+    finally:
+        stop.set()
+        beating.join()
+    lock = SweepLock(tmp_path, "demo", lease_s=1.0).acquire()  # the heartbeat stopped: taken over
+    assert lock.stale["host"] == "head-pod-0"
+    first = path.stat().st_mtime_ns
+    time.sleep(0.5)
+    assert path.stat().st_mtime_ns != first, "the holder's heartbeat does not touch the lock"
+    lock.release()
 
 
 def test_mlflow_filter_values_are_quoted_so_that_quotes_in_names_cannot_break_them():
