@@ -274,7 +274,7 @@ def _run(args: argparse.Namespace, plan: Plan, name: str, runs_dir: Path, lock, 
             print(f"closed {len(closed)} run(s) a previous driver left RUNNING as KILLED: {', '.join(closed)}",
                   flush=True)
         previous = check_manifest(paths, plan, args.fresh, search_settings(args))
-        preflight.require(preflight.check_files(plan))
+        preflight.require(preflight.check_files(plan, runs_dir / "cache"))
         plan = prepare_data(plan, runs_dir)
         preflight.require(preflight.check_weights(plan))
     except _bad_input() as err:

@@ -4,8 +4,9 @@ The config of every trial is validated when the plan is expanded (:func:`sweeps.
 lists every problem). What needs files is checked here, in two passes so that a bad file is found
 before hours of data conversion:
 
-* :func:`check_files` (before data preparation): every ``train.init_checkpoint`` exists and opens as
-  a weights file (a truncated, empty or text file, or one holding pickled objects, is named);
+* :func:`check_files` (before data preparation): the data files exist, and every
+  ``train.init_checkpoint`` exists and opens as a weights file (a truncated, empty or text file,
+  or one holding pickled objects, is named);
 * :func:`check_weights` (after it, when the models' sizes are known): the checkpoint's keys and
   shapes load into each distinct model of the sweep exactly as the trial will load them.
 
@@ -44,11 +45,37 @@ def _trials(keys: list[str]) -> str:
     return f"{len(keys)} trial(s): {', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''}"
 
 
-def check_files(plan: Plan) -> list[str]:
-    """Every ``train.init_checkpoint`` exists and reads as weights; one message per bad file."""
+def check_files(plan: Plan, cache_dir: Path | None = None) -> list[str]:
+    """Every data file the trials need exists, and every ``train.init_checkpoint`` exists and
+    reads as weights; one message per missing or bad file.
+
+    Args:
+        plan: The sweep.
+        cache_dir: Where data caches go when a trial's ``data.cache_dir`` is empty (a feature
+            file is needed only while its converted store is not there).
+    """
+    import dataclasses
+
     from models.checkpoint import CheckpointError, read_checkpoint
 
     problems = []
+    seen: set[str] = set()
+    for trial in plan.trials:
+        data = trial.config.data
+        if data.name != "vqa":
+            continue  # easy-VQA ships in its package
+        if not data.cache_dir and cache_dir is not None:
+            data = dataclasses.replace(data, cache_dir=str(cache_dir))
+        key = repr(flatten(data))
+        if key in seen:
+            continue
+        seen.add(key)
+        from tasks.vqa.data import check_inputs
+
+        try:
+            check_inputs(data.resolved())
+        except (FileNotFoundError, ValueError) as err:
+            problems.append(f"data.root={data.root}: {err}")
     for path, keys in _checkpoints(plan).items():
         where = f"train.init_checkpoint={path} ({_trials(keys)})"
         if not Path(path).expanduser().exists():
