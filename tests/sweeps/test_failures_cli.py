@@ -105,14 +105,15 @@ def test_a_checkpoint_that_does_not_fit_the_model_fails_before_ray_starts(tmp_pa
     assert "shape mismatch" in out and "Traceback" not in out and "running on" not in out
 
 
-def test_a_sweep_name_with_quotes_in_the_report_command_is_a_clean_error(tmp_path):
+def test_a_sweep_name_with_quotes_in_the_report_command_is_a_clean_error(tmp_path, capsys):
     from mlflow import MlflowClient
+
+    from reports.__main__ import main
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     MlflowClient(uri).create_experiment("adaptive-ablation")
-    for name in ("it's", 'say "hi"'):
-        code, out = run([sys.executable, "-m", "reports", "--tracking-uri", uri, "--sweep", name], ROOT)
-        assert code == 2, out
-        assert f"no sweep '{name}'" in out and "Traceback" not in out
-    code, out = run([sys.executable, "-m", "reports", "--tracking-uri", uri, "--sweep", "it's \"both\""], ROOT)
-    assert code == 2 and "cannot hold both" in out and "Traceback" not in out
+    code, out = run([sys.executable, "-m", "reports", "--tracking-uri", uri, "--sweep", "it's"], ROOT)
+    assert code == 2 and "no sweep 'it's'" in out and "Traceback" not in out, out
+    for name, expected in (('say "hi"', "no sweep 'say \"hi\"'"), ("it's \"both\"", "cannot hold both")):
+        assert main(["--tracking-uri", uri, "--sweep", name]) == 2  # the same command, in this process
+        assert expected in capsys.readouterr().err
