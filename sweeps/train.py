@@ -109,6 +109,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
+#: Checkpoints written before the RNG state was stored as tensors hold numpy's uint32 key array.
+#: Rebuilding a plain numpy array runs no code (an object array would need further globals,
+#: which stay refused), so these are allowed on top of torch's own list.
+_NUMPY_ARRAYS = [(getattr(np, "_core", None) or np.core).multiarray._reconstruct, np.ndarray, np.dtype,
+                 type(np.dtype(np.uint32))]
+
+
 def load_state(path: str | Path) -> dict[str, Any]:
     """Read a trial checkpoint (``state.pt``) without executing anything it holds.
 
@@ -129,7 +136,8 @@ def load_state(path: str | Path) -> dict[str, Any]:
     if size == 0:
         raise CheckpointRefused(f"trial checkpoint {path} is empty (0 bytes): it was not written completely")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_NUMPY_ARRAYS):
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         detail = str(err).split("WeightsUnpickler error:", 1)[-1].strip().splitlines()[0]
         raise CheckpointRefused(

@@ -156,6 +156,22 @@ def test_a_trial_checkpoint_is_loaded_without_executing_anything_and_bad_ones_na
     assert not (tmp_path / "bad" / "code-ran").exists(), "unpickling the planted checkpoint ran its code"
 
 
+def test_a_checkpoint_written_before_the_rng_state_became_tensors_still_loads(tmp_path):
+    import random
+
+    import numpy as np
+
+    from sweeps.train import set_rng_state
+
+    np.random.seed(3)
+    old = {"model": {}, "optimizer": {}, "epoch": 2,
+           "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
+    torch.save(old, tmp_path / STATE_FILE)
+    expected = np.random.rand(3)
+    set_rng_state(load_state(tmp_path / STATE_FILE)["rng"])
+    np.testing.assert_array_equal(np.random.rand(3), expected)
+
+
 def test_bad_init_checkpoints_are_refused_naming_the_file_without_running_code(cache, tmp_path):
     import models
 
