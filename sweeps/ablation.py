@@ -341,7 +341,8 @@ def _run(args: argparse.Namespace, plan: Plan, name: str, runs_dir: Path, lock, 
     print(f"\nsweep '{name}' {status}: {len(outcome.trials) - len(failed)}/{len(outcome.trials)} trials finished"
           + (f", {len(plan.pending)} cell(s) not run: {', '.join(plan.pending)}" if plan.pending else ""))
     for t in failed:
-        print(f"  {t.status} {t.key}: {t.error.splitlines()[0] if t.error else t.status}")
+        label = "UNFINISHED" if t.status == "UNFINISHED" else "FAILED"
+        print(f"  {label} {t.key}: {t.error.splitlines()[0] if t.error else t.status}")
     total_wall = time.time() - t_start
     if timing.ideal_s > 0:
         print(f"wall time {total_wall:.0f} s (trials phase {timing.wall_s:.0f} s); ideal {timing.ideal_s:.0f} s "

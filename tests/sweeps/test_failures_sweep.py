@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -166,15 +167,20 @@ def test_after_a_killed_driver_its_runs_are_closed_first_and_a_planted_checkpoin
     planted = sorted(train.glob("*/checkpoint_*/state.pt"))
     for path in planted:
         torch.save({"model": {}, "optimizer": {}, "epoch": 1, "payload": RunsCode(marker)}, path)
+    # Tune's own saved state is pickled too: a rerun must not unpickle it either
+    tune_state = runs / "ray" / "kill" / "tuner.pkl"
+    assert tune_state.exists()
+    tune_state.write_bytes(pickle.dumps(RunsCode(tmp_path / "tune-code-ran")))
 
     second = subprocess.run(args, cwd=tmp_path, env=ray_head.env(), capture_output=True, text=True, timeout=600)
     output = second.stdout + second.stderr
     assert second.returncode == 1, output[-5000:]
     assert not marker.exists(), "resuming executed code from the planted state.pt"
+    assert not (tmp_path / "tune-code-ran").exists(), "resuming unpickled Tune's saved state"
     # before anything else: the stale lock taken over, the dead driver's runs closed
     assert f"a previous driver of 'kill' (PID {first.pid} on host" in output
     closed = output.index("closed 2 run(s) a previous driver left RUNNING as KILLED")
-    assert closed < output.index("running on") and closed < output.index("restoring 'kill'")
+    assert closed < output.index("running on") < output.index("restoring 'kill': 0 ended trial(s) kept, 1 to run")
     assert "FAILED softmax-s0" in output and "could run code" in output
     client, after = runs_of(uri, "kill")
     run = after["softmax-s0"]
