@@ -315,7 +315,7 @@ def expand(
     trials: list[Trial] = []
     pending: dict[str, str] = {}
     seen: dict[str, int] = {}
-    problems: dict[str, list[str]] = {}  # message -> the trials it applies to
+    problems: dict[str, dict[str, Any]] = {}  # message -> the cells and trials it applies to
     for point in points:
         name = point.get("cell")
         if name is None:
@@ -334,14 +334,17 @@ def expand(
         cfg = apply_overrides(base, cell.overrides, source=f"{grid.path}: cells.{name}.set", errors=errors)
         cfg = apply_overrides(cfg, values, source=f"{grid.path}: axes", errors=errors)
         cfg = apply_overrides(cfg, cli_overrides or {}, source="command line", errors=errors)
+        invalid: list[str] = []
         try:
             cfg.validate()  # also with a bad override left out: its other problems are listed too
         except ConfigError as err:
-            # One line per bad key; the trial keys (listed once per problem) say which cells.
-            errors.extend(f"{grid.path}: {e}" for e in str(err).split("; "))
-        for text in errors:
-            problems.setdefault(text, []).append(key)
-        if errors:
+            invalid = str(err).split("; ")  # one per bad key
+        for text in errors + invalid:
+            found = problems.setdefault(text, {"cells": [], "trials": [], "validation": text in invalid})
+            found["trials"].append(key)
+            if name not in found["cells"]:
+                found["cells"].append(name)
+        if errors or invalid:
             continue
         if key in seen:
             raise ConfigError(f"{grid.path}: two trials share the name '{key}' (duplicate axis values?)")
@@ -349,8 +352,12 @@ def expand(
         trials.append(Trial(key=key, cell=cell, axis_values=values, config=cfg))
     if problems:
         # Every problem once (however many trials share it), all of them at once.
-        lines = [f"{text} [{len(keys)} trial(s): {', '.join(keys[:6])}{', ...' if len(keys) > 6 else ''}]"
-                 for text, keys in problems.items()]
+        lines = []
+        for text, found in problems.items():
+            keys = found["trials"]
+            where = ", ".join(f"'{c}'" for c in found["cells"])
+            text = f"{grid.path}: cell {where}: {text}" if found["validation"] else text
+            lines.append(f"{text} [{len(keys)} trial(s): {', '.join(keys[:6])}{', ...' if len(keys) > 6 else ''}]")
         raise ConfigError(lines[0] if len(lines) == 1 else f"{len(lines)} problems:\n  " + "\n  ".join(lines))
     if not trials:
         raise ConfigError(f"{grid.path}: no runnable trials (pending: {', '.join(pending) or 'none'})")
