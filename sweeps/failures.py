@@ -5,9 +5,9 @@ failed trial, whatever the exception: neither has a hook that looks at the excep
 is right for a lost node, and wasted time for a failure that recurs on every attempt: a diverged
 loss (same seed, same data, same steps), a config the trial cannot run, a checkpoint that does not
 load. For those the trial does not raise out of its worker function: it closes its MLflow run as
-FAILED with the cause (:func:`record_failure`), leaves the cause for its Tune process
-(:func:`write_failure`) and returns. The Tune process returns the cause as the trial's last result
-(:func:`failure_result`) instead of metrics, Tune sees a trial that ended, the driver reads the
+FAILED with the cause (:func:`record_failure`) and returns the cause (:func:`failure_result`; for
+Ray Train, rank 0's return value is the Train result's ``return_value``). The trainable returns it
+as the trial's last result instead of metrics, Tune sees a trial that ended, the driver reads the
 cause from that result (:func:`failure_of`) and lists the trial as failed, and a restored sweep
 does not rerun it (``--fresh`` does).
 
@@ -16,17 +16,12 @@ Everything else still raises and is retried as before.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-from pathlib import Path
 from typing import Any
 
 #: Keys of the last result of a trial that failed without retry.
 FAILURE_KEY = "trial/failure"
 FAILURE_KIND_KEY = "trial/failure_kind"
-#: Beside a trial's Train checkpoints: the cause of a failure that ended it without a retry.
-FAILURE_FILE = "failure.json"
 #: MLflow tags of a trial run that failed (any failure the loop saw).
 FAILURE_TAG = "failure.reason"
 FAILURE_KIND_TAG = "failure.kind"
@@ -101,29 +96,6 @@ def failure_result(kind: str, message: str) -> dict[str, Any]:
 def failure_of(metrics: dict[str, Any] | None) -> str:
     """The failure message a trial's last result carries (``""`` for a trial that did not fail)."""
     return str((metrics or {}).get(FAILURE_KEY) or "")
-
-
-def write_failure(path: str | Path, kind: str, message: str) -> None:
-    """Leave the cause where the trial's Tune process reads it (:func:`read_failure`).
-
-    Ray Train hands the trainable only the metrics of its last *checkpoint*, not those of a last
-    report without one, so the cause goes through a file in the trial's Train folder (shared
-    storage on a cluster, like the checkpoints beside it).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"kind": kind, "message": message}))
-    os.replace(tmp, path)
-
-
-def read_failure(path: str | Path) -> tuple[str, str] | None:
-    """``(kind, message)`` that :func:`write_failure` left at ``path``, or None."""
-    try:
-        data = json.loads(Path(path).read_text())
-        return str(data["kind"]), str(data["message"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 def record_failure(tracker, kind: str, message: str) -> None:

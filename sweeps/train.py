@@ -47,7 +47,6 @@ from sweeps.failures import (
     failure_result,
     grad_norm,
     record_failure,
-    write_failure,
 )
 from sweeps.optim import build_optimizer, build_schedule, total_steps
 
@@ -650,10 +649,14 @@ def _csv(text: str) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
+def train_fn_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     """Entry point of every Ray Train worker of a trial.
 
     ``loop_config``: ``{"trial_key", "config" (flat ExperimentConfig), "context" (tracking)}``.
+
+    Returns:
+        ``None``, or for a failure no retry can fix (:func:`sweeps.failures.classify`), its cause
+        (:func:`sweeps.failures.failure_result`) instead of raising it.
     """
     import ray.train
     import ray.train.torch
@@ -715,9 +718,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
             # (Ray Train and Tune retry whatever is raised; see sweeps/failures.py).
             record_failure(tracker, *failure)
             log(f"FAILED, not retried ({failure[0]}): {failure[1]}")
-            if rank == 0 and loop_config.get("failure_file"):
-                write_failure(loop_config["failure_file"], *failure)
-            ray.train.report(failure_result(*failure), checkpoint=None)
+            return failure_result(*failure)  # rank 0's is the Train result's return_value
         except BaseException:
             _close_failed(tracker)
             raise

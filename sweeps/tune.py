@@ -26,7 +26,7 @@ from typing import Any
 from ray.tune import Callback
 
 from sweeps.config import ConfigError, flatten
-from sweeps.failures import FAILURE_FILE, failure_of, failure_result, read_failure
+from sweeps.failures import failure_of
 from sweeps.grid import Plan, Trial
 
 #: What a trial's own process (the function trainable, the Train driver) reserves: memory only, no
@@ -133,8 +133,6 @@ def run_trial(param: dict[str, Any]) -> dict[str, Any]:
         spec["tags"] = {**spec["tags"], "search.params": json.dumps(param["search"], sort_keys=True)}
     res = spec["resources"]
     start = time.time()
-    failure_file = Path(spec["train_dir"]) / spec["trial_key"] / FAILURE_FILE
-    failure_file.unlink(missing_ok=True)  # a cause left by an earlier run of this trial
     env = {k: os.environ.get(k, v) for k, v in TRIAL_ENV.items()}
     os.environ.update(env)  # the Train controller inherits RAY_TRAIN_* from this process
     scaling = ray.train.ScalingConfig(
@@ -145,8 +143,7 @@ def run_trial(param: dict[str, Any]) -> dict[str, Any]:
     )
     trainer = TorchTrainer(
         train_fn_per_worker,
-        train_loop_config={**{k: spec[k] for k in ("trial_key", "config", "context", "tags")},
-                           "failure_file": str(failure_file)},
+        train_loop_config={k: spec[k] for k in ("trial_key", "config", "context", "tags")},
         scaling_config=scaling,
         run_config=ray.train.RunConfig(
             name=spec["trial_key"],
@@ -160,9 +157,10 @@ def run_trial(param: dict[str, Any]) -> dict[str, Any]:
     )
     result = trainer.fit()
     prune_unregistered_checkpoints(result, spec["trial_key"])
-    failure = read_failure(failure_file)
-    # A trial that ended without a retry returns its cause, not its last checkpoint's metrics.
-    metrics = failure_result(*failure) if failure else dict(result.metrics or {})
+    # A trial that ended without a retry returns its cause (rank 0's return value), not its last
+    # checkpoint's metrics.
+    returned = result.return_value if isinstance(result.return_value, dict) else {}
+    metrics = dict(returned) if failure_of(returned) else dict(result.metrics or {})
     metrics["trial_wall_s"] = time.time() - start
     return metrics
 
