@@ -301,15 +301,40 @@ def _component_sort_key(comp: str) -> tuple:
 
 
 def _read_file(path: Path) -> dict[str, Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file  # a dependency of transformers; only needed here
+    """A weights file's tensors; anything unreadable raises a :class:`CheckpointError` naming it.
 
-        return load_file(str(path))
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    ``.pth`` / ``.bin`` files are unpickled with ``weights_only=True``: a file that would build
+    anything but tensors and plain containers (i.e. run code) is refused, not loaded.
+    """
+    size = path.stat().st_size
+    kind = "safetensors" if path.suffix == ".safetensors" else "torch"
+
+    def refused(why: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint {path} ({size} bytes) is not a readable {kind} weights file: {why}",
+                               LoadReport(source=str(path)))
+
+    if size == 0:
+        raise refused("it is empty")
+    try:
+        if kind == "safetensors":
+            from safetensors.torch import load_file  # a dependency of transformers; only needed here
+
+            obj = load_file(str(path))
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated, text, another format, or pickled objects: all name the file
+        text = str(err)
+        if "Weights only load failed" in text:
+            text = "it holds objects other than tensors (loading it could run code): " + \
+                text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()[0]
+        raise refused(f"{type(err).__name__}: {text[:400]}") from None
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
-        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict", LoadReport(source=str(path)))
+        raise refused(f"it holds a {type(obj).__name__}, not a state dict")
+    bad = [str(k) for k, v in obj.items() if not isinstance(v, Tensor)][:5]
+    if bad:
+        raise refused(f"entries {bad} are not tensors (a training checkpoint, not weights?)")
     return dict(obj)
 
 
@@ -323,7 +348,13 @@ def read_checkpoint(source: str | Path | Mapping[str, Tensor]) -> tuple[dict[str
         return dict(source), None, "state dict"
     path = Path(source)
     if path.is_dir():
-        config = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else None
+        config = None
+        if (path / "config.json").exists():
+            try:
+                config = json.loads((path / "config.json").read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise CheckpointError(f"{path / 'config.json'} is not valid JSON: {err}",
+                                      LoadReport(source=str(path))) from None
         for name in ("model.safetensors", "pytorch_model.bin"):
             if (path / name).exists():
                 return _read_file(path / name), config, str(path / name)

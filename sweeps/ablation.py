@@ -18,6 +18,7 @@ import ipaddress
 import os
 import re
 import secrets
+import signal
 import sys
 import time
 from pathlib import Path
@@ -121,12 +122,6 @@ def prepare_data(plan: Plan, runs_dir: Path) -> Plan:
     import tasks
     from sweeps.train import config_dims
 
-    for path in sorted({t.config.train.init_checkpoint for t in plan.trials} - {""}):
-        if not Path(path).expanduser().exists():
-            raise ConfigError(
-                f"train.init_checkpoint: {path} does not exist (pretrained LXMERT weights: the original "
-                "model_LXRT.pth or a HuggingFace LXMERT directory with config.json)"
-            )
     done: dict[str, tuple[int, int]] = {}
     for trial in plan.trials:
         data = trial.config.data
@@ -279,6 +274,24 @@ def connect_ray(verbose: bool = False) -> str:
     return f"{where} ({res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU)"
 
 
+#: Bad input: reported as one ``error:`` line (``--verbose`` adds the traceback), exit code 2.
+def _bad_input() -> tuple[type[BaseException], ...]:
+    from models.checkpoint import CheckpointError
+    from sweeps.tracking import TrackingError
+    from tasks.config import ConfigError as DataConfigError
+
+    return (ConfigError, DataConfigError, FileNotFoundError, TrackingError, CheckpointError, ValueError)
+
+
+def _error(err: BaseException, verbose: bool) -> int:
+    if verbose:
+        import traceback
+
+        traceback.print_exception(err)
+    print(f"error: {err}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.list_keys:
@@ -292,32 +305,87 @@ def main(argv: list[str] | None = None) -> int:
         plan = build_plan(args)
         name = sweep_name(args, plan)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return _error(err, args.verbose)
     print_plan(plan, name)
     if args.dry_run:
         return 0
 
-    from sweeps import tracking
+    from sweeps.lock import SweepLock, SweepLocked, holder_text
+
+    runs_dir = Path(args.runs_dir).expanduser().resolve()
+    lock = SweepLock(runs_dir, name)
+    try:
+        lock.acquire()
+    except SweepLocked as err:
+        return _error(err, args.verbose)
+    # SIGTERM (a job scheduler, `kill`) ends the sweep like Ctrl-C: Tune stops the trials and saves
+    # its state, the runs are closed, Ray's local processes are stopped and the lock is released.
+    terminated: list[int] = []
+
+    def on_sigterm(signum, frame) -> None:
+        terminated.append(signum)
+        signal.raise_signal(signal.SIGINT)
+
+    def catch_sigterm() -> None:  # again after ray.init(), which installs its own (sys.exit)
+        signal.signal(signal.SIGTERM, on_sigterm)
+
+    previous_handler = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        if lock.stale:
+            print(f"a previous driver of '{name}' ({holder_text(lock.stale)}) stopped without finishing; "
+                  "resuming after it", flush=True)
+        return _run(args, plan, name, runs_dir, lock, t_start, terminated, catch_sigterm)
+    except KeyboardInterrupt:
+        print(f"\nsweep '{name}' interrupted; rerun the same command to resume it", file=sys.stderr)
+        return 130
+    finally:
+        _stop_ray()
+        lock.release()
+        signal.signal(signal.SIGTERM, previous_handler)
+
+
+def _stop_ray() -> None:
+    """Disconnect from Ray; a local instance this driver started stops with it (its raylet, GCS,
+    dashboard agents and workers), so nothing outlives a sweep that ends or is interrupted."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def _run(args: argparse.Namespace, plan: Plan, name: str, runs_dir: Path, lock, t_start: float,
+         terminated: list[int], catch_sigterm) -> int:
+    """The sweep, under its lock: pre-flight (no Ray yet), then the trials, then the report."""
+    import json
+
+    from sweeps import preflight, tracking
     from sweeps.config import apply_overrides
     from sweeps.tune import SweepOutcome, SweepPaths, check_manifest, run, search, write_manifest
 
-    runs_dir = Path(args.runs_dir).expanduser().resolve()
     paths = SweepPaths(runs_dir=runs_dir, sweep_id=name)
     uri = tracking.default_tracking_uri(runs_dir)
     try:
-        previous = check_manifest(paths, plan, args.fresh, search_settings(args))
         tracking.check_tracking(uri)
+        sweeper = tracking.SweepTracker(uri, args.experiment or tracking.DEFAULT_EXPERIMENT, name, runs_dir)
+        # Before anything else: runs a dead driver left RUNNING (no other driver holds the lock).
+        why = "its driver stopped while it ran" + (f" ({lock.stale.get('host')}, PID {lock.stale.get('pid')})"
+                                                   if lock.stale else "")
+        closed = sweeper.close_orphans(why)
+        if closed:
+            print(f"closed {len(closed)} run(s) a previous driver left RUNNING as KILLED: {', '.join(closed)}",
+                  flush=True)
+        previous = check_manifest(paths, plan, args.fresh, search_settings(args))
+        preflight.require(preflight.check_files(plan, runs_dir / "cache"))
         plan = prepare_data(plan, runs_dir)
-    except (ConfigError, FileNotFoundError, tracking.TrackingError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        preflight.require(preflight.check_weights(plan))
+    except _bad_input() as err:
+        return _error(err, args.verbose)
     print(f"runs dir: {runs_dir}\nMLflow:   {uri}", flush=True)
 
     where = connect_ray(args.verbose)
+    catch_sigterm()
     print(f"running on {where}", flush=True)
 
-    sweeper = tracking.SweepTracker(uri, args.experiment or tracking.DEFAULT_EXPERIMENT, name, runs_dir)
     if args.fresh:
         removed = sweeper.discard()
         _discard(paths)
@@ -330,8 +398,6 @@ def main(argv: list[str] | None = None) -> int:
         c.name: {"label": c.label, "table": c.table, "paper": c.paper, "pending": c.pending}
         for c in plan.grid.cells.values() if c.name in in_plan
     }
-    import json
-
     parent_tags = {
         "sweep.grid": plan.grid.name,
         "sweep.preset": plan.preset.name,
@@ -371,25 +437,32 @@ def main(argv: list[str] | None = None) -> int:
         timing = SweepOutcome(trials=search_outcome.trials + outcome.trials,
                               wall_s=search_outcome.wall_s + outcome.wall_s, concurrency=outcome.concurrency)
     failed = outcome.failed
-    status = "complete" if not failed else "incomplete"
+    interrupted = bool(terminated) or any(t.status == "UNFINISHED" for t in outcome.trials)
+    status = "interrupted" if interrupted else "complete" if not failed else "incomplete"
     print(f"\nsweep '{name}' {status}: {len(outcome.trials) - len(failed)}/{len(outcome.trials)} trials finished"
           + (f", {len(plan.pending)} cell(s) not run: {', '.join(plan.pending)}" if plan.pending else ""))
     for t in failed:
-        print(f"  FAILED {t.key}: {t.error.splitlines()[0] if t.error else t.status}")
+        label = "UNFINISHED" if t.status == "UNFINISHED" else "FAILED"
+        print(f"  {label} {t.key}: {t.error.splitlines()[0] if t.error else t.status}")
     total_wall = time.time() - t_start
     if timing.ideal_s > 0:
         print(f"wall time {total_wall:.0f} s (trials phase {timing.wall_s:.0f} s); ideal {timing.ideal_s:.0f} s "
               f"(sum of {timing.n_ran} trial times / {min(timing.concurrency, timing.n_ran)} at once); "
               f"overhead ratio {timing.overhead_ratio:.3f} (trials phase), "
               f"{total_wall / timing.ideal_s:.3f} (whole command)")
+    if interrupted:  # trials Tune stopped may not have closed their runs: nothing of this sweep runs now
+        sweeper.close_orphans("the sweep was interrupted (Ctrl-C / SIGTERM) while it ran")
     sweeper.finish(
-        "FINISHED" if not failed else "FAILED",
+        "KILLED" if interrupted else "FINISHED" if not failed else "FAILED",
         {"sweep/wall_s": total_wall, "sweep/trials_wall_s": timing.wall_s, "sweep/ideal_s": timing.ideal_s,
          "sweep/overhead_ratio": timing.overhead_ratio if timing.ideal_s > 0 else 0.0,
          "sweep/concurrency": float(timing.concurrency)},
         {"sweep.status": status,
-         "sweep.failed": json.dumps({t.key: t.error[:500] for t in failed})},
+         "sweep.failed": json.dumps({t.key: t.error[:500] for t in failed if t.status != "UNFINISHED"})},
     )
+    if interrupted:
+        print(f"sweep '{name}' interrupted; rerun the same command to resume it", file=sys.stderr)
+        return 130
     if not args.no_report:
         report_path = build_report(uri, name, runs_dir, args.experiment or tracking.DEFAULT_EXPERIMENT)
         if report_path:

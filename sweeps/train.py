@@ -41,6 +41,14 @@ from torch import nn
 import models.hooks as hooks
 from models.layerdrop import set_step as set_layerdrop_step
 from sweeps.config import ExperimentConfig, unflatten
+from sweeps.failures import (
+    CheckpointRefused,
+    FiniteGuard,
+    classify,
+    failure_result,
+    grad_norm,
+    record_failure,
+)
 from sweeps.optim import build_optimizer, build_schedule, total_steps
 
 STATE_FILE = "state.pt"
@@ -78,6 +86,76 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """The three generators' states in types ``torch.load(weights_only=True)`` accepts.
+
+    numpy's state is ``("MT19937", uint32 keys, pos, has_gauss, cached_gaussian)``: its key array
+    becomes an int64 tensor (a numpy array would need numpy's unpickler); Python's is a tuple of
+    ints already.
+    """
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": (str(kind), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` saved."""
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+#: Checkpoints written before the RNG state was stored as tensors hold numpy's uint32 key array.
+#: Rebuilding a plain numpy array runs no code (an object array would need further globals,
+#: which stay refused), so these are allowed on top of torch's own list.
+_NUMPY_ARRAYS = [(getattr(np, "_core", None) or np.core).multiarray._reconstruct, np.ndarray, np.dtype,
+                 type(np.dtype(np.uint32))]
+
+
+def load_state(path: str | Path) -> dict[str, Any]:
+    """Read a trial checkpoint (``state.pt``) without executing anything it holds.
+
+    ``torch.load(weights_only=True)`` rebuilds only tensors and plain containers: a file whose
+    unpickling would call a function (``os.system``, any class) is refused before the call. The
+    runs dir is shared storage on clusters, so nothing read from it is trusted.
+
+    Raises:
+        CheckpointRefused: naming the file and why (missing, empty, truncated, not a torch file,
+            or holding objects other than tensors and plain containers).
+    """
+    import pickle
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointRefused(f"trial checkpoint {path} does not exist")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointRefused(f"trial checkpoint {path} is empty (0 bytes): it was not written completely")
+    try:
+        with torch.serialization.safe_globals(_NUMPY_ARRAYS):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        detail = str(err).split("WeightsUnpickler error:", 1)[-1].strip().splitlines()[0]
+        raise CheckpointRefused(
+            f"trial checkpoint {path} holds more than tensors and plain containers, so it is not loaded "
+            f"(loading it could run code): {detail}. The platform never writes such files: it was replaced or "
+            "written by other code; remove that checkpoint folder to resume from the one before."
+        ) from None
+    except Exception as err:  # truncated / not a torch file: EOFError, RuntimeError, IndexError, ...
+        raise CheckpointRefused(
+            f"trial checkpoint {path} ({size} bytes) cannot be read: {type(err).__name__}: {str(err)[:300]} "
+            "(truncated or not a torch file); remove that checkpoint folder to resume from the one before"
+        ) from None
+    if not isinstance(state, dict) or not {"model", "optimizer", "epoch"} <= set(state):
+        raise CheckpointRefused(f"trial checkpoint {path} is not a trial state (no model / optimizer / epoch entries)")
+    return state
 
 
 def stats_rows(stats: dict[str, list[float]], epoch: int) -> list[dict[str, Any]]:
@@ -162,6 +240,10 @@ class TrialLoop:
         self.elapsed_s = 0.0
         self.steps_dropping = 0  # training steps in which LayerDrop skipped at least one layer
         self.depths = {"lang": cfg.model.l_layers, "visn": cfg.model.r_layers, "cross": cfg.model.x_layers}
+        # Steps skipped for a non-finite loss; past train.max_nonfinite_steps the trial stops.
+        self.guard = FiniteGuard("finetune", cfg.train.max_nonfinite_steps, world_size, self.device)
+        #: Where the last checkpoint went (what ``report`` returned, or the one resumed from).
+        self.last_checkpoint = ""
         # The pretraining stage (built when it starts or resumes; dropped once transferred).
         self.wrap_model = wrap_model
         self.pretrain_stage = None
@@ -187,7 +269,8 @@ class TrialLoop:
             "elapsed_s": self.elapsed_s,
             "steps_dropping": self.steps_dropping,
             "mechanisms": hooks.mechanism_state(unwrap(self.model)),
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            "nonfinite_steps": self.guard.count,
+            "rng": rng_state(),
             **self._pretrain_state(),
         }
 
@@ -212,6 +295,7 @@ class TrialLoop:
         self.elapsed_s = float(state["elapsed_s"])
         self.steps_dropping = int(state.get("steps_dropping", 0))
         hooks.load_mechanism_state(unwrap(self.model), state.get("mechanisms", {}))
+        self.guard.count = int(state.get("nonfinite_steps", 0))
         pretrain = state.get("pretrain")
         if pretrain is not None and pretrain["done"]:
             self.pretrain_summary = {k: v for k, v in pretrain.items() if k != "done"}
@@ -220,9 +304,7 @@ class TrialLoop:
             self._build_pretrain_stage().load_state_dict(pretrain["stage"])
         # LayerDrop draws decision k from (seed, k): continue the sequence, not restart it.
         set_layerdrop_step(unwrap(self.model), self.step)
-        torch.set_rng_state(state["rng"]["torch"])
-        np.random.set_state(state["rng"]["numpy"])
-        random.setstate(state["rng"]["python"])
+        set_rng_state(state["rng"])
 
     # -- one epoch ------------------------------------------------------------------------------
 
@@ -251,17 +333,23 @@ class TrialLoop:
             total = loss + aux if torch.is_tensor(aux) else loss
             self.optimizer.zero_grad(set_to_none=True)
             total.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(core.parameters(), cfg.grad_clip)
-            self.optimizer.step()
+            norm = grad_norm(core.parameters(), cfg.grad_clip)
+            total_value = float(total.detach())
+            finite = self.guard.finite(total_value, norm)
+            if finite:
+                self.optimizer.step()
+            else:  # its NaN gradient would poison every weight: skip it, or stop the trial
+                self.guard.skip(self.epoch + 1, self.step + 1, total_value, norm, self.last_checkpoint)
+                self.optimizer.zero_grad(set_to_none=True)
             self.schedule.step()
             hooks.post_step(core)
             self.step += 1
             n_batches += 1
-            bs = targets.shape[0]
-            n_samples += bs
-            losses += loss.item() * bs
-            aux_losses += float(aux.detach()) * bs if torch.is_tensor(aux) else 0.0
+            if finite:  # a skipped step's loss would make the epoch's mean NaN
+                bs = targets.shape[0]
+                n_samples += bs
+                losses += loss.item() * bs
+                aux_losses += float(aux.detach()) * bs if torch.is_tensor(aux) else 0.0
             ran = core.layers_ran  # {stack: [layer indices]} of this forward (LayerDrop's choice)
             for stack, layers in ran.items():
                 layer_counts[stack] = layer_counts.get(stack, 0.0) + len(layers)
@@ -277,6 +365,7 @@ class TrialLoop:
             # samples/s of the whole group: every rank trains the same number of samples.
             "train/samples_per_s": n_samples * self.world_size / max(seconds, 1e-9),
             "train/steps": float(self.step),
+            "train/nonfinite_steps": float(self.guard.count),
         }
         for stack, total_layers in layer_counts.items():
             metrics[f"layers/{stack}_ran"] = total_layers / max(1, n_batches)
@@ -446,6 +535,7 @@ class TrialLoop:
 
         self.pretrain_stage = PretrainStage(self.cfg, self.rank, self.world_size, self.device, self.wrap_model,
                                             self.autocast, self.log)  # fmt: skip
+        self.pretrain_stage.last_checkpoint = self.last_checkpoint
         return self.pretrain_stage
 
     def pretrain(self, report: Callable[[dict[str, float], dict[str, Any] | None], None], tracker=None) -> None:
@@ -467,7 +557,7 @@ class TrialLoop:
             metrics = stage.run_epoch()
             self.elapsed_s += stage.elapsed_s - before
             metrics["time/elapsed_s"] = self.elapsed_s
-            report(metrics, self.state_dict() if self.rank == 0 else None)
+            self._reported(report(metrics, self.state_dict() if self.rank == 0 else None))
             if self.rank == 0:
                 losses = " ".join(f"{t} {metrics[f'pretrain/loss_{t}']:.3f}" for t in stage.tasks
                                   if f"pretrain/loss_{t}" in metrics)  # fmt: skip
@@ -508,14 +598,37 @@ class TrialLoop:
 
     # -- the whole trial ------------------------------------------------------------------------
 
-    def fit(self, report: Callable[[dict[str, float], dict[str, Any] | None], None],
+    def _reported(self, where: Any) -> None:
+        """Remember where ``report`` put the checkpoint (a path it may return), for the message a
+        diverged trial ends with."""
+        if isinstance(where, str) and where:
+            self.last_checkpoint = where
+            if self.pretrain_stage is not None:
+                self.pretrain_stage.last_checkpoint = where
+
+    def fit(self, report: Callable[[dict[str, float], dict[str, Any] | None], Any],
             tracker=None) -> dict[str, float]:
         """Train the remaining epochs; after each, ``report(metrics, state)`` then log to MLflow.
 
         ``report`` receives the checkpoint state on rank 0 (``None`` elsewhere) and must persist
         it before returning (Ray Train's ``report`` does): MLflow is written after it, so a crash
-        between the two only delays logging to the next resume's catch-up.
+        between the two only delays logging to the next resume's catch-up. It may return where it
+        put the checkpoint (a path), which a divergence message then names.
+
+        A failure that no retry can fix (divergence, a config or checkpoint error; see
+        :func:`sweeps.failures.classify`) tags the MLflow run with its cause and closes it as
+        FAILED before it propagates.
         """
+        try:
+            return self._fit(report, tracker)
+        except Exception as err:
+            failure = classify(err)
+            if failure is not None:
+                record_failure(tracker, *failure)
+            raise
+
+    def _fit(self, report: Callable[[dict[str, float], dict[str, Any] | None], Any],
+             tracker=None) -> dict[str, float]:
         cfg = self.cfg
         core = unwrap(self.model)
         if tracker is not None:
@@ -555,7 +668,7 @@ class TrialLoop:
             metrics["epoch"] = float(self.epoch)
             if self.rank == 0:
                 self.history.append((self.epoch, dict(metrics)))
-            report(metrics, self.state_dict() if self.rank == 0 else None)
+            self._reported(report(metrics, self.state_dict() if self.rank == 0 else None))
             if self.rank == 0:
                 self.log(
                     f"epoch {self.epoch}/{cfg.train.epochs}: loss {metrics['train/loss']:.4f} "
@@ -599,10 +712,14 @@ def _csv(text: str) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
+def train_fn_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     """Entry point of every Ray Train worker of a trial.
 
     ``loop_config``: ``{"trial_key", "config" (flat ExperimentConfig), "context" (tracking)}``.
+
+    Returns:
+        ``None``, or for a failure no retry can fix (:func:`sweeps.failures.classify`), its cause
+        (:func:`sweeps.failures.failure_result`) instead of raising it.
     """
     import ray.train
     import ray.train.torch
@@ -630,21 +747,15 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     def log(msg: str) -> None:
         print(f"[{loop_config['trial_key']}] {msg}", flush=True)
 
-    loop = TrialLoop(cfg, rank=rank, world_size=world, device=device, wrap_model=wrap, log=log)
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
-        loop.load_state_dict(state)
-        log(f"resumed from checkpoint after epoch {loop.epoch}")
-
-    def report(metrics: dict[str, float], state: dict[str, Any] | None) -> None:
+    def report(metrics: dict[str, float], state: dict[str, Any] | None) -> str | None:
         if state is None:
             ray.train.report(metrics, checkpoint=None)
-            return
+            return None
         with tempfile.TemporaryDirectory() as folder:
             torch.save(state, os.path.join(folder, STATE_FILE))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+        persisted = ray.train.get_checkpoint()  # the copy just persisted (reports are synchronous)
+        return persisted.path if persisted is not None else None
 
     tracker = None
     with quiet_mlflow():
@@ -652,15 +763,37 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
             tracker = TrialTracker(loop_config["context"], loop_config["trial_key"])
             tracker.start(tags={**loop_config.get("tags", {}), **placement_tags()}, params=loop_config["config"])
         try:
+            loop = TrialLoop(cfg, rank=rank, world_size=world, device=device, wrap_model=wrap, log=log)
+            checkpoint = ray.train.get_checkpoint()
+            if checkpoint is not None:
+                with checkpoint.as_directory() as folder:
+                    state = load_state(Path(folder) / STATE_FILE)
+                loop.load_state_dict(state)
+                loop.last_checkpoint = checkpoint.path
+                log(f"resumed from checkpoint after epoch {loop.epoch}")
             loop.fit(report, tracker)
+        except Exception as err:
+            failure = classify(err)
+            if failure is None:
+                _close_failed(tracker)
+                raise
+            # Every retry would fail the same way: end the trial with its cause instead of raising
+            # (Ray Train and Tune retry whatever is raised; see sweeps/failures.py).
+            record_failure(tracker, *failure)
+            log(f"FAILED, not retried ({failure[0]}): {failure[1]}")
+            return failure_result(*failure)  # rank 0's is the Train result's return_value
         except BaseException:
-            if tracker is not None and tracker.run_id:
-                # FAILED now; a retry of the worker group reopens it as RUNNING.
-                try:
-                    tracker.finish("FAILED")
-                except Exception:
-                    pass
+            _close_failed(tracker)
             raise
+
+
+def _close_failed(tracker) -> None:
+    """Close the run as FAILED on an error that may be retried (a retry reopens it as RUNNING)."""
+    if tracker is not None and tracker.run_id:
+        try:
+            tracker.finish("FAILED")
+        except Exception:
+            pass
 
 
 def placement_tags() -> dict[str, str]:

@@ -75,6 +75,10 @@ class DataConfig:
             evaluation split with the official VQA accuracy (relative paths are under ``root``).
             Empty = ``<root>/vqa/v2_mscoco_val2014_annotations.json`` (``train``:
             ``..._train2014_...``) if present, else LXMERT's soft score; ``none`` = soft score always.
+        max_unanswerable: VQA only: the largest share of a split's labelled questions allowed to
+            have no answer in the answer vocabulary (they train towards all-zero targets and score
+            0); above it preparation stops, naming the split (a vocabulary that does not match
+            the question files, e.g. another data set's).
     """
 
     name: str = "easyvqa"
@@ -91,6 +95,7 @@ class DataConfig:
     image_limit: int = 0
     tokenizer: str = ""
     annotations: str = ""
+    max_unanswerable: float = 0.25
 
     def __post_init__(self) -> None:
         self.validate()
@@ -112,6 +117,8 @@ class DataConfig:
         for key in ("grid", "max_seq_len", "train_limit", "epoch_size", "eval_limit", "image_limit"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"DataConfig.{key}={getattr(self, key)} must be >= 0")
+        if not 0.0 <= self.max_unanswerable <= 1.0:  # also refuses NaN
+            raise ConfigError(f"DataConfig.max_unanswerable={self.max_unanswerable}: expected a share in [0, 1]")
         if self.grid > 16:
             raise ConfigError(f"DataConfig.grid={self.grid}: at most 16 cells per side of a 64-pixel image")
         if 0 < self.max_seq_len < 3:

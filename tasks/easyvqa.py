@@ -409,13 +409,38 @@ def answers() -> list[str]:
 
 
 # ------------------------------------------------------------------------------- prepare / load
+_SOURCE_KEYS: dict[str, str] = {}
+
+
+def source_key(what: str) -> str:
+    """A key of the installed easy-VQA data the stores are built from (per process).
+
+    ``images``: every image file of both splits by name, size and modification time (5,000 files:
+    a stat each, no read); ``questions``: the question files and the answer list by content
+    (:func:`tasks.store.source_signature`). Another easy-vqa release, or an edited file, gives
+    another key, so the stores are rebuilt rather than served stale.
+    """
+    if what not in _SOURCE_KEYS:
+        root = package_data()
+        if what == "images":
+            listing = [(str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns)
+                       for split in SPLITS for p in sorted((root / split / "images").iterdir())]
+            _SOURCE_KEYS[what] = st.content_key(listing)
+        else:
+            files = [root / split / "questions.json" for split in SPLITS] + [root / "answers.txt"]
+            _SOURCE_KEYS[what] = st.content_key(*(st.source_signature(f) for f in files if f.is_file()))
+    return _SOURCE_KEYS[what]
+
+
 def _feature_dir(cfg: DataConfig) -> Path:
     mode = f"compact-g{cfg.grid}" if cfg.features == "compact" else "vqa_like"
-    return Path(cfg.cache_dir) / "easyvqa" / f"features-v{FORMAT_VERSION}-{mode}"
+    return Path(cfg.cache_dir) / "easyvqa" / f"features-v{FORMAT_VERSION}-{mode}-{source_key('images')}"
 
 
 def _question_dir(cfg: DataConfig, split: str) -> Path:
-    return Path(cfg.cache_dir) / "easyvqa" / f"questions-v{FORMAT_VERSION}-{_tok_key(cfg)}-T{cfg.max_seq_len}" / split
+    key = st.content_key(source_key("questions"), _feature_dir(cfg).name)
+    return (Path(cfg.cache_dir) / "easyvqa" / f"questions-v{FORMAT_VERSION}-{_tok_key(cfg)}-T{cfg.max_seq_len}-{key}"
+            / split)
 
 
 _TOK_KEYS: dict[str, str] = {}

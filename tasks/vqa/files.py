@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,6 +98,9 @@ def parse_row(line: bytes, path: Path | str, line_no: int) -> Row:
     def bad(why: str) -> TSVFormatError:
         return TSVFormatError(f"{path}:{line_no}: malformed feature row: {why}")
 
+    def bad_value(why: str) -> TSVFormatError:
+        return TSVFormatError(f"{path}:{line_no}: refused feature row: {why}")
+
     parts = line.rstrip(b"\r\n").split(b"\t")
     if len(parts) != len(FIELDS):
         raise bad(f"expected {len(FIELDS)} tab-separated fields ({', '.join(FIELDS)}), got {len(parts)}")
@@ -120,7 +124,7 @@ def parse_row(line: bytes, path: Path | str, line_no: int) -> Row:
             raise bad(f"field {FIELDS[i]} has {len(raw)} bytes, not a multiple of num_boxes={n} x {size}")
         return np.frombuffer(raw, dtype=dtype).reshape(n, -1)
 
-    return Row(
+    row = Row(
         img_id=img_id,
         img_h=img_h,
         img_w=img_w,
@@ -131,6 +135,15 @@ def parse_row(line: bytes, path: Path | str, line_no: int) -> Row:
         boxes=arr(8, np.float32, 4),
         features=arr(9, np.float32, None),
     )
+    # A NaN or inf here reaches every forward pass of every trial that sees this image.
+    for name in ("objects_conf", "attrs_conf", "boxes", "features"):
+        values = getattr(row, name)
+        bad = ~np.isfinite(values)
+        if bad.any():
+            box = int(np.argwhere(bad)[0][0])
+            raise bad_value(f"field {name} holds {int(bad.sum())} non-finite value(s) (NaN/inf), the first in box "
+                            f"{box} of image {img_id!r}")
+    return row
 
 
 def format_row(
@@ -200,13 +213,47 @@ def read_vocab(root: Path) -> tuple[list[str], dict[str, int]]:
 
 
 def read_questions(root: Path, split: str) -> list[dict]:
-    """A split's question entries, checked for the keys LXMERT's files have."""
+    """A split's question entries, checked for the keys and value types LXMERT's files have.
+
+    Raises:
+        ValueError: naming the file, the entry (its index and ``question_id``) and the key at fault:
+            an entry that is not an object, a missing key, a ``question_id`` that is not an integer
+            or occurs twice, a ``sent`` or ``img_id`` that is not a string, a ``label`` that is not
+            an object of answer: score, or a score that is not a finite number in [0, 1].
+    """
     rel = SPLIT_FILES[split]
+    path = root / rel
     entries = read_json(root, rel)
     if not isinstance(entries, list):
-        raise ValueError(f"{root / rel} must hold a list of question entries")
+        raise ValueError(f"{path} must hold a list of question entries, not a {type(entries).__name__}")
+    first: dict[int, int] = {}
     for i, e in enumerate(entries):
+        if not isinstance(e, dict):
+            raise ValueError(f"{path}: entry {i} is a {type(e).__name__} ({str(e)[:60]!r}), not a question object")
+        where = f"{path}: entry {i} (question_id={e.get('question_id')!r})"
         for key in ("question_id", "img_id", "sent"):
             if key not in e:
-                raise ValueError(f"{root / rel}: entry {i} (question_id={e.get('question_id')!r}) lacks {key!r}")
+                raise ValueError(f"{where} lacks {key!r}")
+        qid = e["question_id"]
+        if isinstance(qid, bool) or not isinstance(qid, (int, str)) or not str(qid).strip().lstrip("-").isdigit():
+            raise ValueError(f"{where}: question_id must be an integer, got {qid!r}")
+        if int(qid) in first:
+            raise ValueError(f"{where}: question_id {qid} occurs twice (entries {first[int(qid)]} and {i}); "
+                             "question ids must be unique")
+        first[int(qid)] = i
+        for key in ("sent", "img_id"):
+            if not isinstance(e[key], str) or not e[key].strip():
+                raise ValueError(f"{where}: {key} must be a non-empty string, got {e[key]!r}")
+        if "label" in e:
+            _check_label(e["label"], where)
     return entries
+
+
+def _check_label(label: object, where: str) -> None:
+    if not isinstance(label, dict):
+        raise ValueError(f"{where}: label must be an object of answer: score, got {label!r}")
+    for answer, score in label.items():
+        ok = isinstance(score, (int, float)) and not isinstance(score, bool)
+        if not ok or not math.isfinite(score) or not 0.0 <= score <= 1.0:
+            raise ValueError(f"{where}: label[{answer!r}] must be a finite number in [0, 1] "
+                             f"(LXMERT's soft score), got {score!r}")

@@ -15,10 +15,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import torch
 from helpers import BIN, ROOT, stop_process_group
 
-from sweeps.train import STATE_FILE
+from sweeps.train import STATE_FILE, load_state
 
 ABLATION = [sys.executable, str(ROOT / "sweeps" / "ablation.py")]
 
@@ -180,7 +179,7 @@ def checkpoint_states(runs: Path, sweep_id: str, trial_key: str) -> list[dict]:
     """The training states of a trial's checkpoints in the runs dir, oldest first."""
     files = sorted((runs / "ray" / sweep_id / "train" / trial_key).glob(f"checkpoint_*/{STATE_FILE}"),
                    key=lambda p: p.stat().st_mtime)
-    return [torch.load(f, map_location="cpu", weights_only=False) for f in files]
+    return [load_state(f) for f in files]  # as a resuming worker reads them: weights_only=True
 
 
 def sweep_runs(uri: str, sweep_id: str, experiment: str = "adaptive-ablation"):
