@@ -7,9 +7,9 @@ between tasks is a `Layout`: the paths, where each file comes from, and a reader
 entries into `Entry` records (validating them, naming file and entry). Everything else is shared:
 
 - feature TSVs are converted once by `tasks.vqa.convert.convert_tsv` into the stores
-  `tasks.vqa.data.feature_store_path` names (``<cache_dir>/vqa/features/<tsv stem>``): the same
+  `tasks.vqa.data.feature_store_path` names (``<cache_dir>/vqa/features/<store name>``): the same
   stores VQA and LXMERT pretraining use, so ``vg_gqa_obj36.tsv`` serves GQA and pretraining and is
-  converted once;
+  converted once (NLVR2's are ``nlvr2_imgfeat.<split>_obj36``);
 - question entries are tokenised once by `tasks.questions.write_part` into
   ``<cache_dir>/<task>/questions-v<V>-<tokenizer>-T<T>[-img<N>]/<split>-<source key>/``;
 - `load` memory-maps both into `tasks.dataset.ArrayDataset` (the VQA batch format; with two images

@@ -9,7 +9,6 @@ nothing from models.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -69,7 +68,6 @@ def pair_loss(outputs: dict[str, Tensor], batch: dict[str, Tensor]) -> tuple[Ten
     return loss, {"ce": float(loss.detach()), "labelled": float(labelled.sum())}
 
 
-@torch.no_grad()
 def swap_images(batch: dict[str, Tensor]) -> dict[str, Tensor]:
     """The same batch with ``img0`` and ``img1`` exchanged (for symmetry checks)."""
     out = dict(batch)
