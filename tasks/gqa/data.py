@@ -36,8 +36,6 @@ TESTDEV_TSV = "vg_gqa_imgfeat/gqa_testdev_obj36.tsv"
 SPLIT_TSV = {"train": VG_TSV, "valid": VG_TSV, "testdev": TESTDEV_TSV, "submit": VG_TSV}
 LXMERT_URL = "https://nlp.cs.unc.edu/data/lxmert_data"
 README = "https://github.com/airsplay/lxmert#gqa"
-#: Answers in LXMERT's GQA vocabulary.
-NUM_ANSWERS = 1842
 
 
 def producer(rel: str) -> str:
