@@ -21,7 +21,7 @@ from torch import nn
 from models.attention import MultiHeadAttention, build_kernel
 from models.config import AttentionConfig, ConfigError, ModelConfig, apply_overrides
 from models.flow import CROSS, FLOW_LAYERS, Flow, FlowLayer, layer_kinds
-from models.heads import ContrastiveHead, MaskedObjectHead, MatchHead, MLMHead, VQAHead
+from models.heads import ContrastiveHead, MaskedObjectHead, MatchHead, MLMHead, PairHead, VQAHead
 from models.layerdrop import LayerDrop
 from models.lxmert import (
     LXMERT_PRETRAIN_HEADS,
@@ -183,6 +183,13 @@ def lxmert_pretraining(
     if "mlm" in model.heads:
         nn.init.zeros_(model.heads["mlm"].bias)
     return model
+
+
+def pair_head(cfg: ModelConfig, num_classes: int = 2, num_images: int = 2) -> PairHead:
+    """NLVR2's head for an encoder built from ``cfg``, initialised like BERT (as LXMERT does)."""
+    head = PairHead(cfg.hidden_size, num_classes, num_images, cfg.layer_norm_eps)
+    init_weights(head, cfg.initializer_range)
+    return head
 
 
 def build_model(cfg: ModelConfig) -> LxmertForVQA:

@@ -1,7 +1,9 @@
 """Task heads on top of :class:`models.lxmert.LxmertModel`.
 
-* :class:`VQAHead`: the answer head (VQA fine-tuning; LXMERT's pretraining image-QA head has the
-  same shape with 9,500 answers).
+* :class:`VQAHead`: the answer head (VQA fine-tuning, 3,129 answers; GQA, the same head with 1,842;
+  LXMERT's pretraining image-QA head has the same shape with 9,500 answers).
+* :class:`PairHead`: NLVR2's classifier over the pooled outputs of one sentence encoded with each of
+  two images, concatenated.
 * LXMERT's pretraining heads (Tan & Bansal 2019, https://arxiv.org/abs/1908.07490, Sec. 3.1):
   :class:`MLMHead` (masked cross-modality language modelling, decoder tied to the word
   embeddings), :class:`MaskedObjectHead` (masked object prediction: feature regression and
@@ -46,6 +48,37 @@ class VQAHead(nn.Module):
     def forward(self, pooled: Tensor) -> Tensor:
         """(B, H) pooled [CLS] -> (B, A) logits."""
         return self.fc2(self.norm(F.gelu(self.fc1(pooled))))
+
+
+class PairHead(nn.Module):
+    """A classifier over K pooled outputs concatenated: Linear(KH, KH) -> GeLU -> LayerNorm -> Linear(KH, C).
+
+    LXMERT's NLVR2 head (``tasks/nlvr2_model.py``, K = 2 images, C = 2 classes): the sentence is
+    encoded once with each image, and the two pooled [CLS] vectors, ``img0`` first, are joined into
+    one 2H vector. ``fc1``'s input columns ``[k*H, (k+1)*H)`` read image k: swapping the images and
+    those column blocks gives the same logits.
+
+    Args:
+        hidden_size: H.
+        num_classes: C (2: False, True).
+        num_images: K (2).
+        eps: LayerNorm epsilon.
+    """
+
+    def __init__(self, hidden_size: int, num_classes: int = 2, num_images: int = 2, eps: float = 1e-12):
+        super().__init__()
+        self.num_images = num_images
+        width = num_images * hidden_size
+        self.fc1 = nn.Linear(width, width)
+        self.norm = nn.LayerNorm(width, eps=eps)
+        self.fc2 = nn.Linear(width, num_classes)
+
+    def forward(self, pooled: Tensor) -> Tensor:
+        """(B, K, H) pooled outputs, one per image -> (B, C) logits."""
+        if pooled.dim() != 3 or pooled.shape[1] != self.num_images:
+            raise ValueError(f"PairHead expects (B, {self.num_images}, H) pooled outputs, got {tuple(pooled.shape)}")
+        x = pooled.reshape(pooled.shape[0], -1)
+        return self.fc2(self.norm(F.gelu(self.fc1(x))))
 
 
 class Transform(nn.Module):

@@ -10,7 +10,8 @@ array                     shape / dtype    meaning
 ========================  ===============  =========================================================
 ``input_ids``             (N, T) int32     WordPiece ids, ``[CLS] ... [SEP]``, padded with 0
 ``lengths``               (N,) int32       tokens before truncation (``> T``: truncated)
-``image_index``           (N,) int32       row of the question's image in its feature store
+``image_index``           (N,) int32       row of the question's image in its feature store; (N, K)
+                                           with K images per question (NLVR2: the pair, K = 2)
 ``label_idx``             (N, K) int32     answer ids of the soft labels, -1 = none (K: max labels)
 ``label_score``           (N, K) float32   their soft scores (0.3, 0.6, 0.9, 1.0)
 ``question_id``           (N,) int64       id of the question in its split
@@ -20,6 +21,11 @@ array                     shape / dtype    meaning
 feature store ``feats``   (M, R, F) f32    region features of the M images
 feature store ``boxes``   (M, R, 4) f32    (x1, y1, x2, y2) / (w, h, w, h), in [0, 1]
 ========================  ===============  =========================================================
+
+With K images per question the batch's ``visual_feats`` / ``visual_pos`` are (B, K, R, F) /
+(B, K, R, 4), in the order the task wrote them (NLVR2: ``img0``, ``img1``). A split may also keep
+the ids its source file uses (``source_ids.json``: GQA's string question ids, NLVR2's
+identifiers) beside the integer ``question_id``; `ArrayDataset.source_id_of` returns them.
 
 Soft targets are stored sparsely (K <= 10 answers per question) and scattered into the dense
 ``(B, A)`` target matrix per batch: a dense VQA matrix would be 600k x 3,129 floats (7.5 GB).
@@ -102,6 +108,14 @@ class QuestionPart:
         """Each question's labels as written in its source, out-of-vocabulary answers included."""
         return st.read_json(self.path / "labels.json")
 
+    def source_ids(self) -> list[str]:
+        """Each question's id as its source file writes it (``str(question_id)`` when the split
+        keeps no other)."""
+        path = self.path / "source_ids.json"
+        if path.is_file():
+            return st.read_json(path)
+        return [str(int(q)) for q in self.arrays["question_id"]]
+
 
 def epoch_positions(n: int, epoch_size: int, seed: int, epoch: int) -> np.ndarray:
     """The ``epoch_size`` positions of ``epoch`` when epochs walk through a stream of seeded
@@ -167,6 +181,7 @@ class ArrayDataset:
     _qid_order: np.ndarray | None = field(repr=False, default=None)
     _texts: list[str] | None = field(repr=False, default=None)
     _raw: list[dict] | None = field(repr=False, default=None)
+    _source_ids: list[str] | None = field(repr=False, default=None)
     human_answers: HumanAnswers | None = field(repr=False, default=None)
     #: Questions per shuffled epoch (0 = all); see `epoch_positions`. Set by ``tasks.load``.
     epoch_size: int = field(repr=False, default=0)
@@ -197,6 +212,7 @@ class ArrayDataset:
             for what, a, b in (
                 ("regions x features", p.features.feats.shape[1:], first.features.feats.shape[1:]),
                 ("tokens", p.arrays["input_ids"].shape[1:], first.arrays["input_ids"].shape[1:]),
+                ("images per question", p.arrays["image_index"].shape[1:], first.arrays["image_index"].shape[1:]),
             ):
                 if a != b:
                     raise ValueError(f"cannot concatenate {p.path} with {first.path}: {what} {a} != {b}")
@@ -305,8 +321,9 @@ class ArrayDataset:
 
         Yields:
             ``input_ids`` (B, T) int64, ``attention_mask`` (B, T) int64, ``token_type_ids`` (B, T)
-            int64, ``visual_feats`` (B, R, F) float32, ``visual_pos`` (B, R, 4) float32,
-            ``targets`` (B, A) float32, ``question_id`` (B,) int64.
+            int64, ``visual_feats`` (B, R, F) float32, ``visual_pos`` (B, R, 4) float32 (with K
+            images per question: (B, K, R, F) and (B, K, R, 4)), ``targets`` (B, A) float32,
+            ``question_id`` (B,) int64.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
@@ -328,8 +345,9 @@ class ArrayDataset:
         a = self.arrays
         img = a["image_index"][idx]
         r, f = self.stores[0].feats.shape[1:]
-        feats = np.empty((b, r, f), np.float32)
-        boxes = np.empty((b, r, 4), np.float32)
+        k = img.shape[1:]  # () with one image per question, (K,) with K
+        feats = np.empty((b, *k, r, f), np.float32)
+        boxes = np.empty((b, *k, r, 4), np.float32)
         if self.store_id is None:
             spans = [(0, b, self.stores[0])]
         else:
@@ -404,6 +422,13 @@ class ArrayDataset:
             self._raw = [r for p in self.parts for r in p.raw_labels()[: self._part_len(p)]]
         return self._raw[int(self.positions([question_id])[0])]
 
+    def source_id_of(self, question_ids) -> list[str]:
+        """Each question's id as its source file writes it: GQA's question id string (e.g.
+        ``"07333408"``), NLVR2's identifier (``"dev-850-0-0"``); ``str(question_id)`` for VQA."""
+        if self._source_ids is None:
+            self._source_ids = [i for p in self.parts for i in p.source_ids()[: self._part_len(p)]]
+        return [self._source_ids[int(i)] for i in self.positions(question_ids)]
+
     def _part_len(self, part: QuestionPart) -> int:
         i = next(k for k, p in enumerate(self.parts) if p is part)
         return int(self._offsets[i + 1] - self._offsets[i])
@@ -472,9 +497,10 @@ def summarize(train: ArrayDataset, ev: ArrayDataset) -> dict:
     for name, ds in (("train", train), ("eval", ev)):
         a = ds.arrays
         out[f"{name}.questions"] = len(ds)
-        out[f"{name}.images"] = int(len(np.unique(a["image_index"]))) if ds.store_id is None else int(
-            len(np.unique(a["image_index"].astype(np.int64) * 256 + ds.store_id))
-        )
+        images = np.asarray(a["image_index"]).astype(np.int64)
+        if ds.store_id is not None:  # an image is a (store, row) pair
+            images = images * 256 + (ds.store_id if images.ndim == 1 else ds.store_id[:, None])
+        out[f"{name}.images"] = int(len(np.unique(images)))
         out[f"{name}.oov_labels_dropped"] = int(np.asarray(a["n_oov"]).sum())
         out[f"{name}.questions_with_oov"] = int((np.asarray(a["n_oov"]) > 0).sum())
         out[f"{name}.truncated"] = int((np.asarray(a["lengths"]) > ds.max_seq_len).sum())

@@ -268,13 +268,31 @@ def evaluate_dataset(dataset, question_ids, predictions) -> AccuracyReport:
         predictions: (N, A) logits or (N,) answer indices, in the same order.
     """
     q = _np(question_ids).astype(np.int64).reshape(-1)
-    p = _np(predictions)
-    idx = p.argmax(1) if p.ndim == 2 else p.astype(np.int64)
+    return aggregate(label_scores(dataset, q, predictions), dataset.answer_type_of(q), dataset.question_type_of(q))
+
+
+def label_scores(dataset, question_ids, predictions) -> np.ndarray:
+    """Per question, the stored label score of the predicted answer (0 when it is not a label).
+
+    LXMERT's evaluators for VQA (soft score), GQA (``{answer: 1.0}``: exact match) and NLVR2 (the
+    class "True" / "False" as a label of score 1) all average this.
+
+    Args:
+        dataset: a `tasks.dataset.ArrayDataset` (its ``label_idx`` / ``label_score`` arrays).
+        question_ids: (N,) ids.
+        predictions: (N, A) logits or (N,) answer indices, in the same order.
+
+    Returns:
+        (N,) float64.
+    """
+    q = as_ids(question_ids)
+    idx = predicted_indices(predictions)
+    if len(idx) != len(q):
+        raise ValueError(f"{len(q)} question ids for {len(idx)} predictions")
     pos = dataset.positions(q)
     li = np.asarray(dataset.arrays["label_idx"])[pos]
     ls = np.asarray(dataset.arrays["label_score"])[pos]
-    scores = np.where(li == idx[:, None], ls, 0).sum(1)
-    return aggregate(scores, dataset.answer_type_of(q), dataset.question_type_of(q))
+    return np.where(li == idx[:, None], ls, 0).sum(1).astype(np.float64)
 
 
 # ------------------------------------------------------------------------- official files / I/O
@@ -402,3 +420,21 @@ def _np(x) -> np.ndarray:
     if hasattr(x, "detach"):
         x = x.detach().cpu().numpy()
     return np.asarray(x)
+
+
+def as_ids(question_ids) -> np.ndarray:
+    """(N,) int64 question ids from a list, numpy array or torch tensor."""
+    return _np(question_ids).astype(np.int64).reshape(-1)
+
+
+def predicted_indices(predictions) -> np.ndarray:
+    """(N,) int64 predicted answer indices from (N, A) logits / probabilities or (N,) indices."""
+    p = _np(predictions)
+    return p.argmax(1) if p.ndim == 2 else p.astype(np.int64).reshape(-1)
+
+
+def check_unique(question_ids: np.ndarray) -> None:
+    """Raise naming the first id predicted more than once (DDP padding repeats a few questions)."""
+    ids, counts = np.unique(question_ids, return_counts=True)
+    if (counts > 1).any():
+        raise ValueError(f"question_id {int(ids[counts > 1][0])} is predicted twice (deduplicate DDP padding first)")

@@ -18,9 +18,11 @@ flushed and ``progress.json`` records the rows done and the byte offset reached,
 run (Ctrl-C, a killed job) continues from there. A **malformed row** stops the conversion with an
 error naming the file and line and removes the partial output (the input must be fixed first).
 
-Command line (converts what ``prepare`` needs, then tokenises the questions)::
+Command line (converts what ``prepare`` needs, then tokenises the questions; ``--name`` picks the
+task whose files under ``--root`` are prepared: ``vqa``, ``gqa`` or ``nlvr2``)::
 
     python -m tasks.vqa.convert --root data --cache-dir ~/.cache/adaptive-ablation
+    python -m tasks.vqa.convert --name gqa --root data
     python -m tasks.vqa.convert --tsv data/mscoco_imgfeat/val2014_obj36.tsv --out /tmp/val2014
 """
 
@@ -299,12 +301,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m tasks.vqa.convert",
         description="Convert LXMERT's *_obj36.tsv features to memory-mapped arrays (once; resumable, atomic) "
-        "and tokenise the VQA question files. Without --tsv it prepares what DataConfig(name='vqa', ...) needs.",
+        "and tokenise the question files. Without --tsv it prepares what DataConfig(name=NAME, ...) needs.",
     )
-    p.add_argument("--root", help="LXMERT's data folder (vqa/*.json, mscoco_imgfeat/*_obj36.tsv)")
+    p.add_argument("--name", default="vqa", choices=("vqa", "gqa", "nlvr2"), help="the task (default: vqa)")
+    p.add_argument("--root", help="LXMERT's data folder (vqa/, gqa/, nlvr2/ and the *_imgfeat/ folders)")
     p.add_argument("--cache-dir", default="", help="where the arrays go (default: $ADAPTIVE_ABLATION_CACHE or ~/.cache/adaptive-ablation)")
-    p.add_argument("--train-splits", default="train,nominival", help="comma-separated (default: train,nominival)")
-    p.add_argument("--eval-split", default="minival", help="default: minival; 'test' for a test-server submission")
+    p.add_argument("--train-splits", default="", help="comma-separated (default: the task's, e.g. train,nominival for vqa)")
+    p.add_argument("--eval-split", default="", help="default: the task's (vqa: minival; 'test' for a test-server submission)")
     p.add_argument("--image-limit", type=int, default=0, help="only the first N images per feature file (LXMERT tiny=512, fast=5000)")
     p.add_argument("--max-seq-len", type=int, default=0, help="tokens per question (default 20)")
     p.add_argument("--tokenizer", default="", help="vocab.txt, tokenizer directory or hub name (default: offline bert-base-uncased)")
@@ -341,7 +344,7 @@ def _main(p: argparse.ArgumentParser, a: argparse.Namespace) -> int:
     from tasks import prepare
 
     cfg = DataConfig(
-        name="vqa",
+        name=a.name,
         root=a.root,
         cache_dir=a.cache_dir,
         train_splits=a.train_splits,

@@ -2,7 +2,8 @@
 
 Cache layout under ``<cache_dir>/vqa/``::
 
-    features/<tsv stem>[.first<N>]/      converted feature store (see `tasks.vqa.convert`)
+    features/<store name>[.first<N>]/    converted feature store (see `tasks.vqa.convert`; named by
+                                         `store_name`, shared with GQA, NLVR2 and pretraining)
     questions-v1-<tokenizer>-T<T>[-img<N>]/<split>-<json signature>/   tokenised questions
 
 A split's question store records, per question, the row of its image in the split's feature
@@ -39,9 +40,24 @@ def _splits(cfg: DataConfig) -> list[str]:
     return list(dict.fromkeys([*cfg.train_splits.split(","), cfg.eval_split]))
 
 
+# Feature folders whose stores are named by the TSV's stem alone (VQA, GQA and pretraining share them).
+SHARED_FEATURE_FOLDERS = ("mscoco_imgfeat", "vg_gqa_imgfeat")
+
+
+def store_name(tsv_rel: str) -> str:
+    """The directory name of a feature file's store: the TSV's stem for LXMERT's COCO and VG / GQA
+    folders (``train2014_obj36``, ``vg_gqa_obj36``), else ``<folder>.<stem>`` (NLVR2's
+    ``nlvr2_imgfeat.train_obj36``), so that files of one name in two folders never share a store."""
+    rel = Path(tsv_rel)
+    stem = rel.name[: -len(".tsv")]
+    folder = rel.parent.as_posix()
+    return stem if folder in ("", ".", *SHARED_FEATURE_FOLDERS) else f"{folder.replace('/', '.')}.{stem}"
+
+
 def feature_store_path(cfg: DataConfig, tsv_rel: str) -> Path:
-    """Where the store of a feature file lives; a full store also serves any ``image_limit``."""
-    stem = Path(tsv_rel).name[: -len(".tsv")]
+    """Where the store of a feature file lives (any task: the stores are shared); a full store also
+    serves any ``image_limit``."""
+    stem = store_name(tsv_rel)
     base = Path(cfg.cache_dir) / "vqa" / "features"
     full = base / stem
     if cfg.image_limit == 0 or store_state(full, Path(cfg.root) / tsv_rel, cfg.image_limit)[0]:

@@ -12,6 +12,10 @@ soft score}, "answer_type", "question_type"}`` (test entries have no label or ty
 has one image per line, tab-separated `FIELDS`, the arrays base64-encoded: ``objects_id`` /
 ``attrs_id`` int64 (n,), ``objects_conf`` / ``attrs_conf`` float32 (n,), ``boxes`` float32 (n, 4)
 in pixels (x1, y1, x2, y2), ``features`` float32 (n, 2048), n = ``num_boxes`` (36).
+
+The feature-row codec (`parse_row`, `format_row`) and the JSON / vocabulary readers (`read_json`,
+`read_vocab`, given another task's paths and sources) serve every LXMERT task: GQA and NLVR2 use
+them through `tasks.lxmert_task`.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import base64
 import binascii
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -183,11 +188,22 @@ def format_row(
     return "\t".join(fields) + "\n"
 
 
-def read_json(root: Path, rel: str) -> object:
-    """Load an LXMERT JSON file; a missing file raises naming it and what produces it."""
+def read_json(root: Path, rel: str, missing: Callable[[Path, str], Exception] | None = None) -> object:
+    """Load an LXMERT JSON file; a missing file raises naming it and what produces it.
+
+    Args:
+        root: the data folder.
+        rel: the file, relative to ``root``.
+        missing: ``missing(root, rel)`` builds the error for a missing file (another task's
+            sources, e.g. `tasks.gqa.data.LAYOUT.missing`); default: the VQA files' sources.
+
+    Raises:
+        FileNotFoundError: the file is missing (what ``missing`` says).
+        ValueError: the file is not valid JSON (naming the file, line and column).
+    """
     path = root / rel
     if not path.is_file():
-        raise missing_file_error(root, rel)
+        raise (missing or missing_file_error)(root, rel)
     try:
         with open(path) as fh:
             return json.load(fh)
@@ -195,20 +211,31 @@ def read_json(root: Path, rel: str) -> object:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
-def read_vocab(root: Path) -> tuple[list[str], dict[str, int]]:
-    """The answer vocabulary: ``label2ans`` (list) and ``ans2label`` (dict), checked consistent."""
-    label2ans = read_json(root, LABEL2ANS)
-    ans2label = read_json(root, ANS2LABEL)
+def read_vocab(
+    root: Path,
+    ans2label_rel: str = ANS2LABEL,
+    label2ans_rel: str = LABEL2ANS,
+    missing: Callable[[Path, str], Exception] | None = None,
+) -> tuple[list[str], dict[str, int]]:
+    """An answer vocabulary: ``label2ans`` (list) and ``ans2label`` (dict), checked consistent.
+
+    Args:
+        root: the data folder.
+        ans2label_rel, label2ans_rel: the two files, relative to ``root`` (default: VQA's; GQA's
+            are ``gqa/trainval_{ans2label,label2ans}.json``).
+        missing: as in `read_json`.
+    """
+    label2ans = read_json(root, label2ans_rel, missing)
+    ans2label = read_json(root, ans2label_rel, missing)
+    a2l, l2a = root / ans2label_rel, root / label2ans_rel
     if not isinstance(label2ans, list) or not isinstance(ans2label, dict):
-        raise ValueError(f"{root / LABEL2ANS} must hold a list and {root / ANS2LABEL} a dict")
+        raise ValueError(f"{l2a} must hold a list and {a2l} a dict")
     for i, a in enumerate(label2ans):
         if ans2label.get(a) != i:
-            raise ValueError(
-                f"{root / ANS2LABEL} maps {a!r} to {ans2label.get(a)!r} but {root / LABEL2ANS} has it at {i}"
-            )
+            raise ValueError(f"{a2l} maps {a!r} to {ans2label.get(a)!r} but {l2a} has it at {i}")
     if len(ans2label) != len(label2ans):
         extra = next(a for a in ans2label if a not in set(label2ans))
-        raise ValueError(f"{root / ANS2LABEL} has answer {extra!r} that {root / LABEL2ANS} lacks")
+        raise ValueError(f"{a2l} has answer {extra!r} that {l2a} lacks")
     return label2ans, ans2label
 
 
