@@ -87,7 +87,10 @@ _TIED_DECODER = "cls.predictions.decoder.weight"
 _BUFFERS = ("embeddings.position_ids",)
 # Prefixes of the encoder in the formats we read, longest first.
 _ENCODER_PREFIXES = ("lxrt_encoder.model.bert.", "model.bert.", "lxmert.", "bert.")
-_KERNEL_PARAMS = re.compile(r"\.kernel\.(.+\.)?(z|alpha_logit)$")
+# Every parameter inside an attention kernel is the normaliser's own (span z, alpha logits, those of
+# any normaliser registered later): query/key/value live in MultiHeadAttention, so nothing under
+# ``.kernel.`` has an LXMERT counterpart, whatever the variant.
+_KERNEL_PARAMS = re.compile(r"\.kernel\.")
 
 
 class CheckpointError(RuntimeError):

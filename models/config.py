@@ -19,6 +19,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from models.attention.registry import ATTENTION_REGISTRY
+
 #: Stacks of the encoder, in the order they run.
 STACKS: tuple[str, ...] = ("lang", "visn", "cross")
 #: The attention modules of a cross-modality layer, as ``<stack>/<attention>`` names.
@@ -100,8 +102,6 @@ class AttentionConfig:
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first invalid field."""
-        from models.attention.registry import ATTENTION_REGISTRY  # late: the registry imports configs
-
         if self.name not in ATTENTION_REGISTRY:
             raise ConfigError(
                 f"attention.name={self.name!r} is not a registered attention; valid: {sorted(ATTENTION_REGISTRY)}"

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+from models.attention.registry import build_kernel
 from models.config import ModelConfig
 from models.flow import CROSS, FLOW_LAYERS, layer_kinds
 
@@ -34,15 +35,11 @@ def _fusion_attentions(kind: str) -> tuple[str, ...]:
 
 
 def _kernel_per_module(cfg: ModelConfig) -> int:
-    """Parameters of one attention module's kernel where ``attention.name`` applies: span z and/or
-    learned alpha, H each."""
-    att = cfg.attention
-    per_module = 0
-    if att.name in ("span", "span_entmax"):
-        per_module += cfg.num_heads
-    if att.name in ("entmax", "span_entmax") and att.alpha_mode == "learned":
-        per_module += cfg.num_heads
-    return per_module
+    """Parameters of one attention module's kernel where ``attention.name`` applies (span z, learned
+    alpha, ...): counted on one instance of the registered kernel, so a new normaliser needs no entry
+    here (its masks and normalisers cost no matmul FLOPs; its parameters are what it adds)."""
+    kernel = build_kernel(cfg.attention.name, cfg.num_heads, cfg.attention, span_max=1, dropout=0.0)
+    return sum(p.numel() for p in kernel.parameters())
 
 
 def _kernel_params(cfg: ModelConfig) -> int:

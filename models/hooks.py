@@ -7,7 +7,8 @@
   (span z, alpha logits), which the optimiser may give their own learning rate.
 * ``engagement() -> dict | None``: whether the mechanism ever changed what the module computes
   (``{"mechanism", "engaged", ...evidence}``); ``mechanism_state()`` / ``load_mechanism_state()``
-  carry what it needs across a checkpoint.
+  carry what it needs across a checkpoint. A static ``engagement_evidence(items) -> str`` on the
+  module's class words the evidence of all its sites together (else "k of n sites engaged").
 
 Usage in a training step::
 
@@ -124,27 +125,17 @@ def engagement(model: nn.Module) -> dict[str, dict[str, object]]:
     a mechanism is engaged when at least one attention site's is. Empty for a model without
     adaptive mechanisms (softmax).
     """
-    found: dict[str, list[tuple[str, dict[str, object]]]] = {}
-    for name, m in _modules_with(model, "engagement"):
+    found: dict[str, list[dict[str, object]]] = {}
+    summarise: dict[str, object] = {}
+    for _, m in _modules_with(model, "engagement"):
         e = m.engagement()
         if e is not None:
-            found.setdefault(str(e["mechanism"]), []).append((site_of(name), e))
+            found.setdefault(str(e["mechanism"]), []).append(e)
+            summarise.setdefault(str(e["mechanism"]), getattr(type(m), "engagement_evidence", None))
     out: dict[str, dict[str, object]] = {}
     for mech, items in found.items():
-        k = sum(bool(e["engaged"]) for _, e in items)
-        if mech == "span":
-            smallest = min(float(e["smallest"]) for _, e in items)
-            reach = max(int(e["reach"]) for _, e in items)
-            evidence = (f"span below the longest query-key distance at {k} of {len(items)} attention sites; "
-                        f"smallest span reached {smallest:.1f} tokens (longest distance {reach})")
-        elif mech == "alpha":
-            moved = max(float(e["moved"]) for _, e in items)
-            low = min(float(e["low"]) for _, e in items)
-            high = max(float(e["high"]) for _, e in items)
-            init = float(items[0][1]["init"])
-            evidence = (f"alpha moved from {init:g} by up to {moved:.3f} (now {low:.3f}-{high:.3f}); "
-                        f"{k} of {len(items)} attention sites moved by 0.01 or more")
-        else:
-            evidence = f"{k} of {len(items)} sites engaged"
+        k = sum(bool(e["engaged"]) for e in items)
+        evidence_of = summarise[mech]  # the mechanism's own wording of its evidence, if it has one
+        evidence = evidence_of(items) if callable(evidence_of) else f"{k} of {len(items)} sites engaged"
         out[mech] = {"engaged": k > 0, "sites": len(items), "engaged_sites": k, "evidence": evidence}
     return out

@@ -25,12 +25,15 @@ oracle (``entmax_bisect``, ``entmax15``, ``sparsemax``), not a runtime dependenc
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from models.attention.softmax import attention_dropout
-from models.config import AttentionConfig
+
+if TYPE_CHECKING:  # type hints only: models.config imports the registry, never the reverse
+    from models.config import AttentionConfig
 
 # t below this counts as outside the support when forming p / t (t^(p-1) without a second pow).
 _TINY = 1e-30
@@ -240,6 +243,15 @@ class EntmaxAttention(nn.Module):
     def mechanism_parameters(self) -> list[nn.Parameter]:
         """The learned alpha's logits, for their own learning rate (none for a fixed alpha)."""
         return [] if self.alpha_logit is None else [self.alpha_logit]
+
+    @staticmethod
+    def engagement_evidence(items: list[dict[str, object]]) -> str:
+        """One sentence for all learned-alpha sites' :meth:`engagement` dicts."""
+        k = sum(bool(e["engaged"]) for e in items)
+        moved = max(float(e["moved"]) for e in items)
+        low, high = min(float(e["low"]) for e in items), max(float(e["high"]) for e in items)
+        return (f"alpha moved from {float(items[0]['init']):g} by up to {moved:.3f} (now {low:.3f}-{high:.3f}); "
+                f"{k} of {len(items)} attention sites moved by {ALPHA_MOVED:g} or more")
 
     def engagement(self) -> dict[str, object] | None:
         """Whether the learned alpha left its starting value (by :data:`ALPHA_MOVED` in some head);

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import nn
 
 from models.attention.entmax import EntmaxAttention
 from models.attention.softmax import SoftmaxAttention
 from models.attention.span import AdaptiveSpanAttention, SpanEntmaxAttention
-from models.config import AttentionConfig
+
+if TYPE_CHECKING:  # type hints only: models.config imports the registry, never the reverse
+    from models.config import AttentionConfig
 
 #: name -> kernel class; every class takes ``(num_heads, cfg, *, span_max, dropout)``.
 ATTENTION_REGISTRY: dict[str, type[nn.Module]] = {

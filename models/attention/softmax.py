@@ -19,12 +19,16 @@ Optional hooks, found by :mod:`models.hooks` on any module: ``aux_loss() -> 0-d 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.config import AttentionConfig
 from models.dropout import dropout
+
+if TYPE_CHECKING:  # type hints only: models.config imports the registry, never the reverse
+    from models.config import AttentionConfig
 
 
 def mask_value(dtype: torch.dtype) -> float:

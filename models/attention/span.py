@@ -29,13 +29,16 @@ every batch size.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from models.attention.entmax import EntmaxAttention
 from models.attention.softmax import attention_dropout, cast_mask, softmax_attention
-from models.config import AttentionConfig
+
+if TYPE_CHECKING:  # type hints only: models.config imports the registry, never the reverse
+    from models.config import AttentionConfig
 
 # log m where m = 0: exp(-1e4) underflows to exactly 0 in every float dtype, and -1e4 plus the
 # padding mask value cannot overflow float16.
@@ -137,6 +140,15 @@ class SpanMask(nn.Module):
     def mechanism_parameters(self) -> list[nn.Parameter]:
         """The parameters of the mechanism itself (z), for their own learning rate."""
         return [self.z]
+
+    @staticmethod
+    def engagement_evidence(items: list[dict[str, object]]) -> str:
+        """One sentence for all span sites' :meth:`engagement` dicts (:func:`models.hooks.engagement`)."""
+        k = sum(bool(e["engaged"]) for e in items)
+        smallest = min(float(e["smallest"]) for e in items)
+        reach = max(int(e["reach"]) for e in items)
+        return (f"span below the longest query-key distance at {k} of {len(items)} attention sites; "
+                f"smallest span reached {smallest:.1f} tokens (longest distance {reach})")
 
     def engagement(self) -> dict[str, object]:
         """Whether the span ever masked anything: the smallest span reached (after any optimizer
