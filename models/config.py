@@ -15,11 +15,19 @@ offending field.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
 from models.attention.registry import ATTENTION_REGISTRY
+from models.configkit import (
+    ConfigError,
+    flatten,
+    normalise_lists,
+    parse_cli_overrides,
+    split_list,
+    validate_tree,
+)
+from models.configkit import apply_overrides as configkit_apply
 
 #: Stacks of the encoder, in the order they run.
 STACKS: tuple[str, ...] = ("lang", "visn", "cross")
@@ -42,15 +50,6 @@ POLICY_OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw")
 POLICY_INITS: tuple[str, ...] = ("copy", "random")
 
 
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field."""
-
-
-def split_list(value: str) -> list[str]:
-    """Split a comma-separated config string into its non-empty, stripped items."""
-    return [item.strip() for item in value.split(",") if item.strip()]
-
-
 @dataclass
 class AttentionConfig:
     """Which attention normaliser runs where, and its hyper-parameters.
@@ -58,7 +57,7 @@ class AttentionConfig:
     Attributes:
         name: Registry key of the normaliser (``softmax | span | entmax | span_entmax``; see
             :data:`models.attention.ATTENTION_REGISTRY`).
-        stacks: Comma-separated sites that use ``name``; every other attention uses softmax.
+        stacks: The sites (a typed list: YAML list or ``"a,b"``) that use ``name``; every other attention uses softmax.
             ``lang`` / ``visn``: self-attention of the language / vision ("r") layers; ``cross``: all
             three attentions of the cross-modality layers; ``cross/cross``, ``cross/lang_self``,
             ``cross/visn_self``: only that attention of the cross-modality layers (e.g. span only in
@@ -83,7 +82,7 @@ class AttentionConfig:
     """
 
     name: str = "softmax"
-    stacks: str = "lang,visn,cross"
+    stacks: tuple[str, ...] = ("lang", "visn", "cross")
     span_max_lang: int = 20
     span_max_visn: int = 36
     span_max_cross: int = 36
@@ -98,6 +97,7 @@ class AttentionConfig:
     entmax_tol: float = 1e-5
 
     def __post_init__(self) -> None:
+        normalise_lists(self, "attention.")
         self.validate()
 
     def validate(self) -> None:
@@ -150,7 +150,7 @@ class LayerDropConfig:
             stack are skipped, drawn without replacement (the paper's "p=1").
         p: Drop probability per layer for ``mode=prob``.
         n_drop: Layers dropped per stack per training forward for ``mode=fixed``.
-        stacks: Comma-separated stacks (``lang,visn,cross``) LayerDrop applies to.
+        stacks: The stacks (a typed list, e.g. ``lang,visn,cross``) LayerDrop applies to.
         eval: What runs outside training: ``all`` layers, or ``every_other`` (layers 0, 2, 4, ... of
             the named stacks: the pruned keep-list). Evaluation never drops at random.
         seed: Seed of the drop decisions. Decision ``k`` (the k-th training forward) depends only on
@@ -160,11 +160,12 @@ class LayerDropConfig:
     mode: str = "none"
     p: float = 0.0
     n_drop: int = 1
-    stacks: str = "lang,visn,cross"
+    stacks: tuple[str, ...] = ("lang", "visn", "cross")
     eval: str = "all"
     seed: int = 0
 
     def __post_init__(self) -> None:
+        normalise_lists(self, "layerdrop.")
         self.validate()
 
     def validate(self) -> None:
@@ -491,81 +492,21 @@ class ModelConfig:
 
 
 # --------------------------------------------------------------------------------------------------
-# Flat dotted keys <-> nested dataclasses
+# Flat dotted keys <-> nested dataclasses: the one system of models.configkit
+
+#: ``ModelConfig -> {"attention.name": "span", ...}`` (typed lists as ``"a,b"``).
+to_flat_dict = flatten
 
 
-def to_flat_dict(cfg: Any, prefix: str = "") -> dict[str, str | int | float | bool]:
-    """Flatten a (nested) config dataclass to ``{"dotted.key": leaf}``."""
-    out: dict[str, str | int | float | bool] = {}
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        key = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(value):
-            out.update(to_flat_dict(value, prefix=f"{key}."))
-        else:
-            out[key] = value
-    return out
+def from_flat_dict(flat: dict[str, Any], base: ModelConfig | None = None, source: str = "model config") -> ModelConfig:
+    """Build a validated :class:`ModelConfig` from dotted keys (values may be strings, as MLflow returns them)."""
+    cfg = configkit_apply(base if base is not None else ModelConfig(), dict(flat), source=source)
+    validate_tree(cfg)
+    return cfg
 
 
-def _coerce(value: Any, like: Any, key: str) -> Any:
-    """Convert ``value`` (often a string from the command line or MLflow) to the type of ``like``."""
-    if isinstance(like, bool):
-        if isinstance(value, bool):
-            return value
-        text = str(value).strip().lower()
-        if text in ("1", "true", "yes", "on"):
-            return True
-        if text in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(f"{key}={value!r} is not a boolean")
-    try:
-        if isinstance(like, int):
-            as_float = float(value)
-            if as_float != int(as_float):
-                raise ValueError
-            return int(as_float)
-        if isinstance(like, float):
-            return float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key}={value!r} is not a {type(like).__name__}") from None
-    return str(value)
-
-
-def _replace(cfg: Any, updates: dict[str, Any], prefix: str = "") -> Any:
-    nested: dict[str, dict[str, Any]] = {}
-    direct: dict[str, Any] = {}
-    names = {f.name for f in dataclasses.fields(cfg)}
-    for key, value in updates.items():
-        head, _, rest = key.partition(".")
-        if head not in names:
-            raise ConfigError(f"unknown config key '{prefix}{key}'; valid: {sorted(to_flat_dict(cfg, prefix))}")
-        current = getattr(cfg, head)
-        if rest:
-            if not dataclasses.is_dataclass(current):
-                raise ConfigError(f"config key '{prefix}{key}': {prefix}{head} is not a section")
-            nested.setdefault(head, {})[rest] = value
-        elif dataclasses.is_dataclass(current):
-            raise ConfigError(f"config key '{prefix}{key}' is a section; set {prefix}{key}.<field>")
-        else:
-            direct[head] = _coerce(value, current, prefix + key)
-    for head, sub in nested.items():
-        direct[head] = _replace(getattr(cfg, head), sub, prefix=f"{prefix}{head}.")
-    return dataclasses.replace(cfg, **direct)
-
-
-def from_flat_dict(flat: dict[str, Any], base: ModelConfig | None = None) -> ModelConfig:
-    """Build a :class:`ModelConfig` from dotted keys (values may be strings, as MLflow returns them)."""
-    return _replace(base if base is not None else ModelConfig(), dict(flat))
-
-
-def apply_overrides(cfg: ModelConfig, overrides: list[str] | dict[str, Any]) -> ModelConfig:
-    """Return a copy of ``cfg`` with ``key=value`` overrides applied (validated)."""
-    if isinstance(overrides, dict):
-        return _replace(cfg, overrides)
-    updates: dict[str, str] = {}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"override {item!r} is not of the form key=value")
-        updates[key.strip()] = value.strip()
-    return _replace(cfg, updates)
+def apply_overrides(cfg: ModelConfig, overrides: list[str] | dict[str, Any], source: str = "overrides") -> ModelConfig:
+    """Return a validated copy of ``cfg`` with ``key=value`` overrides (strings or a dict) applied."""
+    if not isinstance(overrides, dict):
+        overrides = parse_cli_overrides(list(overrides), source=source)
+    return from_flat_dict(overrides, base=cfg, source=source)

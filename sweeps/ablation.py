@@ -104,7 +104,7 @@ def print_plan(plan: Plan, name: str) -> None:
         layerdrop = f" layerdrop={ld.mode}" + (f"(n={ld.n_drop})" if ld.mode == "fixed" else
                                               f"(p={ld.p})" if ld.mode == "prob" else "")
         pt = c.pretrain
-        pretrain = (f" pretrain={pt.weighting}({pt.epochs} ep, {pt.corpus}, {pt.tasks})" if pt.enabled else "")
+        pretrain = (f" pretrain={pt.weighting}({pt.epochs} ep, {pt.corpus}, {','.join(pt.tasks)})" if pt.enabled else "")
         print(f"  {trial.key:<24} attention={c.model.attention.name} layers={c.model.l_layers}-"
               f"{c.model.x_layers}-{c.model.r_layers} hidden={c.model.hidden_size}{layerdrop if ld.mode != 'none' else ''} "
               f"data={c.data.name} epochs={c.train.epochs} seed={c.train.seed}{pretrain}")
@@ -278,9 +278,8 @@ def connect_ray(verbose: bool = False) -> str:
 def _bad_input() -> tuple[type[BaseException], ...]:
     from models.checkpoint import CheckpointError
     from sweeps.tracking import TrackingError
-    from tasks.config import ConfigError as DataConfigError
 
-    return (ConfigError, DataConfigError, FileNotFoundError, TrackingError, CheckpointError, ValueError)
+    return (ConfigError, FileNotFoundError, TrackingError, CheckpointError, ValueError)
 
 
 def _error(err: BaseException, verbose: bool) -> int:

@@ -14,24 +14,23 @@ params, grid files and the command line::
 
 from __future__ import annotations
 
-import copy
-import dataclasses
-import difflib
-import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from models import ModelConfig
+from models.configkit import (  # noqa: F401  (re-exported: the sweep's one config API)
+    ConfigError,
+    Scalar,
+    apply_overrides,
+    coerce,
+    flatten,
+    keys,
+    parse_cli_overrides,
+    unflatten,
+)
 from tasks import DataConfig
 from tasks.pretrain.config import PretrainConfig
-
-
-class ConfigError(ValueError):
-    """A configuration key or value is invalid; the message names the key and where it came from."""
-
 
 OPTIMIZERS = ("adamw", "lookahead_lamb")
 SCHEDULES = ("linear", "cyclic", "constant")
@@ -191,121 +190,8 @@ class ExperimentConfig:
 # flatten / unflatten / overrides: generic over nested dataclasses with scalar leaves
 # --------------------------------------------------------------------------------------------
 
-Scalar = typing.Union[str, int, float, bool]
-
-
-def flatten(obj: Any, prefix: str = "") -> dict[str, Scalar]:
-    """Nested dataclass -> ``{"a.b.c": scalar}`` in field order."""
-    out: dict[str, Scalar] = {}
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        key = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(value):
-            out.update(flatten(value, key + "."))
-        else:
-            out[key] = value
-    return out
-
-
-def keys(cls: type) -> list[str]:
-    """All dotted keys of a dataclass type (its defaults flattened)."""
-    return list(flatten(cls()).keys())
-
-
-def unflatten(cls: type, flat: dict[str, Any], source: str = "config") -> Any:
-    """``{"a.b": v}`` -> ``cls`` instance; unknown keys raise, missing keys keep defaults."""
-    return apply_overrides(cls(), flat, source=source)
-
-
-def apply_overrides(obj: Any, overrides: dict[str, Any], source: str = "overrides",
-                    errors: list[str] | None = None) -> Any:
-    """Return a copy of the dataclass ``obj`` with dotted-key ``overrides`` applied.
-
-    Values may be typed (from YAML) or strings (from the command line); each is coerced to the
-    field's type. An unknown key or a value of the wrong type raises :class:`ConfigError` naming
-    the key, ``source`` and, for a typo, the closest valid keys; every bad key, not just the
-    first. With ``errors`` given, the messages are appended there instead and the good keys are
-    applied (so that a caller can go on to find every other problem too).
-    """
-    obj = copy.deepcopy(obj)  # not dataclasses.replace: that would validate half-applied overrides
-    problems: list[str] = []
-    for key, raw in overrides.items():
-        try:
-            _apply_one(obj, key, raw, source)
-        except ConfigError as err:
-            problems.append(str(err))  # every bad key at once, not the first only
-    if problems and errors is None:
-        raise ConfigError("; ".join(problems))
-    if errors is not None:
-        errors.extend(problems)
-    return obj
-
-
-def _apply_one(obj: Any, key: str, raw: Any, source: str) -> None:
-    """Set one dotted ``key`` of ``obj`` (in place) to ``raw`` coerced to the field's type."""
-    parts = key.split(".")
-    target = obj
-    try:
-        for part in parts[:-1]:
-            child = getattr(target, part)
-            if not dataclasses.is_dataclass(child):
-                raise AttributeError(part)
-            target = child
-        f = {fl.name: fl for fl in dataclasses.fields(target)}[parts[-1]]
-        if dataclasses.is_dataclass(getattr(target, parts[-1])):
-            raise KeyError(parts[-1])
-    except (AttributeError, KeyError):
-        near = difflib.get_close_matches(key, keys(type(obj)), n=3, cutoff=0.6)
-        hint = f" Did you mean: {', '.join(near)}?" if near else ""
-        raise ConfigError(f"{source}: unknown key '{key}'.{hint}") from None
-    setattr(target, f.name, coerce(key, raw, _field_type(type(target), f.name), source))
-
-
-def coerce(key: str, raw: Any, typ: type, source: str = "overrides") -> Scalar:
-    """Convert ``raw`` (typed or a command-line string) to ``typ`` or raise naming ``key``."""
-    finite = False
-    try:
-        if typ is bool:
-            if isinstance(raw, bool):
-                return raw
-            if isinstance(raw, str) and raw.strip().lower() in ("1", "true", "yes", "on"):
-                return True
-            if isinstance(raw, str) and raw.strip().lower() in ("0", "false", "no", "off"):
-                return False
-            if isinstance(raw, int) and raw in (0, 1):
-                return bool(raw)
-            raise ValueError
-        if typ is int:
-            if isinstance(raw, bool):
-                raise ValueError
-            if isinstance(raw, float):
-                if raw != int(raw):
-                    raise ValueError
-                return int(raw)
-            return int(str(raw).strip())
-        if typ is float:
-            if isinstance(raw, bool):
-                raise ValueError
-            value = float(raw)
-            if math.isfinite(value):
-                return value
-            # NaN passes every `<= 0` check and inf overflows the first step: no key wants either.
-            finite = True
-        if typ is str:
-            if isinstance(raw, (list, tuple)):
-                return ",".join(str(x) for x in raw)
-            if isinstance(raw, (dict, bool)) or raw is None:
-                raise ValueError
-            return str(raw)
-    except (TypeError, ValueError):
-        raise ConfigError(
-            f"{source}: '{key}' expects {typ.__name__}, got {raw!r}"
-        ) from None
-    if finite:
-        raise ConfigError(f"{source}: '{key}' must be a finite number, got {raw!r}")
-    raise ConfigError(f"{source}: '{key}' has unsupported type {typ}")
-
-
+# flatten / unflatten / overrides / coercion: the one system of every package (models.configkit),
+# re-exported here for the sweep's callers.
 def load_yaml(path: str | Path, what: str = "YAML") -> Any:
     """Read a YAML file (grids, presets: every YAML file the platform reads goes through here).
 
@@ -352,26 +238,6 @@ def load_yaml(path: str | Path, what: str = "YAML") -> Any:
                           + ". YAML would keep only the last of each and silently drop the others: remove or "
                           "rename them")
     return data
-
-
-def parse_cli_overrides(items: list[str]) -> dict[str, str]:
-    """``["a.b=1", "c=x"]`` -> ``{"a.b": "1", "c": "x"}``; raises on items without ``=``."""
-    out: dict[str, str] = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"command line: override '{item}' is not of the form key=value")
-        key, value = item.split("=", 1)
-        out[key.strip()] = value.strip()
-    return out
-
-
-def _field_type(cls: type, name: str) -> type:
-    hints = typing.get_type_hints(cls)
-    typ = hints[name]
-    if isinstance(typ, types.UnionType) or typing.get_origin(typ) is typing.Union:
-        args = [a for a in typing.get_args(typ) if a is not type(None)]
-        typ = args[0]
-    return typ
 
 
 def _choice(key: str, value: str, options: tuple[str, ...]) -> None:

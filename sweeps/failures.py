@@ -68,16 +68,15 @@ def classify(err: BaseException) -> tuple[str, str] | None:
     """``(kind, message)`` when ``err`` cannot succeed on a retry, else ``None``.
 
     Non-retryable: :class:`NonRetryableError` (divergence, a refused checkpoint), a config error
-    (``sweeps.config.ConfigError``, ``tasks.ConfigError``) and a refused weight import
+    (``models.configkit.ConfigError``, every package's one) and a refused weight import
     (``models.checkpoint.CheckpointError``): the same config and files fail the same way again.
     """
     from models.checkpoint import CheckpointError
-    from sweeps.config import ConfigError
-    from tasks.config import ConfigError as DataConfigError
+    from models.configkit import ConfigError
 
     if isinstance(err, NonRetryableError):
         return err.kind, str(err)
-    if isinstance(err, (ConfigError, DataConfigError)):
+    if isinstance(err, ConfigError):
         return "config", str(err)
     if isinstance(err, CheckpointError):
         return "checkpoint", str(err)

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
+
+from models.configkit import ConfigError, check_types, flatten, normalise_lists, unflatten
 
 TASK_NAMES = ("easyvqa", "vqa", "gqa", "nlvr2")
 EASYVQA_FEATURES = ("compact", "vqa_like")
@@ -47,10 +49,6 @@ def default_cache_dir() -> str:
     if env:
         return env
     return str(Path.home() / ".cache" / "adaptive-ablation")
-
-
-class ConfigError(ValueError):
-    """A `DataConfig` field has a bad value; the message names the field."""
 
 
 @dataclass
@@ -104,7 +102,7 @@ class DataConfig:
     features: str = "compact"
     grid: int = 2
     max_seq_len: int = 0
-    train_splits: str = ""
+    train_splits: tuple[str, ...] = ()
     eval_split: str = ""
     train_limit: int = 0
     epoch_size: int = 0
@@ -115,16 +113,12 @@ class DataConfig:
     max_unanswerable: float = 0.25
 
     def __post_init__(self) -> None:
+        normalise_lists(self, "DataConfig.")
         self.validate()
 
     def validate(self) -> None:
         """Raise `ConfigError` naming the first bad field."""
-        for f in fields(self):
-            value = getattr(self, f.name)
-            expected = {"str": str, "int": int, "float": float, "bool": bool}[f.type]
-            # bool is an int subclass: reject it where an int is expected.
-            if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-                raise ConfigError(f"DataConfig.{f.name} must be {f.type}, got {value!r}")
+        check_types(self, "DataConfig.")
         if self.name not in TASK_NAMES:
             raise ConfigError(f"DataConfig.name={self.name!r}: expected one of {', '.join(TASK_NAMES)}")
         if self.features not in EASYVQA_FEATURES:
@@ -141,7 +135,7 @@ class DataConfig:
         if 0 < self.max_seq_len < 3:
             raise ConfigError(f"DataConfig.max_seq_len={self.max_seq_len}: needs room for [CLS], a token, [SEP]")
         splits = SPLITS[self.name]
-        train = [s for s in self.train_splits.split(",") if s.strip()] if self.train_splits else []
+        train = list(self.train_splits)
         for s in [*train, *([self.eval_split] if self.eval_split else [])]:
             if s.strip() not in splits:
                 raise ConfigError(
@@ -164,7 +158,7 @@ class DataConfig:
         return dataclasses.replace(
             self,
             cache_dir=self.cache_dir or default_cache_dir(),
-            train_splits=",".join(s.strip() for s in (self.train_splits or d["train_splits"]).split(",") if s.strip()),
+            train_splits=self.train_splits or tuple(d["train_splits"].split(",")),
             eval_split=(self.eval_split or d["eval_split"]).strip(),
             max_seq_len=self.max_seq_len or d["max_seq_len"],
         )
@@ -172,45 +166,21 @@ class DataConfig:
     @property
     def train_split_list(self) -> list[str]:
         """``train_splits`` (resolved) as a list."""
-        return self.resolved().train_splits.split(",")
+        return list(self.resolved().train_splits)
 
     def to_flat(self, prefix: str = "") -> dict[str, str | int | float | bool]:
-        """``{prefix + field: value}``, e.g. ``to_flat("data.")`` for MLflow params."""
-        return {prefix + f.name: getattr(self, f.name) for f in fields(self)}
+        """``{prefix + field: value}``, e.g. ``to_flat("data.")`` for MLflow params (typed lists as ``"a,b"``)."""
+        return flatten(self, prefix)
 
     @classmethod
     def from_flat(cls, flat: dict[str, object], prefix: str = "") -> DataConfig:
-        """Inverse of `to_flat`; string values (MLflow params, ``key=value``) are converted.
+        """Inverse of `to_flat`; string values (MLflow params, ``key=value``) are coerced by
+        :mod:`models.configkit`'s rule. Keys outside ``prefix`` are ignored.
 
         Raises:
             ConfigError: an unknown key under ``prefix`` or a value that does not convert.
         """
-        known = {f.name: f.type for f in fields(cls)}
-        kwargs: dict[str, object] = {}
-        for key, value in flat.items():
-            if not key.startswith(prefix):
-                continue
-            name = key[len(prefix) :]
-            if name not in known:
-                raise ConfigError(f"unknown DataConfig key {key!r}; known: {', '.join(known)}")
-            kwargs[name] = _convert(name, known[name], value)
-        return cls(**kwargs)
-
-
-def _convert(name: str, type_name: str, value: object) -> object:
-    if not isinstance(value, str):
-        return value
-    try:
-        if type_name == "int":
-            return int(value)
-        if type_name == "float":
-            return float(value)
-        if type_name == "bool":
-            if value.lower() in ("1", "true", "yes"):
-                return True
-            if value.lower() in ("0", "false", "no"):
-                return False
-            raise ValueError(value)
-    except ValueError:
-        raise ConfigError(f"DataConfig.{name}={value!r} is not a valid {type_name}") from None
-    return value
+        mine = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
+        cfg = unflatten(cls, mine, source=f"DataConfig ({prefix}* keys)" if prefix else "DataConfig")
+        cfg.validate()
+        return cfg

@@ -539,10 +539,10 @@ def load(cfg: DataConfig) -> TaskData:
     prepare(cfg)  # a no-op (two stat calls per store) once built
     vocab = answers()
     parts = {}
-    for split in {*cfg.train_splits.split(","), cfg.eval_split}:
+    for split in {*cfg.train_splits, cfg.eval_split}:
         fs = FeatureStore.open(_feature_dir(cfg) / split)
         parts[split] = QuestionPart.open(_question_dir(cfg, split), fs)
-    train = ArrayDataset.from_parts([parts[s] for s in cfg.train_splits.split(",")], vocab, cfg.train_limit)
+    train = ArrayDataset.from_parts([parts[s] for s in cfg.train_splits], vocab, cfg.train_limit)
     ev = ArrayDataset.from_parts([parts[cfg.eval_split]], vocab, cfg.eval_limit)
     ev.human_answers = _human_answers(ev, vocab)
     return TaskData(train=train, eval=ev, answers=vocab, summary=summarize(train, ev))

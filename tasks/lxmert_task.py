@@ -109,7 +109,7 @@ class Layout:
 
     def splits_of(self, cfg: DataConfig) -> list[str]:
         """The splits ``cfg`` uses (training splits, then the evaluation split), each once."""
-        return list(dict.fromkeys([*cfg.train_splits.split(","), cfg.eval_split]))
+        return list(dict.fromkeys([*cfg.train_splits, cfg.eval_split]))
 
 
 # ------------------------------------------------------------------------------ reading helpers
@@ -311,7 +311,7 @@ def load(cfg: DataConfig, layout: Layout) -> TaskData:
         if tsv not in stores:
             stores[tsv] = _open_store(cfg, tsv)
         parts[split] = QuestionPart.open(question_store_path(cfg, layout, split, tok_key), stores[tsv])
-    train = ArrayDataset.from_parts([parts[s] for s in cfg.train_splits.split(",")], answers, cfg.train_limit)
+    train = ArrayDataset.from_parts([parts[s] for s in cfg.train_splits], answers, cfg.train_limit)
     ev = ArrayDataset.from_parts([parts[cfg.eval_split]], answers, cfg.eval_limit)
     summary = summarize(train, ev)
     summary["outside_image_limit"] = sum(p.meta.get("outside_image_limit", 0) for p in parts.values())

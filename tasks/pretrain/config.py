@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import operator
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
-from tasks.config import ConfigError
+from models.configkit import ConfigError, check_types, normalise_lists, split_list
 
 #: The pretraining objectives, in LXMERT's order, then the image-text contrastive loss (not
 #: LXMERT's; see tasks.pretrain.objectives).
@@ -52,10 +52,10 @@ class Rule:
         return f"{self.task}@{self.what}{self.op}{value}"
 
 
-def parse_schedule(text: str, tasks: list[str] | None = None) -> list[Rule]:
+def parse_schedule(text: str | tuple[str, ...], tasks: list[str] | None = None) -> list[Rule]:
     """``"qa@epoch>=11,mlm@lr>=1e-5"`` -> rules; raises :class:`ConfigError` naming ``pretrain.schedule``."""
     rules = []
-    for item in (part.strip() for part in text.split(",")):
+    for item in split_list(text):
         if not item:
             continue
         m = _RULE.match(item.replace(" ", ""))
@@ -135,20 +135,20 @@ class PretrainConfig:
 
     enabled: bool = False
     epochs: int = 1
-    tasks: str = "mlm,mor,match,qa"
+    tasks: tuple[str, ...] = ("mlm", "mor", "match", "qa")
     weighting: str = "equal"
     weight_every: int = 10
     shared: str = "encoder"
     grad_std_floor: float = 0.1
     gradnorm_alpha: float = 1.5
     gradnorm_lr: float = 0.025
-    schedule: str = ""
+    schedule: tuple[str, ...] = ()
     corpus: str = "synthetic"
     corpus_images: int = 2000
     corpus_eval_images: int = 200
     corpus_seed: int = 0
     root: str = ""
-    sources: str = LXMERT_SOURCES
+    sources: tuple[str, ...] = tuple(LXMERT_SOURCES.split(","))
     eval_source: str = LXMERT_EVAL_SOURCE
     image_limit: int = 0
     max_seq_len: int = 0
@@ -162,10 +162,13 @@ class PretrainConfig:
     mor_prob: float = 0.15
     mismatch_prob: float = 0.5
 
+    def __post_init__(self) -> None:
+        normalise_lists(self, "pretrain.")
+
     @property
     def task_list(self) -> list[str]:
         """``tasks`` as a list, in LXMERT's order."""
-        wanted = {t.strip() for t in self.tasks.split(",") if t.strip()}
+        wanted = set(self.tasks)
         return [t for t in TASKS if t in wanted]
 
     @property
@@ -174,17 +177,13 @@ class PretrainConfig:
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first bad key (``pretrain.<field>``)."""
-        for f in fields(self):
-            value = getattr(self, f.name)
-            expected = {"str": str, "int": int, "float": (int, float), "bool": bool}[f.type]
-            if not isinstance(value, expected) or (f.type in ("int", "float") and isinstance(value, bool)):
-                raise ConfigError(f"pretrain.{f.name} must be {f.type}, got {value!r}")
-        names = [t.strip() for t in self.tasks.split(",") if t.strip()]
+        check_types(self, "pretrain.")
+        names = list(self.tasks)
         bad = [t for t in names if t not in TASKS]
         if bad or not names:
-            raise ConfigError(f"pretrain.tasks={self.tasks!r}: expected a comma-separated subset of {', '.join(TASKS)}")
+            raise ConfigError(f"pretrain.tasks={','.join(self.tasks)!r}: expected a subset of {', '.join(TASKS)}")
         if len(set(names)) != len(names):
-            raise ConfigError(f"pretrain.tasks={self.tasks!r} names a task twice")
+            raise ConfigError(f"pretrain.tasks={','.join(self.tasks)!r} names a task twice")
         for key, options in (("weighting", WEIGHTINGS), ("corpus", CORPORA), ("shared", SHARED)):
             if getattr(self, key) not in options:
                 raise ConfigError(f"pretrain.{key}={getattr(self, key)!r}: expected one of {', '.join(options)}")
@@ -209,7 +208,7 @@ class PretrainConfig:
         if self.gradnorm_alpha < 0:
             raise ConfigError(f"pretrain.gradnorm_alpha={self.gradnorm_alpha} must be >= 0")
         parse_schedule(self.schedule, names)
-        if self.corpus == "lxmert" and not [s for s in self.sources.split(",") if s.strip()]:
+        if self.corpus == "lxmert" and not self.sources:
             raise ConfigError("pretrain.sources is empty: name LXMERT's pretraining sources")
 
     def lxmert_root(self, data_root: str = "") -> str:

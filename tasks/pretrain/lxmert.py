@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from models.configkit import split_list
 from tasks import store as st
 from tasks.config import ConfigError, DataConfig
 from tasks.tokenization import encode_fixed, get_tokenizer
@@ -67,8 +68,9 @@ def convert_ans(ans: str) -> str:
     return ANS_CONVERT.get(ans, ans)
 
 
-def source_list(text: str) -> list[str]:
-    names = [s.strip() for s in text.split(",") if s.strip()]
+def source_list(text: str | tuple[str, ...]) -> list[str]:
+    """``pretrain.sources`` (a typed list) or ``pretrain.eval_source`` (one name) -> checked source names."""
+    names = split_list(text)
     bad = [s for s in names if s not in SOURCE_TSV]
     if bad:
         raise ConfigError(f"pretrain.sources / eval_source: unknown LXMERT source(s) {bad}; known: {', '.join(SOURCE_TSV)}")

@@ -37,7 +37,7 @@ FORMAT_VERSION = 2  # 2: stores keyed by content; unanswerable questions counted
 
 
 def _splits(cfg: DataConfig) -> list[str]:
-    return list(dict.fromkeys([*cfg.train_splits.split(","), cfg.eval_split]))
+    return list(dict.fromkeys([*cfg.train_splits, cfg.eval_split]))
 
 
 # Feature folders whose stores are named by the TSV's stem alone (VQA, GQA and pretraining share them).
@@ -233,7 +233,7 @@ def load(cfg: DataConfig) -> TaskData:
         if tsv not in stores:
             stores[tsv] = _open_store(cfg, tsv)
         parts[split] = QuestionPart.open(question_store_path(cfg, split, tok_key), stores[tsv])
-    train = ArrayDataset.from_parts([parts[s] for s in cfg.train_splits.split(",")], label2ans, cfg.train_limit)
+    train = ArrayDataset.from_parts([parts[s] for s in cfg.train_splits], label2ans, cfg.train_limit)
     ev = ArrayDataset.from_parts([parts[cfg.eval_split]], label2ans, cfg.eval_limit)
     annotation = ann.annotation_file(root, cfg.eval_split, cfg.annotations)
     if annotation is not None:

@@ -47,7 +47,7 @@ def test_overrides_coerce_and_presets_are_numbers_only():
         (lambda: LayerDropConfig(eval="half"), "layerdrop.eval"),
         (lambda: AttentionConfig(alpha_min=1.0), "attention.alpha_min"),
         (lambda: AttentionConfig(span_init=1.5), "attention.span_init"),
-        (lambda: apply_overrides(lxmert_tiny(), ["hidden_size=abc"]), "hidden_size='abc'"),
+        (lambda: apply_overrides(lxmert_tiny(), ["hidden_size=abc"]), "'hidden_size' expects int, got 'abc'"),
         (lambda: apply_overrides(lxmert_tiny(), ["attention.nme=span"]), "attention.nme"),
     ],
 )

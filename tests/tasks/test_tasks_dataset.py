@@ -91,9 +91,9 @@ def test_config_flat_round_trip_and_defaults():
     back = DataConfig.from_flat({k: str(v) for k, v in flat.items()}, "data.")
     assert back == cfg
     r = cfg.resolved()
-    assert (r.train_splits, r.eval_split, r.max_seq_len) == ("train,nominival", "minival", 20)
+    assert (r.train_splits, r.eval_split, r.max_seq_len) == (("train", "nominival"), "minival", 20)
     assert DataConfig().resolved().max_seq_len == 13
-    with pytest.raises(ConfigError, match="unknown DataConfig key 'data.nme'"):
+    with pytest.raises(ConfigError, match=r"DataConfig \(data.\* keys\): unknown key 'nme'"):
         DataConfig.from_flat({"data.nme": "x"}, "data.")
 
 

@@ -199,7 +199,7 @@ def test_config_knows_gqa_splits_and_needs_a_root():
     with pytest.raises(ConfigError, match=r"'minival'.* is not a gqa split: expected one of train, valid, testdev, submit"):
         DataConfig(name="gqa", root="/x", eval_split="minival")
     r = DataConfig(name="gqa", root="/x").resolved()
-    assert (r.train_splits, r.eval_split, r.max_seq_len) == ("train,valid", "testdev", 20)
+    assert (r.train_splits, r.eval_split, r.max_seq_len) == (("train", "valid"), "testdev", 20)
 
 
 def test_convert_cli_prepares_gqa(gqa_root, tmp_path, capsys):
