@@ -19,12 +19,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import schema
+
 #: Keys of the last result of a trial that failed without retry.
-FAILURE_KEY = "trial/failure"
-FAILURE_KIND_KEY = "trial/failure_kind"
+FAILURE_KEY = schema.RESULT_FAILURE
+FAILURE_KIND_KEY = schema.RESULT_FAILURE_KIND
 #: MLflow tags of a trial run that failed (any failure the loop saw).
-FAILURE_TAG = "failure.reason"
-FAILURE_KIND_TAG = "failure.kind"
+FAILURE_TAG = schema.FAILURE_REASON
+FAILURE_KIND_TAG = schema.FAILURE_KIND
 
 
 class NonRetryableError(RuntimeError):
@@ -89,7 +91,7 @@ def failure_result(kind: str, message: str) -> dict[str, Any]:
     ``best/acc`` is NaN (not absent) so that a search algorithm that requires its metric in every
     result records the point as failed rather than stopping the search.
     """
-    return {FAILURE_KEY: message, FAILURE_KIND_KEY: kind, "best/acc": float("nan")}
+    return {FAILURE_KEY: message, FAILURE_KIND_KEY: kind, schema.BEST_ACC: float("nan")}
 
 
 def failure_of(metrics: dict[str, Any] | None) -> str:

@@ -31,11 +31,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
+import schema
+
 T = TypeVar("T")
 
-PARENT_RUN_TAG = "mlflow.parentRunId"
+PARENT_RUN_TAG = schema.PARENT_RUN
 DEFAULT_EXPERIMENT = "adaptive-ablation"
-EPOCH_METRIC = "epoch"
+EPOCH_METRIC = schema.EPOCH
 
 
 class TrackingError(RuntimeError):
@@ -196,17 +198,17 @@ def code_version(root: str | Path) -> dict[str, str]:
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
         )
         if out.returncode == 0:
-            tags["git.commit"] = out.stdout.strip()
+            tags[schema.GIT_COMMIT] = out.stdout.strip()
             dirty = subprocess.run(
                 ["git", "status", "--porcelain", "--untracked-files=no"],
                 cwd=root, capture_output=True, text=True, timeout=10,
             )
-            tags["git.dirty"] = str(bool(dirty.stdout.strip())).lower()
+            tags[schema.GIT_DIRTY] = str(bool(dirty.stdout.strip())).lower()
     except (OSError, subprocess.SubprocessError):
         pass
-    tags.setdefault("git.commit", os.environ.get("GIT_COMMIT", "unknown"))
+    tags.setdefault(schema.GIT_COMMIT, os.environ.get("GIT_COMMIT", "unknown"))
     digest = hashlib.sha256()
-    for package in ("models", "tasks", "sweeps", "reports"):
+    for package in ("models", "tasks", "sweeps", "reports", "schema"):
         for path in sorted((root / package).rglob("*")):
             if path.suffix in (".py", ".yaml") and "__pycache__" not in path.parts:
                 digest.update(str(path.relative_to(root)).encode())
@@ -257,7 +259,7 @@ class SweepTracker:
             self.uri,
             lambda: self.client.search_runs(
                 [self.experiment_id],
-                filter_string=f"tags.`sweep.id` = {quote(self.sweep_id)} and tags.`sweep.role` = 'parent'",
+                filter_string=f"tags.`{schema.SWEEP_ID}` = {quote(self.sweep_id)} and tags.`{schema.SWEEP_ROLE}` = '{schema.ROLE_PARENT}'",
                 max_results=5,
             ),
         )
@@ -273,7 +275,7 @@ class SweepTracker:
                 lambda: self.client.create_run(
                     self.experiment_id,
                     run_name=self.sweep_id,
-                    tags={"sweep.id": self.sweep_id, "sweep.role": "parent", **tags},
+                    tags={schema.SWEEP_ID: self.sweep_id, schema.SWEEP_ROLE: schema.ROLE_PARENT, **tags},
                 ),
             )
             log_params(self.client, self.uri, run.info.run_id, params)
@@ -295,7 +297,7 @@ class SweepTracker:
             "list the sweep's runs",
             self.uri,
             lambda: list(self.client.search_runs(
-                [self.experiment_id], filter_string=f"tags.`sweep.id` = {quote(self.sweep_id)}", max_results=5000,
+                [self.experiment_id], filter_string=f"tags.`{schema.SWEEP_ID}` = {quote(self.sweep_id)}", max_results=5000,
             )),
         )
         for run in runs:
@@ -322,19 +324,19 @@ class SweepTracker:
             self.uri,
             lambda: list(self.client.search_runs(
                 [self.experiment_id],
-                filter_string=f"tags.`sweep.id` = {quote(self.sweep_id)} and attributes.status = 'RUNNING'",
+                filter_string=f"tags.`{schema.SWEEP_ID}` = {quote(self.sweep_id)} and attributes.status = 'RUNNING'",
                 max_results=5000,
             )),
         )
         closed = []
         for run in runs:
             rid = run.info.run_id
-            role = run.data.tags.get("sweep.role", "")
+            role = run.data.tags.get(schema.SWEEP_ROLE, "")
             if role != "parent":
-                set_tags(self.client, self.uri, rid, {"failure.kind": "killed", "failure.reason": reason})
+                set_tags(self.client, self.uri, rid, {schema.FAILURE_KIND: "killed", schema.FAILURE_REASON: reason})
             _retry("close a run the dead driver left open", self.uri,
                    lambda r=rid: self.client.set_terminated(r, status="KILLED"))
-            closed.append("parent" if role == "parent" else run.data.tags.get("trial.key", rid))
+            closed.append("parent" if role == schema.ROLE_PARENT else run.data.tags.get(schema.TRIAL_KEY, rid))
         return closed
 
     def children(self) -> list:
@@ -343,7 +345,7 @@ class SweepTracker:
             self.uri,
             lambda: list(self.client.search_runs(
                 [self.experiment_id],
-                filter_string=f"tags.`sweep.id` = {quote(self.sweep_id)} and tags.`sweep.role` = 'trial'",
+                filter_string=f"tags.`{schema.SWEEP_ID}` = {quote(self.sweep_id)} and tags.`{schema.SWEEP_ROLE}` = '{schema.ROLE_TRIAL}'",
                 max_results=5000,
             )),
         )
@@ -384,7 +386,7 @@ class TrialTracker:
             lambda: self.client.search_runs(
                 [self.experiment_id],
                 filter_string=(
-                    f"tags.`sweep.id` = {quote(self.sweep_id)} and tags.`trial.key` = {quote(self.trial_key)}"
+                    f"tags.`{schema.SWEEP_ID}` = {quote(self.sweep_id)} and tags.`{schema.TRIAL_KEY}` = {quote(self.trial_key)}"
                 ),
                 max_results=5,
             ),
@@ -392,16 +394,16 @@ class TrialTracker:
         all_tags = {
             **self._base_tags,
             **tags,
-            "sweep.id": self.sweep_id,
-            "sweep.role": tags.get("sweep.role", "trial"),  # "search" for Optuna trials
-            "trial.key": self.trial_key,
+            schema.SWEEP_ID: self.sweep_id,
+            schema.SWEEP_ROLE: tags.get(schema.SWEEP_ROLE, schema.ROLE_TRIAL),  # "search" for Optuna trials
+            schema.TRIAL_KEY: self.trial_key,
             PARENT_RUN_TAG: self.parent_run_id,
         }
         if found:
             run = found[0]
             self.run_id = run.info.run_id
             # How many times a worker has opened the run: 1 + restarts (retries, resumed sweeps).
-            all_tags["trial.attempt"] = str(_to_int(run.data.tags.get("trial.attempt"), 1) + 1)
+            all_tags[schema.TRIAL_ATTEMPT] = str(_to_int(run.data.tags.get(schema.TRIAL_ATTEMPT), 1) + 1)
             _retry("reopen the trial's run", self.uri,
                    lambda: self.client.update_run(self.run_id, status="RUNNING"))
             history = _retry(
@@ -414,7 +416,7 @@ class TrialTracker:
             params = {k: v for k, v in params.items() if k not in existing}
             set_tags(self.client, self.uri, self.run_id, all_tags)
         else:
-            all_tags["trial.attempt"] = "1"
+            all_tags[schema.TRIAL_ATTEMPT] = "1"
             run = _retry(
                 "create the trial's run",
                 self.uri,

@@ -1,0 +1,96 @@
+"""The MLflow contract: every tag, metric and artifact name the sweeps write and the reports read.
+
+A leaf: it imports nothing of the project (reports import it without importing sweeps or models,
+sweeps write through it), so a name exists once in the tree. Params are the flattened config keys
+(``models.configkit.flatten``: ``model.attention.name``, ``train.lr``, ...) and are not repeated here,
+except the two a researcher groups runs by (:data:`PARAM_CELL`, :data:`PARAM_SEED`).
+
+Layout of a sweep in MLflow (docs/tracking.md describes each name):
+
+* one **parent run** per sweep (tag ``sweep.role=parent``): the plan (``sweep.trials``,
+  ``sweep.cells``), progress (``sweep.status``, ``sweep.pending``, ``sweep.failed``) and the
+  sweep-level metrics (``sweep/...``);
+* one **trial run** per (cell, seed) (``sweep.role=trial``; Optuna's search runs ``search``), a child
+  of the parent: tags ``trial.*``, ``cell.*``, ``eval.metric``, ``mechanism.*``, ``failure.*``; params
+  = the trial's whole flat config; per-epoch metrics ``eval/*``, ``train/*``, ``time/*``, ``best/*``;
+  artifacts ``eval/predictions.csv``, ``eval/examples_top5.json``, ``stats/attention_heads.csv``.
+
+Runs logged before this module existed also carry the alias tags ``variant`` (= ``trial.cell``) and
+``seed`` (= ``trial.seed``); new runs do not, and :data:`LEGACY_ALIASES` tells a reader where to look.
+"""
+
+from __future__ import annotations
+
+# ---- tags: sweep (parent and trial runs) ---------------------------------------------------------
+SWEEP_ID = "sweep.id"
+SWEEP_ROLE = "sweep.role"  # parent | trial | search
+ROLE_PARENT, ROLE_TRIAL, ROLE_SEARCH = "parent", "trial", "search"
+SWEEP_STATUS = "sweep.status"  # running | complete | interrupted | failed
+SWEEP_TRIALS = "sweep.trials"  # JSON list of trial keys, the plan
+SWEEP_CELLS = "sweep.cells"  # JSON {cell: {label, table}}: the cells this sweep runs
+SWEEP_PENDING = "sweep.pending"  # JSON {trial key: reason}
+SWEEP_FAILED = "sweep.failed"  # JSON {trial key: cause}
+SWEEP_PRESET = "sweep.preset"
+SWEEP_GRID = "sweep.grid"
+SWEEP_SEARCH = "sweep.search"
+SWEEP_RUNS_DIR = "sweep.runs_dir"
+SWEEP_FINGERPRINT = "sweep.fingerprint"
+GIT_COMMIT = "git.commit"
+GIT_DIRTY = "git.dirty"
+#: MLflow's own tag that makes a run a child of another in the UI.
+PARENT_RUN = "mlflow.parentRunId"
+
+# ---- tags: one trial run ---------------------------------------------------------------------------
+TRIAL_KEY = "trial.key"  # "<cell>-s<seed>"
+TRIAL_CELL = "trial.cell"
+TRIAL_SEED = "trial.seed"
+TRIAL_AXES = "trial.axes"
+TRIAL_ATTEMPT = "trial.attempt"
+TRIAL_EXECUTOR = "trial.executor"
+TRIAL_WORLD_SIZE = "trial.world_size"
+TRIAL_DEVICE = "trial.device"
+TRIAL_PRECISION = "trial.precision"
+TRIAL_HOSTNAME = "trial.hostname"
+TRIAL_NODE_IP = "trial.node_ip"
+TRIAL_NODE_ID = "trial.node_id"
+CELL_LABEL = "cell.label"
+CELL_TABLE = "cell.table"
+EVAL_METRIC_TAG = "eval.metric"  # official | soft_score: what eval/acc is
+FAILURE_REASON = "failure.reason"
+FAILURE_KIND = "failure.kind"  # diverged | config | checkpoint | killed | error
+MECHANISM_ENGAGED = "mechanism.engaged"  # JSON {mechanism: bool}
+MECHANISM_EVIDENCE = "mechanism.evidence"  # JSON {mechanism: sentence}
+
+#: New name -> the alias tag older runs carry with the same value.
+LEGACY_ALIASES = {TRIAL_CELL: "variant", TRIAL_SEED: "seed"}
+
+# ---- params a researcher groups runs by (the MLflow runs table's Group-by) -----------------------
+PARAM_CELL = "cell"
+PARAM_SEED = "train.seed"
+
+# ---- metrics ---------------------------------------------------------------------------------------
+EPOCH = "epoch"
+BEST_ACC = "best/acc"
+BEST_EPOCH = "best/epoch"
+EVAL_ACC = "eval/acc"
+EVAL_ACC_PREFIX = "eval/acc_"  # per answer type: eval/acc_yes_no, ...
+EVAL_SOFT_SCORE = "eval/soft_score"
+EVAL_LOSS = "eval/loss"
+EVAL_N = "eval/n"
+TRAIN_LOSS = "train/loss"
+TRAIN_LR = "train/lr"
+TRAIN_SAMPLES_PER_S = "train/samples_per_s"
+TIME_ELAPSED = "time/elapsed_s"
+TIME_TRIAL = "time/trial_s"
+#: Per-trial time account (docs/tracking.md): start-up, training and evaluation steps, checkpoints, the rest.
+TIME_ACCOUNT = ("time/startup_s", "time/train_s", "time/eval_s", "time/checkpoint_s", "time/other_s")
+#: Result keys (never MLflow metrics) a failed trial reports to Tune.
+RESULT_FAILURE = "trial/failure"
+RESULT_FAILURE_KIND = "trial/failure_kind"
+#: Metric families a report reads as per-epoch history.
+HISTORY_PREFIXES = ("eval/", "train/samples_per_s", "train/loss", "best/", EPOCH, "time/", "layers/")
+
+# ---- artifacts -------------------------------------------------------------------------------------
+PREDICTIONS_ARTIFACT = "eval/predictions.csv"
+EXAMPLES_ARTIFACT = "eval/examples_top5.json"
+HEADS_ARTIFACT = "stats/attention_heads.csv"
