@@ -34,6 +34,13 @@ from urllib.parse import urlparse
 T = TypeVar("T")
 
 PARENT_RUN_TAG = "mlflow.parentRunId"
+#: MLflow 3's experiment tag for the UI's "GenAI apps & agents" / "Model training" switch; with
+#: ``custom_model_development`` the experiment opens on its runs table, not the GenAI overview.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+#: Trial tags repeated as params, so the runs table can group by them (the UI groups by params,
+#: and Group by ``cell`` averages a cell's seeds).
+GROUP_PARAMS = {"cell": "trial.cell", "seed": "trial.seed"}
 DEFAULT_EXPERIMENT = "adaptive-ablation"
 EPOCH_METRIC = "epoch"
 
@@ -238,10 +245,13 @@ class SweepTracker:
                     raise TrackingError(
                         f"MLflow experiment '{name}' is deleted; restore it or pick another with --experiment"
                     )
+                if EXPERIMENT_KIND_TAG not in exp.tags:  # an experiment from before the tag; a user's choice stays
+                    self.client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
                 return exp.experiment_id
             location = None if is_remote(self.uri) else artifact_root(runs_dir)
             try:
-                return self.client.create_experiment(name, artifact_location=location)
+                return self.client.create_experiment(name, artifact_location=location,
+                                                     tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
             except Exception:
                 # Another driver created it between our get and create.
                 exp = self.client.get_experiment_by_name(name)
@@ -377,7 +387,12 @@ class TrialTracker:
         self._base_tags = dict(context.get("tags", {}))
 
     def start(self, tags: dict[str, str], params: dict[str, Any]) -> str:
-        """Find the child run of this trial (resume) or create it; log params and tags once."""
+        """Find the child run of this trial (resume) or create it; log params and tags once.
+
+        The ``trial.cell`` / ``trial.seed`` tags are also logged as the params ``cell`` / ``seed``
+        (:data:`GROUP_PARAMS`) unless ``params`` already has them.
+        """
+        params = {**{p: tags[t] for p, t in GROUP_PARAMS.items() if t in tags}, **params}
         found = _retry(
             f"search for trial {self.trial_key}'s run",
             self.uri,
