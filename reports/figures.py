@@ -5,6 +5,9 @@
   seeds, band +- one standard deviation).
 * Fig. 3: alpha per head vs epoch, one panel per stack, one figure per cell with learned alpha.
 * Fig. 4: top-5 answer confidences for the same evaluation questions under every variant.
+* Fig. 5 on: any other learned statistic of ``stats/attention_heads.csv`` (a new normaliser's), drawn
+  like Fig. 1; which statistics exist is read from the data, their display settings from
+  :data:`reports.tables.STAT_DISPLAY`.
 
 Figures are drawn on ``matplotlib.figure.Figure`` with the Agg canvas directly, never through
 ``pyplot``: no global backend switch or figure registry is touched in the process that builds
@@ -23,9 +26,12 @@ from typing import Any
 import numpy as np
 
 from reports.store import Sweep
+from reports.tables import STAT_DISPLAY, stat_display, stat_order
 
 DPI = 100
 STACKS = ("lang", "visn", "cross")
+#: The paper's figures; figures of other statistics are numbered after them.
+PAPER_FIGURES = (1, 2, 3, 4)
 STACK_TITLES = {"lang": "language layers", "visn": "vision layers", "cross": "cross-modality layers"}
 ATTENTION_STYLES = {"self": "-", "cross": "-", "lang_self": "--", "visn_self": ":"}
 #: Example questions shown in Fig. 4.
@@ -129,9 +135,12 @@ def _stat_rows(sweep: Sweep, cell: str, stat: str) -> dict[int | None, list[dict
     return out
 
 
-def fig_span(sweep: Sweep, cell: str, label: str, path: Path) -> dict[str, Any] | None:
-    """Fig. 1 for one cell: mean span over heads per layer vs epoch, mean over seeds."""
-    by_seed = _stat_rows(sweep, cell, "span")
+def fig_layer_means(sweep: Sweep, cell: str, label: str, path: Path, stat: str = "span",
+                    number: int = 1) -> dict[str, Any] | None:
+    """Fig. 1 (``stat`` span) for one cell: a statistic's mean over heads per layer vs epoch, mean
+    over seeds; also the figure of any statistic without a per-head figure."""
+    show = stat_display(stat)
+    by_seed = _stat_rows(sweep, cell, stat)
     if not by_seed:
         return None
     # (stack, layer, attention) -> per seed {epoch: mean over heads}
@@ -161,20 +170,23 @@ def fig_span(sweep: Sweep, cell: str, label: str, path: Path) -> dict[str, Any] 
                         color=_layer_colour(key[1], n_layers))
             ax.set_title(STACK_TITLES[stack])
             _epoch_axis(ax)
-            ax.set_ylabel("span (tokens), mean over heads")
+            ax.set_ylabel(f"{show.get('axis', show['label'])}, mean over heads")
             _legend(ax, keys, n_layers)
-        fig.suptitle(f"Fig. 1: adaptive span per layer, {label} (mean over {len(by_seed)} seed(s))")
+        fig.suptitle(f"Fig. {number}: {show['what']} per layer, {label} (mean over {len(by_seed)} seed(s))")
         _save(fig, path)
     return {"seeds": sorted(s for s in by_seed if s is not None)}
 
 
-def fig_alpha(sweep: Sweep, cell: str, label: str, path: Path) -> dict[str, Any] | None:
-    """Fig. 3 for one cell: every head's alpha vs epoch, for the lowest seed.
+def fig_per_head(sweep: Sweep, cell: str, label: str, path: Path, stat: str = "alpha",
+                 number: int = 3) -> dict[str, Any] | None:
+    """Fig. 3 (``stat`` alpha) for one cell: every head's value of a statistic vs epoch, for the
+    lowest seed.
 
     One seed, not a mean: a head's index is not guaranteed to mean the same head in another seed
     (heads trained from scratch), so averaging per index could draw trajectories no head had.
     """
-    by_seed = _stat_rows(sweep, cell, "alpha")
+    show = stat_display(stat)
+    by_seed = _stat_rows(sweep, cell, stat)
     if not by_seed:
         return None
     seed = sorted(by_seed, key=lambda s: (s is None, s or 0))[0]
@@ -196,13 +208,15 @@ def fig_alpha(sweep: Sweep, cell: str, label: str, path: Path) -> dict[str, Any]
                 epochs = sorted(per[key])
                 ax.plot(epochs, [per[key][e] for e in epochs], ATTENTION_STYLES.get(key[2], "-"),
                         linewidth=0.8, alpha=0.8, color=_layer_colour(key[1], n_layers))
-            ax.set_ylim(0.95, 2.05)
-            ax.axhline(1.5, color="grey", linewidth=0.6, linestyle=":")
+            if "ylim" in show:
+                ax.set_ylim(*show["ylim"])
+            if "hline" in show:
+                ax.axhline(show["hline"], color="grey", linewidth=0.6, linestyle=":")
             ax.set_title(STACK_TITLES[stack])
             _epoch_axis(ax)
-            ax.set_ylabel("alpha (1 softmax, 2 sparsemax)")
+            ax.set_ylabel(show.get("axis", show["label"]))
             _legend(ax, keys, n_layers)
-        fig.suptitle(f"Fig. 3: entmax alpha per head, {label} (seed {seed})")
+        fig.suptitle(f"Fig. {number}: {show['what']} per head, {label} (seed {seed})")
         _save(fig, path)
     return {"seeds": [seed]}
 
@@ -350,26 +364,35 @@ def make_figures(sweep: Sweep, tables: dict[str, Any], out_dir: Path) -> dict[st
     fig_dir = out_dir / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
     # Figures of cells that left the sweep must not linger (or be logged) from an earlier build.
-    for stale in fig_dir.glob("fig[1-4]_*.png"):
+    for stale in fig_dir.glob("fig[0-9]*_*.png"):
         stale.unlink()
     rows = tables["cells"]
     files: list[dict[str, Any]] = []
     missing: dict[str, str] = {}
 
-    for number, stat, draw, what in ((1, "span", fig_span, "adaptive span"),
-                                     (3, "alpha", fig_alpha, "learned entmax alpha")):
+    # One figure per learned statistic: the paper's (span: Fig. 1, alpha: Fig. 3) always, reported
+    # missing when absent; any other statistic the trials logged gets the next free number.
+    logged = {r["stat"] for c in rows for t in sweep.usable(c) for r in (t.heads or [])}
+    stats = stat_order(logged | {s for s, show in STAT_DISPLAY.items() if show.get("figure")})
+    next_number = max(PAPER_FIGURES) + 1
+    for stat in stats:
+        show = stat_display(stat)
+        number = show["figure"]
+        if number is None:
+            number, next_number = next_number, next_number + 1
+        draw = fig_per_head if show["per_head"] else fig_layer_means
         made = 0
         for cell, row in rows.items():
-            name = f"fig{number}_{stat}_{_slug(cell)}.png"
-            info = draw(sweep, cell, row["label"], fig_dir / name)
+            name = f"fig{number}_{_slug(stat)}_{_slug(cell)}.png"
+            info = draw(sweep, cell, row["label"], fig_dir / name, stat=stat, number=number)
             if info is not None:
                 made += 1
-                caption = (f"Fig. {number}: {'span per layer' if number == 1 else 'alpha per head'} vs "
+                caption = (f"Fig. {number}: {show['label']} per {'head' if show['per_head'] else 'layer'} vs "
                            f"epoch, per stack: {row['label']}")
-                files.append({"figure": number, "cell": cell, "file": f"figures/{name}", "caption": caption,
-                              **info})
+                files.append({"figure": number, "cell": cell, "stat": stat, "file": f"figures/{name}",
+                              "caption": caption, **info})
         if not made:
-            missing[str(number)] = (f"no finished trial in this sweep logged {what} statistics "
+            missing[str(number)] = (f"no finished trial in this sweep logged {show['what']} statistics "
                                     f"(`stats/attention_heads.csv` rows with stat={stat})")
 
     info = fig_layerdrop(sweep, tables, fig_dir / "fig2_layerdrop.png")

@@ -5,6 +5,9 @@
 :func:`to_latex` render those blocks. Because the three come from the same blocks, the Markdown
 page, the HTML page and the LaTeX tables can never disagree about a number.
 
+Every table is a :class:`pandas.DataFrame` of formatted cells (columns: the header), so
+:func:`frames` hands a sweep's tables to a notebook as they appear in the report.
+
 Inline markup inside text is a small subset of Markdown: ``**bold**`` and ```code```.
 """
 
@@ -18,7 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reports.tables import DEFINITIONS, PRETRAIN_TASK_LABELS, TYPE_LABELS
+import pandas as pd
+
+from reports.tables import DEFINITIONS, PRETRAIN_TASK_LABELS, TYPE_LABELS, stat_display
 
 NA = "n/a"
 DASH = "—"
@@ -28,14 +33,36 @@ PARTIAL_MARK = "‡"
 
 @dataclass
 class Table:
-    """A rendered table: header, rows of cell strings, notes printed under it."""
+    """A rendered table: a frame of cell strings (its columns are the header), notes printed under it.
+
+    Attributes:
+        key: The table's id (``table1``; HTML ``id`` and LaTeX label).
+        title: Its caption.
+        frame: (rows, columns) of formatted strings; column names are the header.
+        align: ``"l"`` / ``"r"`` per column.
+        notes: Paragraphs printed under the table.
+    """
 
     key: str
     title: str
-    header: list[str]
-    rows: list[list[str]]
+    frame: pd.DataFrame
     align: list[str]
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def header(self) -> list[str]:
+        return [str(c) for c in self.frame.columns]
+
+    @property
+    def rows(self) -> list[list[str]]:
+        return [[str(v) for v in row] for row in self.frame.itertuples(index=False, name=None)]
+
+
+def _table(key: str, title: str, header: list[str], rows: list[list[str]], align: list[str],
+           notes: list[str] | None = None) -> Table:
+    """A :class:`Table` whose frame holds ``rows`` under ``header`` (all cells as strings)."""
+    frame = pd.DataFrame(rows, columns=pd.Index(header, dtype=object), dtype=object)
+    return Table(key, title, frame, align, list(notes or []))
 
 
 Block = tuple  # ("h", level, text) | ("p", text) | ("ul", [text]) | ("table", Table) | ("fig", file, caption)
@@ -187,19 +214,42 @@ def metric_label(tables: dict[str, Any]) -> tuple[str, str, str]:
     }.get(tables.get("metric", "soft_score"), ("Soft score", "soft score", "soft score"))
 
 
-def _common_columns(row: dict[str, Any]) -> list[str]:
-    return [
+#: The per-trial time accounts shown in the tables' time column (of :data:`reports.tables.TIME_ACCOUNTS`).
+SHOWN_ACCOUNTS = ("startup_s", "train_s", "eval_s")
+
+
+def _has_time_account(tables: dict[str, Any]) -> bool:
+    """Whether any cell's trials logged the time account (older sweeps did not: no empty column)."""
+    return any(a in r.get("time", {}) for r in tables["cells"].values() for a in SHOWN_ACCOUNTS)
+
+
+def time_account(row: dict[str, Any]) -> str:
+    """``12.0 s / 3.1 min / 40.0 s``: mean start-up / train / eval time of a cell's trials."""
+    acc = row.get("time", {})
+    if not any(a in acc for a in SHOWN_ACCOUNTS):
+        return DASH
+    return " / ".join(duration(acc[a]) if a in acc else DASH for a in SHOWN_ACCOUNTS)
+
+
+def _common_columns(row: dict[str, Any], tables: dict[str, Any]) -> list[str]:
+    out = [
         paper_cell(row),
         constant(row["params"], row["params_vary"]),
         constant(row["flops_per_sample"], row["flops_vary"]),
         DASH if row["samples_per_s"]["n"] == 0 else f"{row['samples_per_s']['mean']:.0f}",
         duration(row["wall_s"]),
-        best_epochs(row),
     ]
+    if _has_time_account(tables):
+        out.append(time_account(row))
+    return out + [best_epochs(row)]
 
 
-_COMMON_HEADER = [f"Paper test-dev / test-std {PAPER_MARK}", "Params", "FLOPs / sample",
-                  "Train samples/s", "Train + eval time / trial", "Best epoch (per seed)"]
+def _common_header(tables: dict[str, Any]) -> list[str]:
+    header = [f"Paper test-dev / test-std {PAPER_MARK}", "Params", "FLOPs / sample", "Train samples/s",
+              "Train + eval time / trial"]
+    if _has_time_account(tables):
+        header.append("Start-up / train / eval per trial")
+    return header + ["Best epoch (per seed)"]
 
 
 def table1(tables: dict[str, Any]) -> Table:
@@ -212,19 +262,19 @@ def table1(tables: dict[str, Any]) -> Table:
     header += [f"{TYPE_LABELS.get(t, t.replace('_', ' '))} {per_type}" for t in types]
     if show_last:
         header.append(f"{acc} (last epoch)")
-    header += _COMMON_HEADER
+    header += _common_header(tables)
     rows = []
     for r in cells:
         line = [r["label"], seeds_cell(r), mean_std(r["acc"]), interval(r["acc"])]
         line += [mean_std(r["acc_by_type"].get(t, {})) for t in types]
         if show_last:
             line.append(mean_std(r["acc_last"]))
-        rows.append(line + _common_columns(r))
+        rows.append(line + _common_columns(r, tables))
     notes = _table_notes(cells)
     if not show_last and cells:
         notes.append("Last-epoch accuracy equals best-epoch accuracy for every trial (the best epoch was the last).")
-    return Table("table1", f"Table 1: {what} on the evaluation split (percent)", header, rows,
-                 ["l", "r"] + ["r"] * (len(header) - 2), notes)
+    return _table("table1", f"Table 1: {what} on the evaluation split (percent)", header, rows,
+                  ["l", "r"] + ["r"] * (len(header) - 2), notes)
 
 
 def table2(tables: dict[str, Any], key: str = "table2", title: str | None = None) -> Table:
@@ -236,16 +286,16 @@ def table2(tables: dict[str, Any], key: str = "table2", title: str | None = None
     header = ["Variant", "Seeds", f"{acc} (best epoch) mean ± std", "95% CI over seeds"]
     if show_last:
         header.append(f"{acc} (last epoch)")
-    header += [f"Δ vs {ref_label} over seeds (pp) [95% CI]", "Verdict (seeds as the unit)"] + _COMMON_HEADER
+    header += [f"Δ vs {ref_label} over seeds (pp) [95% CI]", "Verdict (seeds as the unit)"] + _common_header(tables)
     rows = []
     for r in cells:
         line = [r["label"], seeds_cell(r), mean_std(r["acc"]), interval(r["acc"])]
         if show_last:
             line.append(mean_std(r["acc_last"]))
         line += [delta(r["vs_reference"]), verdict(r["vs_reference"], ref_label)]
-        rows.append(line + _common_columns(r))
+        rows.append(line + _common_columns(r, tables))
     title = title or "Table 2: ablations (percent)"
-    return Table(key, title, header, rows, ["l", "r"] + ["r"] * (len(header) - 2), _table_notes(cells))
+    return _table(key, title, header, rows, ["l", "r"] + ["r"] * (len(header) - 2), _table_notes(cells))
 
 
 def _pretrain_tasks(cells: list[dict[str, Any]]) -> list[str]:
@@ -299,7 +349,7 @@ def table3(tables: dict[str, Any]) -> Table:
         notes.append("Share of the last pretraining epoch spent computing task weights (`pretrain/weighting_frac`): "
                      + fracs + ".")
     notes += [n for n in _table_notes(cells)[1:]]  # partial / not-run notes; no paper numbers to mark
-    return Table("table3", f"Table 3: pretraining task weighting, then VQA fine-tuning ({what} in percent)",
+    return _table("table3", f"Table 3: pretraining task weighting, then VQA fine-tuning ({what} in percent)",
                  header, rows, ["l", "r", "l"] + ["r"] * (len(header) - 3), notes)
 
 
@@ -341,7 +391,7 @@ def comparisons_table(tables: dict[str, Any]) -> Table:
             pp(t["mde"]), need, verdict(comp, ref_label), bootstrap_delta(comp),
         ])
     notes = [DEFINITIONS["seed_test"], DEFINITIONS["bootstrap"]]
-    return Table("comparisons", "Comparisons, seeds as the unit of replication", header, rows,
+    return _table("comparisons", "Comparisons, seeds as the unit of replication", header, rows,
                  ["l", "l", "r", "r", "r", "r", "r", "r", "r", "l", "r"], notes)
 
 
@@ -358,30 +408,32 @@ def flags_table(tables: dict[str, Any]) -> Table | None:
                          if gain and gain["n"] else ""])
     if not rows:
         return None
-    return Table("flags", "Cells whose numbers do not measure what their name says", ["Variant", "Seed(s)",
+    return _table("flags", "Cells whose numbers do not measure what their name says", ["Variant", "Seed(s)",
                  "Flag", "Evidence"], rows, ["l", "r", "l", "l"],
                  [DEFINITIONS["degenerate"], DEFINITIONS["learning"]])
 
 
 def attention_table(tables: dict[str, Any]) -> Table:
-    """Learned span / alpha per cell and stack, first vs last epoch."""
+    """Every learned per-head statistic (whatever the trials logged) per cell and stack, first vs last epoch."""
     header = ["Variant", "Statistic", "Stack", "Mean (first epoch)", "Mean (last epoch)", "Min - max (last epoch)"]
     rows = []
     for a in tables["attention"]:
-        digits = 1 if a["stat"] == "span" else 3
+        show = stat_display(a["stat"])
+        digits = show["digits"]
         rows.append([
-            _label(tables, a["cell"]), a["stat"] + (" (tokens)" if a["stat"] == "span" else ""), a["stack"],
+            _label(tables, a["cell"]), show["label"], a["stack"],
             f"{a['mean_first']:.{digits}f} (epoch {a['first_epoch']})",
             f"{a['mean_last']:.{digits}f} (epoch {a['last_epoch']})",
             f"{a['min_last']:.{digits}f} - {a['max_last']:.{digits}f}",
         ])
-    notes = ["Over every head (every layer and attention of the stack) and every finished seed. "
-             "The paper reports text heads preferring sparse attention (alpha toward 2) and vision / "
-             "cross-modal heads dense (alpha below 1.5)."]
+    notes = ["Over every head (every layer and attention of the stack) and every finished seed."]
+    for stat in dict.fromkeys(a["stat"] for a in tables["attention"]):
+        if stat_display(stat).get("note"):
+            notes[0] += " " + stat_display(stat)["note"]
     if any(not a["per_head"] for a in tables["attention"]):
         notes.append("Some runs logged no `stats/attention_heads.csv`; their rows use per-layer means "
                      "(min - max is then over layers).")
-    return Table("attention", "Learned attention parameters", header, rows, ["l", "l", "l", "r", "r", "r"], notes)
+    return _table("attention", "Learned attention parameters", header, rows, ["l", "l", "l", "r", "r", "r"], notes)
 
 
 def incomplete_table(tables: dict[str, Any]) -> Table:
@@ -389,7 +441,7 @@ def incomplete_table(tables: dict[str, Any]) -> Table:
     header = ["Trial", "Cell", "Seed", "Status", "Reason"]
     rows = [[t["key"], t["cell"], DASH if t["seed"] is None else str(t["seed"]), t["status"],
              _one_line(t["reason"])] for t in tables["incomplete"]["trials"]]
-    return Table("incomplete", "Trials not averaged", header, rows, ["l", "l", "r", "l", "l"])
+    return _table("incomplete", "Trials not averaged", header, rows, ["l", "l", "r", "l", "l"])
 
 
 def _one_line(text: str, limit: int = 300) -> str:
@@ -410,7 +462,8 @@ def document(tables: dict[str, Any], figures: dict[str, Any]) -> list[Block]:
     ] + ([f"Sweep wall time {duration({'n': 1, 'mean': sw['wall_s']})}"
           + (f", {sw['concurrency']:.0f} trial(s) at once" if sw["concurrency"] else "")
           + (f", overhead ratio {sw['overhead_ratio']:.2f} (wall time of the trials phase / ideal)"
-             if sw["overhead_ratio"] else "")] if sw["wall_s"] is not None else [])))
+             if sw["overhead_ratio"] else "")] if sw["wall_s"] is not None else [])
+       + _sweep_time_lines(sw)))
     inc = tables["incomplete"]
     if inc["trials"]:
         blocks.append(("p", f"**This sweep is incomplete:** {len(inc['trials'])} planned trial(s) are missing, "
@@ -446,7 +499,7 @@ def document(tables: dict[str, Any], figures: dict[str, Any]) -> list[Block]:
     by_number: dict[int, list[dict[str, Any]]] = {}
     for f in figures["files"]:
         by_number.setdefault(f["figure"], []).append(f)
-    for number in (1, 2, 3, 4):
+    for number in sorted({1, 2, 3, 4} | set(by_number) | {int(n) for n in figures["missing"]}):
         for f in by_number.get(number, []):
             blocks.append(("fig", f["file"], f["caption"]))
         if str(number) in figures["missing"]:
@@ -462,8 +515,43 @@ def document(tables: dict[str, Any], figures: dict[str, Any]) -> list[Block]:
     if tables["notes"]:
         blocks.append(("h", 2, "Notes"))
         blocks.append(("ul", list(tables["notes"])))
-    blocks.append(("p", "**Throughput and time.** " + DEFINITIONS["throughput"] + " " + DEFINITIONS["wall_time"]))
+    time_text = DEFINITIONS["throughput"] + " " + DEFINITIONS["wall_time"]
+    if _has_time_account(tables):
+        time_text += " " + DEFINITIONS["time_account"]
+    blocks.append(("p", "**Throughput and time.** " + time_text))
     return blocks
+
+
+def _sweep_time_lines(sw: dict[str, Any]) -> list[str]:
+    """The header's lines on where the trials' time went (sweeps that log the time account only)."""
+    lines = []
+    acc = sw.get("time") or {}
+    if acc:
+        names = {"startup_s": "start-up", "train_s": "train", "eval_s": "eval", "checkpoint_s": "checkpoint",
+                 "other_s": "other"}
+        lines.append("Trials' time, summed over trials: " + ", ".join(
+            f"{names.get(a, a)} {duration({'n': 1, 'mean': v})}" for a, v in acc.items()))
+    parts = []
+    if sw.get("goodput") is not None:
+        parts.append(f"goodput {sw['goodput']:.2f} (share of the trials' time in training and evaluation steps, "
+                     "`sweep/goodput`)")
+    if sw.get("wall_over_ideal") is not None:
+        parts.append(f"wall time over ideal {sw['wall_over_ideal']:.2f} (trials phase / time if every slot only "
+                     "ran steps; 1 is perfect, `sweep/wall_over_ideal`)")
+    if parts:
+        lines.append("Sweep efficiency: " + "; ".join(parts))
+    return lines
+
+
+def frames(tables: dict[str, Any], figures: dict[str, Any] | None = None) -> dict[str, pd.DataFrame]:
+    """Every table of the report as a DataFrame of formatted cells, keyed by table id.
+
+    Args:
+        tables: From :func:`reports.tables.compute` (or a loaded ``tables.json``).
+        figures: The figure list (only captions use it; default none).
+    """
+    blocks = document(tables, figures or {"files": [], "missing": {}})
+    return {b[1].key: b[1].frame for b in blocks if b[0] == "table"}
 
 
 # --------------------------------------------------------------------------------------------

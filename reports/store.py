@@ -21,8 +21,9 @@ from urllib.parse import urlparse
 
 DEFAULT_EXPERIMENT = "adaptive-ablation"
 
-#: Metric histories a report reads for every trial (prefix match); per-layer span / alpha come
-#: from the ``stats/attention_heads.csv`` artifact instead (one download instead of ~60 calls).
+#: Metric histories a report reads for every trial (prefix match); per-layer statistics (span,
+#: alpha, any a normaliser logs) come from the ``stats/attention_heads.csv`` artifact instead (one
+#: download instead of ~60 calls).
 HISTORY_PREFIXES = ("eval/", "train/samples_per_s", "train/loss", "best/", "epoch", "time/", "layers/")
 #: Tag a trial run carries when it failed for a cause the trial knew (docs/tracking.md).
 FAILURE_TAG = "failure.reason"
@@ -404,7 +405,7 @@ def _read_trial(client, run, key: str, cells: dict[str, Cell], failed: dict[str,
     listed = _list_artifacts(client, run.info.run_id)
     if HEADS_ARTIFACT in listed:
         trial.heads = _read_heads(_download(client, run.info.run_id, HEADS_ARTIFACT, tmp))
-    elif any(n.startswith(("span/", "alpha/")) for n in trial.metrics):
+    elif any(_head_metric(n) for n in trial.metrics):
         trial.heads = _heads_from_metrics(client, run.info.run_id, trial.metrics)
     if PREDICTIONS_ARTIFACT in listed:
         trial.predictions = _read_predictions(_download(client, run.info.run_id, PREDICTIONS_ARTIFACT, tmp))
@@ -457,15 +458,29 @@ def _read_heads(text: str) -> list[dict[str, Any]]:
     return rows
 
 
+#: The model's stacks: the second part of a per-layer statistic's metric name.
+STACKS = ("lang", "visn", "cross")
+
+
+def _head_metric(name: str) -> tuple[str, str, int, str] | None:
+    """``(stat, stack, layer, attention)`` of a per-layer statistic's metric name
+    ``<stat>/<stack>/<layer>/<attention>`` (any statistic: the name's shape, not a list of known
+    statistics, decides), else ``None``. The ``_max`` companions are not statistics of their own."""
+    parts = name.split("/")
+    if len(parts) != 4 or parts[1] not in STACKS or not parts[2].isdigit() or parts[3].endswith("_max"):
+        return None
+    return parts[0], parts[1], int(parts[2]), parts[3]
+
+
 def _heads_from_metrics(client, run_id: str, metrics: dict[str, float]) -> list[dict[str, Any]]:
-    """Per-layer means from ``span/<stack>/<layer>/<attention>`` histories (head = -1: the mean
+    """Per-layer means from ``<stat>/<stack>/<layer>/<attention>`` histories (head = -1: the mean
     over heads), for runs that logged the metrics but not the per-head CSV."""
     rows = []
     for name in sorted(metrics):
-        parts = name.split("/")
-        if len(parts) != 4 or parts[0] not in ("span", "alpha") or parts[3].endswith("_max"):
+        parsed = _head_metric(name)
+        if parsed is None:
             continue
-        stat, stack, layer, attention = parts
+        stat, stack, layer, attention = parsed
         for m in client.get_metric_history(run_id, name):
             rows.append({"epoch": int(m.step), "stack": stack, "layer": int(layer), "attention": attention,
                          "stat": stat, "head": -1, "value": float(m.value)})

@@ -25,6 +25,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from reports import inference
 from reports.stats import N_RESAMPLES, paired_bootstrap, rng_for, summarize
@@ -41,6 +42,36 @@ PRETRAIN_TASK_LABELS = {"mlm": "MLM", "mor": "Masked obj.", "match": "Matching",
 #: Answer types in the order the paper lists them; others follow alphabetically.
 TYPE_ORDER = ("yes_no", "number", "other")
 TYPE_LABELS = {"yes_no": "yes/no", "number": "number", "other": "other"}
+
+#: How the report shows a learned per-head statistic of ``stats/attention_heads.csv`` (its ``stat``
+#: column). Display only: which statistics exist is read from the data, so a normaliser that logs a
+#: new statistic gets its rows and its figure with no edit here (defaults: its own name, 3 digits,
+#: a per-layer figure numbered after the paper's four). ``figure``: the paper's figure number;
+#: ``per_head``: draw every head of one seed instead of per-layer means over seeds.
+STAT_DISPLAY: dict[str, dict[str, Any]] = {
+    "span": {"label": "span (tokens)", "digits": 1, "figure": 1, "per_head": False, "what": "adaptive span"},
+    "alpha": {"label": "alpha", "digits": 3, "figure": 3, "per_head": True, "what": "entmax alpha",
+              "axis": "alpha (1 softmax, 2 sparsemax)", "ylim": (0.95, 2.05), "hline": 1.5,
+              "note": "The paper reports text heads preferring sparse attention (alpha toward 2) and vision / "
+                      "cross-modal heads dense (alpha below 1.5)."},
+}
+#: Stacks of the model in display order (others follow alphabetically).
+STACK_ORDER = ("lang", "visn", "cross")
+#: The per-trial time account (``time/<name>`` metrics, docs/tracking.md), in display order.
+TIME_ACCOUNTS = ("startup_s", "train_s", "eval_s", "checkpoint_s", "other_s")
+
+
+def stat_display(stat: str) -> dict[str, Any]:
+    """Display settings of a statistic (:data:`STAT_DISPLAY`, else defaults from its name)."""
+    base = {"label": stat, "digits": 3, "figure": None, "per_head": False, "what": stat}
+    return {**base, **STAT_DISPLAY.get(stat, {})}
+
+
+def stat_order(stats: set[str] | list[str]) -> list[str]:
+    """Statistics in display order: the known ones by figure number, then the rest alphabetically."""
+    known = sorted((s for s in set(stats) if s in STAT_DISPLAY), key=lambda s: STAT_DISPLAY[s]["figure"])
+    return known + sorted(set(stats) - set(STAT_DISPLAY))
+
 
 #: The child-run tag that says what a trial's `eval/acc` (and `best/acc`) measures. Runs that lack
 #: it were logged before it existed, when `eval/acc` was always LXMERT's soft score.
@@ -117,6 +148,11 @@ DEFINITIONS = {
         "Train + eval time per trial: `time/trial_s`, the time the trial spent training and "
         "evaluating (without Ray start-up or checkpoint restores); mean over seeds."
     ),
+    "time_account": (
+        "Start-up / train / eval per trial: `time/startup_s` (from the trial's first line to its first "
+        "training step, summed over attempts), `time/train_s` (training epochs) and `time/eval_s` "
+        "(evaluation), mean over seeds; shown for sweeps whose trials log them."
+    ),
     "units": "Accuracies in tables.json are fractions in [0, 1]; rendered tables show percent.",
     "pretraining": (
         "Table 3 (cells that pretrain before fine-tuning): per task, the final pretraining loss is "
@@ -180,6 +216,7 @@ def _trial_numbers(trial: Trial) -> dict[str, Any]:
         "wall_s": wall,
         "params": m.get("model/params"),
         "flops_per_sample": m.get("model/flops_per_sample"),
+        "time": {a: m[f"time/{a}"] for a in TIME_ACCOUNTS if f"time/{a}" in m},
         "pretrain": _pretrain_numbers(trial),
     }
 
@@ -229,6 +266,13 @@ def _pretrain_summary(per: list[dict[str, Any]]) -> dict[str, Any] | None:
         "time_s": _summary([p["time_s"] for p in pre if p["time_s"] is not None]),
         "weighting_frac": _summary([p["weighting_frac"] for p in pre if p["weighting_frac"] is not None]),
     }
+
+
+def _time_summary(per: list[dict[str, Any]]) -> dict[str, Any]:
+    """A cell's time account over seeds: ``{account: summary}`` for the accounts its trials logged
+    (empty when none did: a sweep from before the account existed shows no such column)."""
+    frame = pd.DataFrame([p["time"] for p in per], columns=list(TIME_ACCOUNTS))
+    return {a: _summary(frame[a].dropna().tolist()) for a in TIME_ACCOUNTS if frame[a].notna().any()}
 
 
 def _constant(values: list[float | None]) -> tuple[float | None, bool]:
@@ -403,6 +447,7 @@ def compute(sweep: Sweep, reference: str = REFERENCE_CELL) -> dict[str, Any]:
             "flops_vary": not flops_same,
             "samples_per_s": _summary([p["samples_per_s"] for p in per if p["samples_per_s"] is not None]),
             "wall_s": _summary([p["wall_s"] for p in per if p["wall_s"] is not None]),
+            "time": _time_summary(per),
             "layerdrop": signatures[name][1],
             "baseline": None,
             "vs_reference": None,
@@ -472,6 +517,11 @@ def compute(sweep: Sweep, reference: str = REFERENCE_CELL) -> dict[str, Any]:
             "trials_wall_s": sweep.metrics.get("sweep/trials_wall_s"),
             "overhead_ratio": sweep.metrics.get("sweep/overhead_ratio"),
             "concurrency": sweep.metrics.get("sweep/concurrency"),
+            "goodput": sweep.metrics.get("sweep/goodput"),
+            "wall_over_ideal": sweep.metrics.get("sweep/wall_over_ideal"),
+            "step_ideal_s": sweep.metrics.get("sweep/step_ideal_s"),
+            "trials_sum_s": sweep.metrics.get("sweep/trials_sum_s"),
+            "time": {a: sweep.metrics[f"sweep/{a}"] for a in TIME_ACCOUNTS if f"sweep/{a}" in sweep.metrics},
             "planned_trials": sum(t.planned for t in sweep.trials),
             "usable_trials": sum(t.usable for t in sweep.trials),
         },
@@ -494,33 +544,47 @@ def compute(sweep: Sweep, reference: str = REFERENCE_CELL) -> dict[str, Any]:
     }
 
 
-def attention_summary(sweep: Sweep) -> list[dict[str, Any]]:
-    """Learned span / alpha per cell and stack: first and last epoch, over every head and seed.
+def head_frame(sweep: Sweep) -> pd.DataFrame:
+    """Every usable trial's ``stats/attention_heads.csv`` rows as one frame (column ``cell`` added).
 
-    The paper's claims (text heads sparse, alpha toward 2; vision and cross-modal heads dense;
-    spans shrink in single-modality layers) are read off this table.
+    Columns: cell, seed, epoch, stack, layer, attention, stat, head, value; empty when no trial logged
+    a statistic.
     """
+    columns = ["cell", "seed", "epoch", "stack", "layer", "attention", "stat", "head", "value"]
+    records = [{"cell": name, "seed": t.seed, **r} for name in sweep.cells for t in sweep.usable(name)
+               for r in (t.heads or [])]
+    return pd.DataFrame.from_records(records, columns=columns)
+
+
+def attention_summary(sweep: Sweep) -> list[dict[str, Any]]:
+    """Every learned per-head statistic per cell and stack: first and last epoch, over every head and seed.
+
+    Which statistics exist comes from the data (the ``stat`` column), so a new normaliser's statistic
+    appears here without an edit. The paper's claims (text heads sparse, alpha toward 2; vision and
+    cross-modal heads dense; spans shrink in single-modality layers) are read off this table.
+    """
+    heads = head_frame(sweep)
+    if heads.empty:
+        return []
+    stacks = [s for s in STACK_ORDER if s in set(heads["stack"])] + sorted(set(heads["stack"]) - set(STACK_ORDER))
     out = []
     for name in sweep.cells:
-        rows = [r for t in sweep.usable(name) for r in (t.heads or [])]
-        if not rows:
-            continue
-        for stat in ("span", "alpha"):
-            for stack in ("lang", "visn", "cross"):
-                sel = [r for r in rows if r["stat"] == stat and r["stack"] == stack]
-                if not sel:
+        cell = heads[heads["cell"] == name]
+        for stat in stat_order(set(cell["stat"])):
+            for stack in stacks:
+                sel = cell[(cell["stat"] == stat) & (cell["stack"] == stack)]
+                if sel.empty:
                     continue
-                first = min(r["epoch"] for r in sel)
-                last = max(r["epoch"] for r in sel)
-                v_first = [r["value"] for r in sel if r["epoch"] == first]
-                v_last = [r["value"] for r in sel if r["epoch"] == last]
+                first, last = int(sel["epoch"].min()), int(sel["epoch"].max())
+                v_first = sel.loc[sel["epoch"] == first, "value"]
+                v_last = sel.loc[sel["epoch"] == last, "value"]
                 out.append({
                     "cell": name, "stat": stat, "stack": stack,
                     "first_epoch": first, "last_epoch": last,
-                    "mean_first": float(np.mean(v_first)), "mean_last": float(np.mean(v_last)),
-                    "min_last": float(np.min(v_last)), "max_last": float(np.max(v_last)),
-                    "n_values_last": len(v_last),
+                    "mean_first": float(np.mean(v_first.to_numpy())), "mean_last": float(np.mean(v_last.to_numpy())),
+                    "min_last": float(v_last.min()), "max_last": float(v_last.max()),
+                    "n_values_last": int(len(v_last)),
                     # head -1: per-layer means from metric histories (the run lacked the CSV).
-                    "per_head": all(r["head"] >= 0 for r in sel),
+                    "per_head": bool((sel["head"] >= 0).all()),
                 })
     return out

@@ -39,6 +39,10 @@ GIT_COMMIT = "git.commit"
 GIT_DIRTY = "git.dirty"
 #: MLflow's own tag that makes a run a child of another in the UI.
 PARENT_RUN = "mlflow.parentRunId"
+#: MLflow 3's experiment tag behind the UI's "GenAI apps & agents" / "Model training" switch; with
+#: ``custom_model_development`` the experiment opens on its runs table, not the GenAI overview.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 # ---- tags: one trial run ---------------------------------------------------------------------------
 TRIAL_KEY = "trial.key"  # "<cell>-s<seed>"

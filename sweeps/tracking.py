@@ -36,6 +36,11 @@ import schema
 T = TypeVar("T")
 
 PARENT_RUN_TAG = schema.PARENT_RUN
+EXPERIMENT_KIND_TAG = schema.EXPERIMENT_KIND_TAG
+EXPERIMENT_KIND = schema.EXPERIMENT_KIND
+#: Trial tags repeated as params, so the runs table can group by them (the UI groups by params,
+#: and Group by ``cell`` averages a cell's seeds; the seed is already the param ``train.seed``).
+GROUP_PARAMS = {schema.PARAM_CELL: schema.TRIAL_CELL}
 DEFAULT_EXPERIMENT = "adaptive-ablation"
 EPOCH_METRIC = schema.EPOCH
 
@@ -240,10 +245,13 @@ class SweepTracker:
                     raise TrackingError(
                         f"MLflow experiment '{name}' is deleted; restore it or pick another with --experiment"
                     )
+                if EXPERIMENT_KIND_TAG not in exp.tags:  # an experiment from before the tag; a user's choice stays
+                    self.client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
                 return exp.experiment_id
             location = None if is_remote(self.uri) else artifact_root(runs_dir)
             try:
-                return self.client.create_experiment(name, artifact_location=location)
+                return self.client.create_experiment(name, artifact_location=location,
+                                                     tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
             except Exception:
                 # Another driver created it between our get and create.
                 exp = self.client.get_experiment_by_name(name)
@@ -379,7 +387,12 @@ class TrialTracker:
         self._base_tags = dict(context.get("tags", {}))
 
     def start(self, tags: dict[str, str], params: dict[str, Any]) -> str:
-        """Find the child run of this trial (resume) or create it; log params and tags once."""
+        """Find the child run of this trial (resume) or create it; log params and tags once.
+
+        The ``trial.cell`` / ``trial.seed`` tags are also logged as the params ``cell`` / ``seed``
+        (:data:`GROUP_PARAMS`) unless ``params`` already has them.
+        """
+        params = {**{p: tags[t] for p, t in GROUP_PARAMS.items() if t in tags}, **params}
         found = _retry(
             f"search for trial {self.trial_key}'s run",
             self.uri,

@@ -40,6 +40,7 @@ class CellSpec:
     seed_shift: dict[int, float] = field(default_factory=dict)  # extra skill per seed
     redraw: float = 0.1  # share of questions whose difficulty this cell draws on its own
     engaged: bool | None = None  # the mechanism.engaged tag the trial writes (None: no tag)
+    extra_stats: tuple[str, ...] = ()  # per-head statistics of a normaliser the report has never heard of
 
 
 #: Mirrors sweeps/grids/paper.yaml at a tiny size. entmax is softmax plus a hair (no
@@ -104,6 +105,7 @@ class SweepSpec:
     running: tuple[str, ...] = ()  # run left RUNNING after one epoch (driver died, or still going)
     finish_sweep: bool = True  # False: the parent stays RUNNING with sweep.status=running
     n_examples: int = 4
+    time_account: bool = False  # log issue 12's time/* accounts per trial and sweep/* on the parent
 
 
 def _answer_types(n: int) -> list[str]:
@@ -124,7 +126,8 @@ def _scores(skill: float, seed: int, epoch: int, n: int, cell: str, redraw_share
     return np.where(difficulty < skill, 1.0, 0.0) * soft
 
 
-def _arch_stats(layers: tuple[int, int, int], attention: str, epoch: int, seed: int) -> dict[str, list[float]]:
+def _arch_stats(layers: tuple[int, int, int], attention: str, epoch: int, seed: int,
+                extra: tuple[str, ...] = ()) -> dict[str, list[float]]:
     """``{"<stack>/<layer>/<attention>/<stat>": per-head values}`` as ``collect_stats`` returns."""
     out: dict[str, list[float]] = {}
     l_layers, x_layers, r_layers = layers
@@ -142,6 +145,8 @@ def _arch_stats(layers: tuple[int, int, int], attention: str, epoch: int, seed: 
             target = 1.8 if stack == "lang" else 1.3
             out[f"{stack}/{layer}/{att}/alpha"] = [
                 float(np.clip(1.5 + (target - 1.5) * epoch / 3 + rng.normal(0, 0.02), 1.01, 2.0)) for _ in range(HEADS)]
+        for stat in extra:
+            out[f"{stack}/{layer}/{att}/{stat}"] = [float(0.5 + 0.1 * epoch + rng.normal(0, 0.05)) for _ in range(HEADS)]
     return out
 
 
@@ -181,6 +186,7 @@ def fill_sweep(uri: str, runs_dir: Path, sweep_id: str = "smoke-paper", experime
     qids = np.arange(1000, 1000 + spec.n_questions)
     failed: dict[str, str] = {}
     run_ids: dict[str, str] = {}
+    accounts: dict[str, dict[str, float]] = {}
     for key in trials:
         cell, seed = key.rsplit("-s", 1)
         seed_i = int(seed)
@@ -219,7 +225,7 @@ def fill_sweep(uri: str, runs_dir: Path, sweep_id: str = "smoke-paper", experime
             for t in ("yes/no", "number", "other"):
                 mask = np.array([x == t for x in types])
                 metrics[f"eval/acc_{t.replace('/', '_')}"] = float(scores[mask].mean())
-            stats = _arch_stats(cs.layers, cs.attention, epoch, seed_i)
+            stats = _arch_stats(cs.layers, cs.attention, epoch, seed_i, cs.extra_stats)
             for k, values in stats.items():
                 stack, layer, att, stat = k.split("/")
                 metrics[f"{stat}/{stack}/{layer}/{att}"] = float(np.mean(values))
@@ -250,15 +256,39 @@ def fill_sweep(uri: str, runs_dir: Path, sweep_id: str = "smoke-paper", experime
             continue
         tracker.log_metrics({"time/trial_s": elapsed, "best/acc": best["acc"], "best/epoch": float(best["epoch"])},
                             step=spec.epochs)
+        if spec.time_account:
+            account = time_account(cell, seed_i)
+            accounts[key] = account
+            tracker.log_metrics({f"time/{k}": v for k, v in account.items()}, step=spec.epochs)
         tracker.finish("FINISHED")
     if not spec.finish_sweep:
         return {"parent_run_id": parent, "trials": trials, "run_ids": run_ids, "failed": failed}
     status = "complete" if not failed else "incomplete"
-    sweeper.finish("FINISHED" if not failed else "FAILED",
-                   {"sweep/wall_s": 100.0, "sweep/trials_wall_s": 90.0, "sweep/ideal_s": 80.0,
-                    "sweep/overhead_ratio": 1.125, "sweep/concurrency": 2.0},
+    sweep_metrics = {"sweep/wall_s": 100.0, "sweep/trials_wall_s": 90.0, "sweep/ideal_s": 80.0,
+                     "sweep/overhead_ratio": 1.125, "sweep/concurrency": 2.0}
+    if spec.time_account:
+        # What sweeps/ablation.py logs: the accounts summed over trials, goodput and wall over ideal.
+        sums = {k: float(sum(a[k] for a in accounts.values())) for k in TIME_ACCOUNTS}
+        total = sum(sums.values())
+        sweep_metrics.update({f"sweep/{k}": v for k, v in sums.items()})
+        ideal = (sums["train_s"] + sums["eval_s"]) / 2.0
+        sweep_metrics.update({"sweep/trials_sum_s": total, "sweep/goodput": (sums["train_s"] + sums["eval_s"]) / total,
+                              "sweep/step_ideal_s": ideal, "sweep/wall_over_ideal": 90.0 / ideal})
+    sweeper.finish("FINISHED" if not failed else "FAILED", sweep_metrics,
                    {"sweep.status": status, "sweep.failed": json.dumps(failed)})
-    return {"parent_run_id": parent, "trials": trials, "run_ids": run_ids, "failed": failed}
+    return {"parent_run_id": parent, "trials": trials, "run_ids": run_ids, "failed": failed,
+            "accounts": accounts, "sweep_metrics": sweep_metrics}
+
+
+TIME_ACCOUNTS = ("startup_s", "train_s", "eval_s", "checkpoint_s", "other_s")
+
+
+def time_account(cell: str, seed: int) -> dict[str, float]:
+    """One trial's ``time/*`` account (seconds; deterministic, different per cell and seed)."""
+    rng = np.random.default_rng([seed, sum(map(ord, cell))])
+    return {"startup_s": float(rng.uniform(5, 15)), "train_s": float(rng.uniform(60, 200)),
+            "eval_s": float(rng.uniform(10, 30)), "checkpoint_s": float(rng.uniform(1, 3)),
+            "other_s": float(rng.uniform(1, 5))}
 
 
 def _examples(qids: np.ndarray, cs: CellSpec, seed: int, epoch: int, n: int) -> list[dict[str, Any]]:

@@ -59,6 +59,7 @@ def test_smoke_sweep_logs_parent_and_one_finished_child_per_cell_and_seed(smoke_
     assert json.loads(parent.data.tags["sweep.trials"]) == list(expected)
     assert json.loads(parent.data.tags["sweep.pending"]) == {}  # grad_std runs (issue 6)
     assert parent.data.metrics["sweep/overhead_ratio"] > 0
+    assert client.get_experiment_by_name(experiment).tags["mlflow.experimentKind"] == "custom_model_development"
 
     assert sorted(r.data.tags["trial.key"] for r in children) == sorted(expected)
     for run in children:
@@ -72,6 +73,8 @@ def test_smoke_sweep_logs_parent_and_one_finished_child_per_cell_and_seed(smoke_
         assert run.data.params["model.attention.name"] == trial.config.model.attention.name
         assert run.data.params["model.l_layers"] == str(trial.config.model.l_layers)
         assert run.data.params["train.epochs"] == str(trial.config.train.epochs)
+        # the MLflow UI's Group by (docs/tracking.md): cell and seed as params
+        assert (run.data.params["cell"], run.data.params["train.seed"]) == (trial.cell.name, str(trial.seed))
         # per-epoch metrics, each epoch once
         epochs = trial.config.train.epochs
         for metric in ("epoch", "eval/acc", "train/loss", "train/lr", "train/samples_per_s"):
