@@ -120,7 +120,7 @@ class TimeAccount:
         self.first_step_at: float | None = None
 
     def first_step(self) -> None:
-        """Called at every training step's start; the first call of an attempt ends its start-up."""
+        """Called as training starts (every epoch); the first call of an attempt ends its start-up."""
         if self.first_step_at is None:
             self.first_step_at = time.time()
             self.now["startup_s"] = max(0.0, self.first_step_at - self.started)
@@ -283,12 +283,12 @@ class TrialLoop:
         losses, aux_losses, n_samples = 0.0, 0.0, 0
         layer_counts: dict[str, float] = {}
         drop_trace = 0  # checksum of the layers each step ran
+        self.times.first_step()  # start-up ends where training time begins: no second counted twice
         start = time.perf_counter()
         batches = self.data.train.batches(cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=self.epoch,
                                           rank=self.rank, world_size=self.world_size)
         n_batches = 0
         for batch in batches:
-            self.times.first_step()
             inputs = self._inputs(batch)
             targets = batch["targets"].to(self.device, non_blocking=True)
             with self.autocast():

@@ -454,6 +454,11 @@ def _fit(name: str, paths: SweepPaths, param_space: dict[str, Any] | None, n_at_
     """
     from ray import tune
 
+    # Tune saves its experiment state (which checkpoint each trial has) every 10 s or more by
+    # default; a restored in-process trial resumes from the newest checkpoint that state names, so
+    # save it every second: a driver killed right after an epoch's checkpoint then rarely costs the
+    # epoch. (Ray Train's checkpoints are tracked by their own controller, as they are reported.)
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     trainable = tune.with_resources(run_trial, trainable_resources)
     path = str(paths.ray_dir / name)
     done_before: set[str] = set()

@@ -176,11 +176,21 @@ def listening_addresses(port: int) -> set[str]:
     return found
 
 
+#: Both executors, for the tests that must hold for each (``resources.executor=``).
+EXECUTORS = ("in_process", "train")
+
+#: The Ray process that runs a trial's loop, per executor, as Ray names it in a log line's prefix
+#: (``(run_trial pid=123)``) and in its state API (``class_name``).
+TRIAL_PROCESS = {"in_process": ("run_trial", "ImplicitFunc"), "train": ("RayTrainWorker", "RayTrainWorker")}
+
+
 def checkpoint_states(runs: Path, sweep_id: str, trial_key: str) -> list[dict]:
-    """The training states of a trial's checkpoints in the runs dir, oldest first."""
-    files = sorted((runs / "ray" / sweep_id / "train" / trial_key).glob(f"checkpoint_*/{STATE_FILE}"),
-                   key=lambda p: p.stat().st_mtime)
-    return [torch.load(f, map_location="cpu", weights_only=False) for f in files]
+    """The training states of a trial's checkpoints in the runs dir, oldest first: Ray Train's
+    (``ray/<sweep>/train/<key>``) or, for an in-process trial, Tune's (``ray/<sweep>/<key>``)."""
+    sweep = runs / "ray" / sweep_id
+    files = [*(sweep / "train" / trial_key).glob(f"checkpoint_*/{STATE_FILE}"),
+             *(sweep / trial_key).glob(f"checkpoint_*/{STATE_FILE}")]
+    return [torch.load(f, map_location="cpu", weights_only=False) for f in sorted(files, key=lambda p: p.stat().st_mtime)]
 
 
 def sweep_runs(uri: str, sweep_id: str, experiment: str = "adaptive-ablation"):

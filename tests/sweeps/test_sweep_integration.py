@@ -3,7 +3,8 @@
 * the smoke preset submitted with ``ray job submit`` (session fixture ``smoke_sweep``): a parent
   run with one finished child per grid cell and seed, params, per-epoch metrics, span / alpha tables;
 * killing the driver mid-sweep, then rerunning the same command: the sweep finishes with no
-  duplicated and no lost child runs or epochs;
+  duplicated and no lost child runs or epochs, for both executors (in the Tune trial's process,
+  and on a Ray Train worker group);
 * bad grids, missing data and an unreachable MLflow server fail before any trial starts.
 """
 
@@ -59,6 +60,12 @@ def test_smoke_sweep_logs_parent_and_one_finished_child_per_cell_and_seed(smoke_
     assert json.loads(parent.data.tags["sweep.trials"]) == list(expected)
     assert json.loads(parent.data.tags["sweep.pending"]) == {}  # grad_std runs (issue 6)
     assert parent.data.metrics["sweep/overhead_ratio"] > 0
+    # The time account summed over the trials: step time within the trials' wall time, which is
+    # within the slots' wall time (the trials phase, two at a time).
+    m = parent.data.metrics
+    assert 0 < m["sweep/goodput"] <= 1 and m["sweep/wall_over_ideal"] >= 1
+    assert m["sweep/train_s"] + m["sweep/eval_s"] == pytest.approx(m["sweep/goodput"] * m["sweep/trials_sum_s"])
+    assert m["sweep/trials_sum_s"] <= m["sweep/trials_wall_s"] * m["sweep/concurrency"] + 1
 
     assert sorted(r.data.tags["trial.key"] for r in children) == sorted(expected)
     for run in children:
@@ -80,6 +87,11 @@ def test_smoke_sweep_logs_parent_and_one_finished_child_per_cell_and_seed(smoke_
         for metric in ("model/params", "model/flops_per_sample", "best/acc", "time/trial_s"):
             assert run.data.metrics[metric] > 0, (key, metric)
         assert run.data.metrics["best/acc"] <= 1.0
+        # one worker, no GPU: the loop ran in the Tune trial's own process; its time, accounted
+        assert run.data.tags["trial.executor"] == "in_process", key
+        parts = [run.data.metrics[f"time/{p}"] for p in ("startup_s", "train_s", "eval_s", "checkpoint_s", "other_s")]
+        assert all(p >= 0 for p in parts) and parts[0] > 0 and parts[1] > 0, (key, parts)
+        assert sum(parts) == pytest.approx(run.data.metrics["time/wall_s"], rel=1e-6), key
         # the per-head table: spans for span cells, alphas for entmax cells
         rows = list(csv.DictReader(io.StringIO(artifact_text(client, run.info.run_id, "stats/attention_heads.csv"))))
         stats = {r["stat"] for r in rows}
@@ -133,19 +145,21 @@ def _wait_for(predicate, timeout_s: float, what: str) -> None:
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
-def test_killing_the_driver_mid_sweep_then_rerunning_finishes_without_duplicates(ray_head, tmp_path):
+@pytest.mark.parametrize("executor", ["in_process", "train"])
+def test_killing_the_driver_mid_sweep_then_rerunning_finishes_without_duplicates(executor, ray_head, tmp_path):
     runs = tmp_path / "runs"
     args = [*ABLATION, "--preset", "smoke", "--cells", "softmax,span", "--name", "resume", "--runs-dir", str(runs),
-            "--no-report", "train.epochs=4"]
+            "--no-report", "train.epochs=4", f"resources.executor={executor}"]
     env = ray_head.env()
     log1 = open(tmp_path / "first.log", "w")
     first = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=log1, stderr=subprocess.STDOUT,
                              start_new_session=True)
-    train_dir = runs / "ray" / "resume" / "train"
+    # Ray Train's checkpoints (train/<key>/) or Tune's (<key>/)
+    tune_dir = runs / "ray" / "resume"
     try:
         # Kill once some trial has checkpointed an epoch but before the sweep is done.
-        _wait_for(lambda: any(train_dir.glob("*/checkpoint_*")) or first.poll() is not None, 600,
-                  "a first checkpoint")
+        _wait_for(lambda: any(tune_dir.glob("*/checkpoint_*/state.pt")) or any(tune_dir.glob("train/*/checkpoint_*"))
+                  or first.poll() is not None, 600, "a first checkpoint")
         assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
         os.killpg(first.pid, signal.SIGKILL)
         first.wait(timeout=30)
@@ -169,6 +183,7 @@ def test_killing_the_driver_mid_sweep_then_rerunning_finishes_without_duplicates
     assert {r.info.run_id for r in before} <= {r.info.run_id for r in children}, "child runs were replaced"
     for run in children:
         assert run.info.status == "FINISHED"
+        assert run.data.tags["trial.executor"] == executor
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "epoch")]
         assert sorted(steps) == [1, 2, 3, 4], (run.data.tags["trial.key"], steps)
         loss_steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
@@ -254,7 +269,7 @@ def test_a_trial_on_two_ddp_workers_drops_the_same_layers_and_logs_once(ray_head
     assert len(children) == 1
     run = children[0]
     assert run.info.status == "FINISHED"
-    assert run.data.tags["trial.world_size"] == "2"
+    assert run.data.tags["trial.world_size"] == "2" and run.data.tags["trial.executor"] == "train"
     plan = expand(load_grid("paper"), load_preset("smoke"), cells=["layerdrop_955"])
     cfg = plan.trials[0].config
     assert run.data.metrics["eval/n"] == cfg.data.eval_limit  # every question once, none twice
