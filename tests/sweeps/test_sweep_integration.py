@@ -32,6 +32,13 @@ ABLATION = [sys.executable, str(ROOT / "sweeps" / "ablation.py")]
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
+@pytest.fixture(scope="module")
+def data_cache(tmp_path_factory):
+    """One easy-VQA cache (``data.cache_dir=``) for the sweeps of this module after the smoke
+    sweep: the first builds it, the others reuse it instead of extracting features again."""
+    return tmp_path_factory.mktemp("data-cache")
+
+
 def sweep_runs(uri: str, sweep_id: str, experiment: str = "adaptive-ablation"):
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
@@ -146,10 +153,11 @@ def _wait_for(predicate, timeout_s: float, what: str) -> None:
 
 
 @pytest.mark.parametrize("executor", ["in_process", "train"])
-def test_killing_the_driver_mid_sweep_then_rerunning_finishes_without_duplicates(executor, ray_head, tmp_path):
+def test_killing_the_driver_mid_sweep_then_rerunning_finishes_without_duplicates(executor, ray_head, tmp_path,
+                                                                                 data_cache):
     runs = tmp_path / "runs"
     args = [*ABLATION, "--preset", "smoke", "--cells", "softmax,span", "--name", "resume", "--runs-dir", str(runs),
-            "--no-report", "train.epochs=4", f"resources.executor={executor}"]
+            "--no-report", "train.epochs=4", f"resources.executor={executor}", f"data.cache_dir={data_cache}"]
     env = ray_head.env()
     log1 = open(tmp_path / "first.log", "w")
     first = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=log1, stderr=subprocess.STDOUT,
@@ -231,10 +239,11 @@ def test_unreachable_mlflow_server_is_one_clear_error_at_start(tmp_path):
     assert "Traceback" not in out and "\nrunning on " not in out
 
 
-def test_optuna_search_gives_every_cell_the_same_budget_then_runs_the_grid_with_the_best(ray_head, tmp_path):
+def test_optuna_search_gives_every_cell_the_same_budget_then_runs_the_grid_with_the_best(ray_head, tmp_path,
+                                                                                          data_cache):
     runs = tmp_path / "runs"
     args = [*ABLATION, "--preset", "smoke", "--cells", "softmax,span", "--name", "opt", "--runs-dir", str(runs),
-            "--no-report", "--search", "optuna", "--trials", "2", "train.epochs=1"]
+            "--no-report", "--search", "optuna", "--trials", "2", "train.epochs=1", f"data.cache_dir={data_cache}"]
     proc = subprocess.run(args, cwd=tmp_path, env=ray_head.env(), capture_output=True, text=True, timeout=900)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-5000:]
@@ -257,12 +266,12 @@ def test_optuna_search_gives_every_cell_the_same_budget_then_runs_the_grid_with_
     assert sorted(r.data.tags["trial.key"] for r in children) == ["softmax-s0", "span-s0"]
 
 
-def test_a_trial_on_two_ddp_workers_drops_the_same_layers_and_logs_once(ray_head, tmp_path):
+def test_a_trial_on_two_ddp_workers_drops_the_same_layers_and_logs_once(ray_head, tmp_path, data_cache):
     """DDP over gloo on CPU: two Ray Train workers, LayerDrop (the same layers on both ranks, or
     the trial fails), evaluation gathered on rank 0 without duplicates, one MLflow run."""
     runs = tmp_path / "runs"
     args = [*ABLATION, "--preset", "smoke", "--cells", "layerdrop_955", "--name", "ddp", "--runs-dir", str(runs),
-            "--no-report", "resources.num_workers=2", "train.epochs=1"]
+            "--no-report", "resources.num_workers=2", "train.epochs=1", f"data.cache_dir={data_cache}"]
     proc = subprocess.run(args, cwd=tmp_path, env=ray_head.env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
     client, _, children = sweep_runs(f"sqlite:///{runs / 'mlflow.db'}", "ddp")
@@ -277,12 +286,13 @@ def test_a_trial_on_two_ddp_workers_drops_the_same_layers_and_logs_once(ray_head
     assert [m.step for m in client.get_metric_history(run.info.run_id, "epoch")] == [1]
 
 
-def test_a_pretraining_trial_on_two_ddp_workers_finishes_and_logs_once(ray_head, tmp_path):
+def test_a_pretraining_trial_on_two_ddp_workers_finishes_and_logs_once(ray_head, tmp_path, data_cache):
     """grad_std under DDP: per-task gradients on every rank, their statistics averaged over ranks,
     the pretraining model trained through its head outputs only (DDP must see no unused output)."""
     runs = tmp_path / "runs"
     args = [*ABLATION, "--preset", "smoke", "--cells", "grad_std", "--name", "ddp-pretrain", "--runs-dir",
-            str(runs), "--no-report", "resources.num_workers=2", "train.epochs=1", "pretrain.weight_every=1"]
+            str(runs), "--no-report", "resources.num_workers=2", "train.epochs=1", "pretrain.weight_every=1",
+            f"data.cache_dir={data_cache}"]
     proc = subprocess.run(args, cwd=tmp_path, env=ray_head.env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
     client, _, children = sweep_runs(f"sqlite:///{runs / 'mlflow.db'}", "ddp-pretrain")
