@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import start_ray_head, stop_process_group
 from mlflow import MlflowClient
 
 from sweeps.grid import expand, load_grid, load_preset
@@ -153,50 +154,56 @@ def _wait_for(predicate, timeout_s: float, what: str) -> None:
 
 
 @pytest.mark.parametrize("executor", ["in_process", "train"])
-def test_killing_the_driver_mid_sweep_then_rerunning_finishes_without_duplicates(executor, ray_head, tmp_path,
-                                                                                 data_cache):
+def test_killing_the_driver_mid_sweep_then_rerunning_finishes_without_duplicates(executor, tmp_path, data_cache):
+    # Its own Ray head: a driver killed while a Ray Train worker group is starting can leave that
+    # group's placement group behind (Ray Train's cleaner learns of it only once the group has
+    # started), holding a CPU of the head until it stops; the session's head must not lose one.
     runs = tmp_path / "runs"
     args = [*ABLATION, "--preset", "smoke", "--cells", "softmax,span", "--name", "resume", "--runs-dir", str(runs),
             "--no-report", "train.epochs=4", f"resources.executor={executor}", f"data.cache_dir={data_cache}"]
-    env = ray_head.env()
-    log1 = open(tmp_path / "first.log", "w")
-    first = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=log1, stderr=subprocess.STDOUT,
-                             start_new_session=True)
-    # Ray Train's checkpoints (train/<key>/) or Tune's (<key>/)
-    tune_dir = runs / "ray" / "resume"
+    head = start_ray_head(tmp_path, num_cpus=2)
     try:
-        # Kill once some trial has checkpointed an epoch but before the sweep is done.
-        _wait_for(lambda: any(tune_dir.glob("*/checkpoint_*/state.pt")) or any(tune_dir.glob("train/*/checkpoint_*"))
-                  or first.poll() is not None, 600, "a first checkpoint")
-        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait(timeout=30)
-    finally:
-        if first.poll() is None:
+        env = head.env()
+        log1 = open(tmp_path / "first.log", "w")
+        first = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=log1, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+        # Ray Train's checkpoints (train/<key>/) or Tune's (<key>/)
+        tune_dir = runs / "ray" / "resume"
+        try:
+            # Kill once some trial has checkpointed an epoch but before the sweep is done.
+            _wait_for(lambda: any(tune_dir.glob("*/checkpoint_*/state.pt")) or first.poll() is not None
+                      or any(tune_dir.glob("train/*/checkpoint_*")), 600, "a first checkpoint")
+            assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
             os.killpg(first.pid, signal.SIGKILL)
-    uri = f"sqlite:///{runs / 'mlflow.db'}"
-    _, _, before = sweep_runs(uri, "resume")
-    assert before and not all(r.info.status == "FINISHED" for r in before), "the kill came too late to test resume"
+            first.wait(timeout=30)
+        finally:
+            if first.poll() is None:
+                os.killpg(first.pid, signal.SIGKILL)
+        uri = f"sqlite:///{runs / 'mlflow.db'}"
+        _, _, before = sweep_runs(uri, "resume")
+        assert before and not all(r.info.status == "FINISHED" for r in before), "the kill came too late to test resume"
 
-    with open(tmp_path / "second.log", "w") as log2:
-        second = subprocess.run(args, cwd=tmp_path, env=env, stdout=log2, stderr=subprocess.STDOUT, timeout=900)
-    output = (tmp_path / "second.log").read_text()
-    assert second.returncode == 0, output[-5000:]
-    assert "restoring 'resume'" in output
-    client, parents, children = sweep_runs(uri, "resume")
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    # the report's cells are the ones this sweep ran, not the whole grid
-    assert set(json.loads(parents[0].data.tags["sweep.cells"])) == {"softmax", "span"}
-    assert sorted(r.data.tags["trial.key"] for r in children) == ["softmax-s0", "span-s0"]
-    assert {r.info.run_id for r in before} <= {r.info.run_id for r in children}, "child runs were replaced"
-    for run in children:
-        assert run.info.status == "FINISHED"
-        assert run.data.tags["trial.executor"] == executor
-        steps = [m.step for m in client.get_metric_history(run.info.run_id, "epoch")]
-        assert sorted(steps) == [1, 2, 3, 4], (run.data.tags["trial.key"], steps)
-        loss_steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
-        assert sorted(loss_steps) == [1, 2, 3, 4]
-    assert "resumed from checkpoint" in output or "finished" in output
+        with open(tmp_path / "second.log", "w") as log2:
+            second = subprocess.run(args, cwd=tmp_path, env=env, stdout=log2, stderr=subprocess.STDOUT, timeout=900)
+        output = (tmp_path / "second.log").read_text()
+        assert second.returncode == 0, output[-5000:]
+        assert "restoring 'resume'" in output
+        client, parents, children = sweep_runs(uri, "resume")
+        assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+        # the report's cells are the ones this sweep ran, not the whole grid
+        assert set(json.loads(parents[0].data.tags["sweep.cells"])) == {"softmax", "span"}
+        assert sorted(r.data.tags["trial.key"] for r in children) == ["softmax-s0", "span-s0"]
+        assert {r.info.run_id for r in before} <= {r.info.run_id for r in children}, "child runs were replaced"
+        for run in children:
+            assert run.info.status == "FINISHED"
+            assert run.data.tags["trial.executor"] == executor
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, "epoch")]
+            assert sorted(steps) == [1, 2, 3, 4], (run.data.tags["trial.key"], steps)
+            loss_steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+            assert sorted(loss_steps) == [1, 2, 3, 4]
+        assert "resumed from checkpoint" in output or "finished" in output
+    finally:
+        stop_process_group(head.proc)
 
 
 def _run_quick(args, env=None, cwd=ROOT, timeout=120):
