@@ -5,6 +5,7 @@
 * killing the driver mid-sweep, then rerunning the same command: the sweep finishes with no
   duplicated and no lost child runs or epochs, for both executors (in the Tune trial's process,
   and on a Ray Train worker group);
+* the same trials through both executors log the same numbers;
 * bad grids, missing data and an unreachable MLflow server fail before any trial starts.
 """
 
@@ -15,6 +16,7 @@ import io
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -309,3 +311,30 @@ def test_a_pretraining_trial_on_two_ddp_workers_finishes_and_logs_once(ray_head,
     assert [m.step for m in client.get_metric_history(run.info.run_id, "pretrain/epoch")] == [1]
     weights = [run.data.metrics[f"pretrain/weight_{t}"] for t in ("mlm", "mor", "match", "qa")]
     assert sum(weights) == pytest.approx(4.0) and len(set(weights)) > 1
+
+
+def test_both_executors_train_the_same_trials_to_the_same_numbers(ray_head, tmp_path, data_cache):
+    """The same two trials in the Tune trial's process (one after the other, so the second runs in
+    the process the first used) and on Ray Train worker groups: every logged epoch metric equal."""
+    logged = {}
+    for executor in ("in_process", "train"):
+        runs = tmp_path / executor
+        args = [*ABLATION, "--preset", "smoke", "--cells", "softmax", "--seeds", "0,1", "--name", "parity",
+                "--runs-dir", str(runs), "--no-report", "--verbose", "--max-concurrent", "1", "train.epochs=2",
+                f"resources.executor={executor}", f"data.cache_dir={data_cache}"]
+        proc = subprocess.run(args, cwd=tmp_path, env=ray_head.env(RAY_DEDUP_LOGS="0"), capture_output=True,
+                              text=True, timeout=600)
+        output = proc.stdout + proc.stderr
+        assert proc.returncode == 0, output[-5000:]
+        client, _, children = sweep_runs(f"sqlite:///{runs / 'mlflow.db'}", "parity")
+        assert {r.data.tags["trial.executor"] for r in children} == {executor}
+        logged[executor] = {
+            (r.data.tags["trial.key"], metric): [(m.step, m.value) for m in sorted(
+                client.get_metric_history(r.info.run_id, metric), key=lambda m: m.step)]
+            for r in children for metric in ("train/loss", "eval/acc", "eval/loss", "train/lr")}
+        if executor == "in_process":
+            # Tune reused the first trial's process for the second (reuse_actors).
+            pids = {key: pid for pid, key in re.findall(r"run_trial pid=(\d+)\D.*?\[(softmax-s\d)\] in_process: ready",
+                                                         output)}
+            assert set(pids) == {"softmax-s0", "softmax-s1"} and len(set(pids.values())) == 1, pids
+    assert len(logged["train"]) == 8 and logged["in_process"] == logged["train"]
