@@ -82,7 +82,7 @@ def cpu_threads(cfg) -> int:
 
 def run_loop(spec: dict[str, Any], *, report: Callable[[dict[str, float], dict[str, Any] | None], None],
              resume: dict[str, Any] | None, executor: str, started: float, rank: int = 0, world_size: int = 1,
-             device=None, wrap_model=None, extra_tags: dict[str, str] | None = None) -> dict[str, float]:
+             device=None, wrap_model=None) -> dict[str, float]:
     """Run one trial's loop to the end: build it, resume it from ``resume`` (a checkpoint's state),
     open the trial's MLflow run on rank 0, train, and report every epoch through ``report``.
 
@@ -92,6 +92,8 @@ def run_loop(spec: dict[str, Any], *, report: Callable[[dict[str, float], dict[s
         resume: the state to continue from, or ``None`` for a fresh start.
         executor: ``in_process`` or ``train`` (tagged ``trial.executor``).
         started: when this attempt began (``time.time()``), for ``time/startup_s``.
+        rank, world_size, device, wrap_model: where this copy of the loop runs and how its model
+            is wrapped (DDP on the Train path); one CPU copy, unwrapped, by default.
 
     Returns:
         The last epoch's metrics and the trial's ``time/*`` account.
@@ -117,10 +119,10 @@ def run_loop(spec: dict[str, Any], *, report: Callable[[dict[str, float], dict[s
     with quiet_mlflow():
         if rank == 0:
             tracker = TrialTracker(spec["context"], key)
-            tags = {**spec.get("tags", {}), **placement_tags(), "trial.executor": executor, **(extra_tags or {})}
+            tags = {**spec.get("tags", {}), **placement_tags(), "trial.executor": executor}
             tracker.start(tags=tags, params=spec["config"])
-        log(f"{executor}: ready {time.time() - started:.1f} s after the trial began (loop built in {t_built:.1f} s, "
-            f"MLflow run opened in {time.time() - t_tracked:.1f} s)")
+            log(f"{executor}: ready {time.time() - started:.1f} s after the trial began (loop built in "
+                f"{t_built:.1f} s, MLflow run opened in {time.time() - t_tracked:.1f} s)")
         try:
             return loop.fit(report, tracker)
         except BaseException:

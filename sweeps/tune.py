@@ -41,11 +41,11 @@ from sweeps.grid import Plan, Trial
 #: then holds trivially: one 1-CPU trainable per 1-CPU node.
 TRAINABLE_RESOURCES = {"cpu": 0, "memory": 256 * 1024**2}
 
-#: Environment of every trial's Train controller and workers (set explicitly so that it holds
-#: whether the sweep was started locally, with RAY_ADDRESS, or by `ray job submit`).
 #: Checkpoints kept per trial (Ray Train's on the Train path, Tune's on the in-process path).
 NUM_TO_KEEP = 2
 
+#: Environment of every trial's process, Train controller and workers (set explicitly so that it
+#: holds whether the sweep was started locally, with RAY_ADDRESS, or by `ray job submit`).
 TRIAL_ENV = {
     # Trials are short: notice finished or failed workers promptly (Ray's default polls every 2 s).
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
@@ -233,7 +233,7 @@ def trainable_resources(config: dict[str, Any]):
     return PlacementGroupFactory([{"CPU": TRAINABLE_RESOURCES["cpu"], "memory": TRAINABLE_RESOURCES["memory"]}])
 
 
-def reuse_actors(specs: list[dict[str, Any]]) -> bool:
+def reuse_trial_processes(specs: list[dict[str, Any]]) -> bool:
     """Whether a finished trial's process runs the next trial (Tune's ``reuse_actors``): when every
     trial runs in-process. That process has already imported torch, torch._dynamo (which the first
     optimizer pulls in) and MLflow, a few seconds each trial would otherwise spend starting. Every
@@ -450,7 +450,7 @@ def _fit(name: str, paths: SweepPaths, param_space: dict[str, Any] | None, n_at_
     """Run one Tune experiment (or restore and finish it); returns (results, wall_s, done_before).
 
     ``max_failures``: Tune's retries per trial (:func:`tune_max_failures`); ``reuse_actors``: see
-    :func:`reuse_actors`. A restored experiment keeps the settings it was created with.
+    :func:`reuse_trial_processes`. A restored experiment keeps the settings it was created with.
     """
     from ray import tune
 
@@ -535,7 +535,7 @@ def run(plan: Plan, paths: SweepPaths, context: dict[str, Any], max_concurrent: 
     paths.train_dir.mkdir(parents=True, exist_ok=True)
     results, wall, done_before = _fit(paths.sweep_id, paths, {"trial": tune.grid_search(specs)}, n_at_once,
                                       restore, Progress(len(specs)), max_failures=tune_max_failures(specs),
-                                      reuse_actors=reuse_actors(specs))
+                                      reuse_actors=reuse_trial_processes(specs))
     order = {t.key: i for i, t in enumerate(plan.trials)}
     outcomes = sorted(_outcomes(results, done_before), key=lambda o: order.get(o.key, len(order)))
     return SweepOutcome(trials=outcomes, wall_s=wall, concurrency=n_at_once)
@@ -577,7 +577,8 @@ def search(plan: Plan, paths: SweepPaths, context: dict[str, Any], n_trials: int
         results, seconds, done_before = _fit(
             f"{paths.sweep_id}-search-{cell}", paths, {"trial": spec, "search": space}, n_at_once, restore,
             Progress(n_trials), search_alg=OptunaSearch(metric="best/acc", mode="max", seed=trial.seed),
-            num_samples=n_trials, max_failures=tune_max_failures([spec]), reuse_actors=reuse_actors([spec]),
+            num_samples=n_trials, max_failures=tune_max_failures([spec]),
+            reuse_actors=reuse_trial_processes([spec]),
         )
         wall += seconds
         outcomes.extend(_outcomes(results, done_before))

@@ -8,7 +8,13 @@ import pytest
 from sweeps import executor
 from sweeps.ablation import timing_lines
 from sweeps.config import ConfigError, ExperimentConfig, apply_overrides
-from sweeps.tune import SweepOutcome, TrialOutcome, reuse_actors, trainable_resources, tune_max_failures
+from sweeps.tune import (
+    SweepOutcome,
+    TrialOutcome,
+    reuse_trial_processes,
+    trainable_resources,
+    tune_max_failures,
+)
 
 
 def resources(**overrides):
@@ -60,8 +66,8 @@ def test_tune_retries_and_actor_reuse_follow_the_executors():
     assert tune_max_failures([spec("train", max_failures=5)]) == 1  # Ray Train restarts the group itself
     assert tune_max_failures([spec("in_process", max_failures=2)]) == 3
     assert tune_max_failures([spec("in_process", max_failures=0), spec("train")]) == 1
-    assert reuse_actors([spec("in_process"), spec("in_process")])
-    assert not reuse_actors([spec("in_process"), spec("train")]) and not reuse_actors([])
+    assert reuse_trial_processes([spec("in_process"), spec("in_process")])
+    assert not reuse_trial_processes([spec("in_process"), spec("train")]) and not reuse_trial_processes([])
 
 
 def outcome(key: str, startup: float, train: float, eval_: float, checkpoint: float, wall: float,
