@@ -69,8 +69,16 @@ def child(args: argparse.Namespace) -> None:
         loop.epoch += 1
         epochs.append({"train_s": metrics["train/epoch_s"], "eval_s": time.perf_counter() - t_eval,
                        "loss": metrics["train/loss"], "acc": loop.eval_metrics(result)["eval/acc"]})
+    dynamo = {}
+    if args.mode != "eager":  # how much Dynamo traced: graphs, graph breaks, recompilations
+        from torch._dynamo.utils import counters
+
+        dynamo = {"unique_graphs": counters["stats"]["unique_graphs"],
+                  "graph_breaks": sum(counters["graph_break"].values()),
+                  "frames_compiled": counters["frames"]["ok"]}
     print(json.dumps({"mode": args.mode, "cell": args.cell, "total_s": time.perf_counter() - t0,
-                      "build_s": t_built - t0, "steps": loop.step, "epochs": epochs}), flush=True)
+                      "build_s": t_built - t0, "steps": loop.step, "epochs": epochs, "dynamo": dynamo}),
+          flush=True)
 
 
 def run_mode(args: argparse.Namespace, cell: str, mode: str, inductor_cache: Path) -> dict:
