@@ -7,6 +7,7 @@ from models.builders import build_model, lxmert, lxmert_10_6_6, lxmert_base, lxm
 from models.config import (
     AttentionConfig,
     ConfigError,
+    FinetuneConfig,
     LayerDropConfig,
     ModelConfig,
     apply_overrides,
@@ -14,6 +15,7 @@ from models.config import (
     to_flat_dict,
 )
 from models.lxmert import (
+    LXMERT_PRETRAIN_HEADS,
     PRETRAIN_HEADS,
     LxmertForPretraining,
     LxmertForVQA,
@@ -25,6 +27,8 @@ from models.lxmert import (
 __all__ = [
     "AttentionConfig",
     "ConfigError",
+    "FinetuneConfig",
+    "LXMERT_PRETRAIN_HEADS",
     "LayerDropConfig",
     "LxmertForPretraining",
     "LxmertForVQA",

@@ -79,6 +79,8 @@ from models.config import AttentionConfig, ModelConfig
 # not part of a VQA model.
 _PRETRAIN_HEADS = ("cls.", "obj_predict_head.")
 _NATIVE_PRETRAIN_HEADS = ("heads.",)
+#: Checkpoint-side names of our heads that have no LXMERT counterpart (never exported).
+_OURS_ONLY = ("contrastive_head.",)
 # The MLM decoder: tied to the word embeddings, so it is never a parameter of its own here.
 _TIED_DECODER = "cls.predictions.decoder.weight"
 # Non-parameter buffers some HF versions save (recomputed here, so nothing is lost by ignoring them).
@@ -196,7 +198,8 @@ def hf_key_map(depths: Mapping[str, int], head: bool = True, pretrain_heads: Ite
         depths: ``{"lang": l_layers, "visn": r_layers, "cross": x_layers}``.
         head: Include the VQA head (``answer_head.logit_fc.*``).
         pretrain_heads: Include these pretraining heads (``mlm | mor | match | qa``) under
-            HuggingFace ``LxmertForPreTraining``'s names.
+            HuggingFace ``LxmertForPreTraining``'s names; ``contrastive`` (no LXMERT counterpart)
+            under ``contrastive_head.*``, keys no LXMERT checkpoint has: it loads as fresh.
     """
     m: dict[str, list[str]] = {}
     e, v = "lxmert.embeddings", "lxmert.visual_embeddings"
@@ -238,8 +241,13 @@ def hf_key_map(depths: Mapping[str, int], head: bool = True, pretrain_heads: Ite
         if "qa" in heads:
             for ours, idx in (("fc1", 0), ("norm", 2), ("fc2", 3)):
                 m[f"heads.qa.{ours}.{w}"] = [f"answer_head.logit_fc.{idx}.{w}"]
+        if "contrastive" in heads:  # not LXMERT's: no checkpoint has these keys, so they are fresh
+            for name in ("text", "image"):
+                m[f"heads.contrastive.{name}.{w}"] = [f"contrastive_head.{name}.{w}"]
     if "mlm" in set(pretrain_heads):
         m["heads.mlm.bias"] = ["cls.predictions.bias"]
+    if "contrastive" in set(pretrain_heads):
+        m["heads.contrastive.log_scale"] = ["contrastive_head.log_scale"]
     return m
 
 
@@ -293,15 +301,40 @@ def _component_sort_key(comp: str) -> tuple:
 
 
 def _read_file(path: Path) -> dict[str, Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file  # a dependency of transformers; only needed here
+    """A weights file's tensors; anything unreadable raises a :class:`CheckpointError` naming it.
 
-        return load_file(str(path))
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    ``.pth`` / ``.bin`` files are unpickled with ``weights_only=True``: a file that would build
+    anything but tensors and plain containers (i.e. run code) is refused, not loaded.
+    """
+    size = path.stat().st_size
+    kind = "safetensors" if path.suffix == ".safetensors" else "torch"
+
+    def refused(why: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint {path} ({size} bytes) is not a readable {kind} weights file: {why}",
+                               LoadReport(source=str(path)))
+
+    if size == 0:
+        raise refused("it is empty")
+    try:
+        if kind == "safetensors":
+            from safetensors.torch import load_file  # a dependency of transformers; only needed here
+
+            obj = load_file(str(path))
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated, text, another format, or pickled objects: all name the file
+        text = str(err)
+        if "Weights only load failed" in text:
+            text = "it holds objects other than tensors (loading it could run code): " + \
+                text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()[0]
+        raise refused(f"{type(err).__name__}: {text[:400]}") from None
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
-        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict", LoadReport(source=str(path)))
+        raise refused(f"it holds a {type(obj).__name__}, not a state dict")
+    bad = [str(k) for k, v in obj.items() if not isinstance(v, Tensor)][:5]
+    if bad:
+        raise refused(f"entries {bad} are not tensors (a training checkpoint, not weights?)")
     return dict(obj)
 
 
@@ -315,7 +348,13 @@ def read_checkpoint(source: str | Path | Mapping[str, Tensor]) -> tuple[dict[str
         return dict(source), None, "state dict"
     path = Path(source)
     if path.is_dir():
-        config = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else None
+        config = None
+        if (path / "config.json").exists():
+            try:
+                config = json.loads((path / "config.json").read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise CheckpointError(f"{path / 'config.json'} is not valid JSON: {err}",
+                                      LoadReport(source=str(path))) from None
         for name in ("model.safetensors", "pytorch_model.bin"):
             if (path / name).exists():
                 return _read_file(path / name), config, str(path / name)
@@ -595,6 +634,8 @@ def to_hf_state_dict(model: nn.Module, *, task_model: bool = False) -> dict[str,
     head_prefixes = ("answer_head.", *_PRETRAIN_HEADS)
     for name, keys in mapping.items():
         if keys[0].startswith(head_prefixes) and not task_model:
+            continue
+        if keys[0].startswith(_OURS_ONLY):  # heads HuggingFace's LXMERT does not have
             continue
         value = params[name]
         parts = value.chunk(len(keys), 0) if len(keys) > 1 else (value,)

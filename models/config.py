@@ -23,12 +23,21 @@ from typing import Any
 STACKS: tuple[str, ...] = ("lang", "visn", "cross")
 #: The attention modules of a cross-modality layer, as ``<stack>/<attention>`` names.
 CROSS_ATTENTIONS: tuple[str, ...] = ("cross/cross", "cross/lang_self", "cross/visn_self")
+#: The attention streams of a fusion layer built from a flow (``models.flow``; not single_stream,
+#: whose one attention serves both modalities): the language queries' or the vision queries'.
+FLOW_ATTENTIONS: tuple[str, ...] = ("cross/lang", "cross/visn")
 #: Everything ``attention.stacks`` accepts: a whole stack, or one attention kind of the x-layers.
-ATTENTION_SITES: tuple[str, ...] = STACKS + CROSS_ATTENTIONS
+ATTENTION_SITES: tuple[str, ...] = STACKS + CROSS_ATTENTIONS + FLOW_ATTENTIONS
 
 LAYERDROP_MODES: tuple[str, ...] = ("none", "prob", "fixed")
 LAYERDROP_EVAL: tuple[str, ...] = ("all", "every_other")
 ALPHA_MODES: tuple[str, ...] = ("learned", "entmax15", "sparsemax")
+
+FINETUNE_EVAL_MODES: tuple[str, ...] = ("argmax", "sample", "global")
+TEMPERATURE_SCHEDULES: tuple[str, ...] = ("fixed", "exp", "linear")
+TEMPERATURE_UNITS: tuple[str, ...] = ("epoch", "step")
+POLICY_OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw")
+POLICY_INITS: tuple[str, ...] = ("copy", "random")
 
 
 class ConfigError(ValueError):
@@ -51,7 +60,9 @@ class AttentionConfig:
             ``lang`` / ``visn``: self-attention of the language / vision ("r") layers; ``cross``: all
             three attentions of the cross-modality layers; ``cross/cross``, ``cross/lang_self``,
             ``cross/visn_self``: only that attention of the cross-modality layers (e.g. span only in
-            the cross-attention: ``stacks=cross/cross``).
+            the cross-attention: ``stacks=cross/cross``); ``cross/lang``, ``cross/visn``: the
+            language or vision queries' attention of a fusion layer built from a flow (``merged``,
+            ``co_attention``, ``asymmetric_*``; ``single_stream`` has one attention: ``cross``).
         span_max_lang: S_max (tokens) of span heads whose keys are text tokens.
         span_max_visn: S_max of span heads whose keys are regions.
         span_max_cross: S_max of the shared cross-attention (text queries vs region keys and back).
@@ -178,6 +189,137 @@ class LayerDropConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """How the encoder is fine-tuned: which parts train, and for SpotTune the policy that picks them.
+
+    Strategies (:data:`models.finetune.FINETUNE_REGISTRY`; see ``docs/finetuning.md``): ``standard``
+    (everything trains), ``frozen`` (the encoder layers are frozen), ``last_k`` (the top ``k`` layers
+    of each stack train), and SpotTune (Guo et al. 2019, https://arxiv.org/abs/1811.08737) with one
+    decision per layer (``spottune_block``), per component (``spottune``: each attention head, each
+    attention output, each feed-forward part) or per residual segment (``spottune_res``): a policy
+    network picks, per sample and unit, the fine-tuned or the frozen pretrained copy.
+
+    Attributes:
+        name: Registry key of the strategy.
+        k: Top layers per stack that train under ``last_k`` (every stack must have at least ``k``).
+        train_embeddings: Whether the text and region embeddings train under ``frozen``, ``last_k``
+            and SpotTune (the reference code trains them; the pooler always trains, ``standard``
+            trains everything).
+        policy_l_layers: Language layers of the policy network (a small LXMERT).
+        policy_x_layers: Cross-modality layers of the policy network.
+        policy_r_layers: Vision layers of the policy network.
+        policy_hidden: Width of the policy network (0: the encoder's ``hidden_size``).
+        policy_heads: Attention heads of the policy network (0: the encoder's ``num_heads``).
+        policy_init: ``copy``: the policy starts from the pretrained encoder's embeddings, first
+            layers and pooler (needs ``policy_hidden`` equal to the encoder's); ``random``: BERT init.
+        temperature: Gumbel-Softmax temperature at the start (5 in the reference code).
+        temperature_schedule: ``fixed``; ``exp``: ``max(temperature_min, temperature * decay ** t)``;
+            ``linear``: ``max(temperature_min, temperature - decay * t)``, with ``t`` counted in
+            ``temperature_unit``.
+        temperature_min: Floor of the annealed temperature.
+        temperature_decay: Factor (``exp``) or decrement (``linear``) per unit of ``t``.
+        temperature_unit: ``epoch`` or ``step``: what ``t`` counts.
+        eval_mode: Decisions outside training: ``argmax`` (deterministic), ``sample`` (Gumbel noise),
+            ``global`` (one fixed policy: the units that more than half of the current epoch's
+            training samples used).
+        policy_optimizer: ``sgd | adam | adamw``: the policy's own optimiser.
+        policy_lr: Its learning rate (1e-4 with SGD in the reference code).
+        policy_momentum: SGD momentum of the policy (0 in the reference code).
+        constrain_k: Target K of the constrain-k loss ``scale * (sum over units of usage - K) ** 2``,
+            usage being a unit's batch mean of fine-tuned decisions.
+        constrain_scale: Its scale (0: off).
+        entropy_weight: Weight of the mean binary entropy of the units' usage (0: off; > 0 pushes
+            each unit towards always or never fine-tuned, i.e. towards a global policy).
+    """
+
+    name: str = "standard"
+    k: int = 1
+    train_embeddings: bool = True
+    policy_l_layers: int = 2
+    policy_x_layers: int = 1
+    policy_r_layers: int = 1
+    policy_hidden: int = 0
+    policy_heads: int = 0
+    policy_init: str = "copy"
+    temperature: float = 5.0
+    temperature_schedule: str = "fixed"
+    temperature_min: float = 0.5
+    temperature_decay: float = 1.0
+    temperature_unit: str = "epoch"
+    eval_mode: str = "argmax"
+    policy_optimizer: str = "sgd"
+    policy_lr: float = 1e-4
+    policy_momentum: float = 0.0
+    constrain_k: float = 0.0
+    constrain_scale: float = 0.0
+    entropy_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first invalid field."""
+        from models.finetune.registry import FINETUNE_REGISTRY  # late: the strategies import configs
+
+        if self.name not in FINETUNE_REGISTRY:
+            raise ConfigError(
+                f"finetune.name={self.name!r} is not a registered fine-tuning strategy; "
+                f"valid: {sorted(FINETUNE_REGISTRY)}"
+            )
+        if self.k < 1:
+            raise ConfigError(f"finetune.k={self.k} must be >= 1 (k=0 is finetune.name=frozen)")
+        for key in ("policy_l_layers", "policy_x_layers", "policy_r_layers", "policy_hidden", "policy_heads"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"finetune.{key}={getattr(self, key)} must be >= 0")
+        if self.policy_l_layers + self.policy_x_layers == 0:
+            raise ConfigError(
+                "finetune.policy_l_layers and finetune.policy_x_layers are both 0: the policy's [CLS] would "
+                "never see the question (and with policy_x_layers=0 never the regions)"
+            )
+        if self.policy_hidden and self.policy_heads and self.policy_hidden % self.policy_heads:
+            raise ConfigError(
+                f"finetune.policy_hidden={self.policy_hidden} is not divisible by "
+                f"finetune.policy_heads={self.policy_heads}"
+            )
+        choices = (("policy_init", POLICY_INITS), ("temperature_schedule", TEMPERATURE_SCHEDULES),
+                   ("temperature_unit", TEMPERATURE_UNITS), ("eval_mode", FINETUNE_EVAL_MODES),
+                   ("policy_optimizer", POLICY_OPTIMIZERS))  # fmt: skip
+        for key, valid in choices:
+            if getattr(self, key) not in valid:
+                raise ConfigError(f"finetune.{key}={getattr(self, key)!r}; valid: {list(valid)}")
+        if not self.temperature > 0:
+            raise ConfigError(f"finetune.temperature={self.temperature} must be > 0")
+        if not 0 < self.temperature_min <= self.temperature:
+            raise ConfigError(
+                f"finetune.temperature_min={self.temperature_min} must lie in (0, temperature={self.temperature}]"
+            )
+        if self.temperature_schedule == "exp" and not 0 < self.temperature_decay <= 1:
+            raise ConfigError(
+                f"finetune.temperature_decay={self.temperature_decay} must lie in (0, 1] for the exp schedule"
+            )
+        if self.temperature_schedule == "linear" and self.temperature_decay < 0:
+            raise ConfigError(
+                f"finetune.temperature_decay={self.temperature_decay} must be >= 0 for the linear schedule"
+            )
+        if not self.policy_lr > 0:
+            raise ConfigError(f"finetune.policy_lr={self.policy_lr} must be > 0")
+        if not 0 <= self.policy_momentum < 1:
+            raise ConfigError(f"finetune.policy_momentum={self.policy_momentum} must lie in [0, 1)")
+        for key in ("constrain_k", "constrain_scale", "entropy_weight"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"finetune.{key}={getattr(self, key)} must be >= 0")
+
+    def temperature_at(self, epoch: int, step: int) -> float:
+        """The Gumbel-Softmax temperature at ``epoch`` (0-based) and global ``step`` (0-based)."""
+        t = epoch if self.temperature_unit == "epoch" else step
+        if self.temperature_schedule == "exp":
+            return max(self.temperature_min, self.temperature * self.temperature_decay**t)
+        if self.temperature_schedule == "linear":
+            return max(self.temperature_min, self.temperature - self.temperature_decay * t)
+        return self.temperature
+
+
+@dataclass
 class ModelConfig:
     """An LXMERT-style encoder with a VQA head (Tan & Bansal 2019, https://arxiv.org/abs/1908.07490).
 
@@ -203,6 +345,12 @@ class ModelConfig:
         initializer_range: Std of the normal initialisation of linear and embedding weights.
         attention: Attention normaliser per site.
         layerdrop: LayerDrop semantics.
+        finetune: Fine-tuning strategy (``standard``: every parameter trains).
+        flow: What the ``x_layers`` fusion layers are (:mod:`models.flow`): ``modality_specific``
+            (LXMERT's cross layers), ``merged``, ``single_stream``, ``co_attention``,
+            ``asymmetric_lang``, ``asymmetric_visn`` or ``mixed``.
+        flow_merged_from: With ``flow=mixed``: the first ``flow_merged_from`` fusion layers are
+            LXMERT cross layers, the rest merged (0 <= it <= x_layers); 0 for every other flow.
     """
 
     vocab_size: int = 30522
@@ -223,6 +371,9 @@ class ModelConfig:
     initializer_range: float = 0.02
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     layerdrop: LayerDropConfig = field(default_factory=LayerDropConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    flow: str = "modality_specific"
+    flow_merged_from: int = 0
 
     def __post_init__(self) -> None:
         # Accept plain dicts for the nested configs (e.g. from YAML or a flat-dict round trip).
@@ -230,6 +381,8 @@ class ModelConfig:
             self.attention = AttentionConfig(**self.attention)
         if isinstance(self.layerdrop, dict):
             self.layerdrop = LayerDropConfig(**self.layerdrop)
+        if isinstance(self.finetune, dict):
+            self.finetune = FinetuneConfig(**self.finetune)
         self.validate()
 
     @property
@@ -258,6 +411,7 @@ class ModelConfig:
                 raise ConfigError(f"{key}={getattr(self, key)} must lie in [0, 1)")
         self.attention.validate()
         self.layerdrop.validate()
+        self._validate_flow()
         if self.layerdrop.mode == "fixed":
             for stack in self.layerdrop.stack_list():
                 depth = self.depths[stack]
@@ -267,6 +421,73 @@ class ModelConfig:
                         f"layers in stack {stack!r} ({depth}); drop fewer layers or remove {stack!r} "
                         "from layerdrop.stacks"
                     )
+        self._validate_finetune()
+
+    def _validate_finetune(self) -> None:
+        """The checks of ``finetune`` that need the encoder's shape."""
+        ft = self.finetune
+        ft.validate()
+        if ft.name == "last_k":
+            for stack, depth in self.depths.items():
+                if ft.k > depth:
+                    raise ConfigError(
+                        f"finetune.k={ft.k} exceeds the {depth} layer(s) of stack {stack!r}: last_k trains the top "
+                        "k layers of every stack"
+                    )
+        if not ft.name.startswith("spottune"):
+            return
+        hidden = ft.policy_hidden or self.hidden_size
+        heads = ft.policy_heads or self.num_heads
+        if hidden % heads:
+            raise ConfigError(
+                f"the policy network's width {hidden} (finetune.policy_hidden) is not divisible by its "
+                f"{heads} heads (finetune.policy_heads)"
+            )
+        if ft.policy_init == "copy":
+            if hidden != self.hidden_size or heads != self.num_heads:
+                raise ConfigError(
+                    f"finetune.policy_init=copy needs the policy as wide as the encoder (hidden_size={self.hidden_size}, "
+                    f"num_heads={self.num_heads}); got policy_hidden={hidden}, policy_heads={heads}: "
+                    "set finetune.policy_init=random"
+                )
+            for key, stack in (("policy_l_layers", "lang"), ("policy_r_layers", "visn"), ("policy_x_layers", "cross")):
+                if getattr(ft, key) > self.depths[stack]:
+                    raise ConfigError(
+                        f"finetune.{key}={getattr(ft, key)} exceeds the encoder's {self.depths[stack]} {stack} layer(s) "
+                        "that finetune.policy_init=copy copies from; set finetune.policy_init=random"
+                    )
+
+    def _validate_flow(self) -> None:
+        from models.flow import CROSS, FLOW_LAYERS, FLOWS, layer_kinds  # late: models.flow imports attention
+
+        if self.flow not in FLOWS:
+            raise ConfigError(f"flow={self.flow!r} is not a registered attention flow; valid: {list(FLOWS)}")
+        if self.flow == "mixed":
+            if not 0 <= self.flow_merged_from <= self.x_layers:
+                raise ConfigError(
+                    f"flow_merged_from={self.flow_merged_from} must lie in [0, x_layers={self.x_layers}] "
+                    "(the index of the first merged fusion layer)"
+                )
+        elif self.flow_merged_from != 0:
+            raise ConfigError(f"flow_merged_from={self.flow_merged_from} applies to flow=mixed only (flow={self.flow!r})")
+        if not self.x_layers:
+            return
+        kinds = set(layer_kinds(self.flow, self.x_layers, self.flow_merged_from))
+        sites = split_list(self.attention.stacks)
+        if CROSS not in kinds:
+            bad = [s for s in sites if s in CROSS_ATTENTIONS]
+            if bad:
+                raise ConfigError(
+                    f"attention.stacks names {bad}, attentions of LXMERT's cross layers, but flow={self.flow!r} "
+                    f"has none; use cross (all fusion-layer attentions) or {list(FLOW_ATTENTIONS)}"
+                )
+        if not any(k in FLOW_LAYERS and not FLOW_LAYERS[k].shared for k in kinds):
+            bad = [s for s in sites if s in FLOW_ATTENTIONS]
+            if bad:
+                raise ConfigError(
+                    f"attention.stacks names {bad}, per-modality attentions of a flow layer, but flow={self.flow!r} "
+                    "has none; use cross" + (f" or {list(CROSS_ATTENTIONS)}" if CROSS in kinds else "")
+                )
 
 
 # --------------------------------------------------------------------------------------------------

@@ -126,12 +126,16 @@ def prune(model: nn.Module, keep: dict[str, list[int]] | None = None) -> nn.Modu
             raise ValueError(f"prune: keep[{stack!r}]={idx} is not a list of distinct layer indices < {len(layers)}")
         setattr(enc, attr, nn.ModuleList([layers[i] for i in sorted(idx)]))
     cfg = pruned.config
+    # With flow=mixed, the first flow_merged_from fusion layers are LXMERT cross layers: count the kept ones.
+    kept_cross = sorted(keep.get("cross", range(len(encoder.cross_layers))))
+    merged_from = sum(i < cfg.flow_merged_from for i in kept_cross) if cfg.flow == "mixed" else cfg.flow_merged_from
     cfg = dataclasses.replace(
         cfg,
         l_layers=len(enc.lang_layers),
         r_layers=len(enc.visn_layers),
         x_layers=len(enc.cross_layers),
         layerdrop=LayerDropConfig(),
+        flow_merged_from=merged_from,
     )
     pruned.config = cfg
     enc.config = cfg

@@ -14,8 +14,9 @@ https://arxiv.org/abs/1908.07490. Read top to bottom:
 8. :class:`LxmertModel`      embeddings + encoder + pooler ([CLS] -> Linear -> tanh).
 9. :class:`LxmertForVQA`     the model + the VQA answer head (:mod:`models.heads`).
 10. :class:`LxmertForPretraining` the same model + LXMERT's pretraining heads (masked LM, masked
-                             objects, matching, image QA); its ``lxmert.*`` weights are exactly
-                             those of :class:`LxmertForVQA`, so the encoder transfers by state dict.
+                             objects, matching, image QA) and an image-text contrastive head; its
+                             ``lxmert.*`` weights are exactly those of :class:`LxmertForVQA`, so the
+                             encoder transfers by state dict.
 
 The numerics follow HuggingFace's ``LxmertModel`` exactly (tested to 1e-5); the parameter names are
 ours, mapped to HuggingFace's and the original code's in :mod:`models.checkpoint`. Modules are built
@@ -37,8 +38,10 @@ from models.dropout import Dropout
 from models.heads import VQAHead
 from models.layerdrop import LayerDrop
 
-#: The pretraining heads :class:`LxmertForPretraining` can carry, in LXMERT's order.
-PRETRAIN_HEADS: tuple[str, ...] = ("mlm", "mor", "match", "qa")
+#: LXMERT's pretraining heads, in its order (what :func:`models.lxmert_pretraining` builds by default).
+LXMERT_PRETRAIN_HEADS: tuple[str, ...] = ("mlm", "mor", "match", "qa")
+#: Every head :class:`LxmertForPretraining` can carry: LXMERT's and the image-text contrastive head.
+PRETRAIN_HEADS: tuple[str, ...] = (*LXMERT_PRETRAIN_HEADS, "contrastive")
 
 
 class TextEmbeddings(nn.Module):
@@ -182,6 +185,14 @@ class CrossLayer(nn.Module):
         return self.lang_ffn(lang), self.visn_ffn(visn), probs
 
 
+class Tap(nn.Module):
+    """An identity with a name: a place in the forward whose values forward hooks can read
+    (``register_forward_hook``), e.g. the single-modality states the fusion stack starts from."""
+
+    def forward(self, *values: Tensor) -> tuple[Tensor, ...]:
+        return values
+
+
 class LxmertEncoder(nn.Module):
     """Language layers, then vision layers, then cross-modality layers.
 
@@ -194,6 +205,8 @@ class LxmertEncoder(nn.Module):
 
     Attributes:
         layers_ran: ``{"lang": [...], "visn": [...], "cross": [...]}`` indices run by the last forward.
+        unimodal: A :class:`Tap` that sees ``(lang, visn)`` after the single-modality stacks, before
+            the cross-modality layers (what the contrastive head reads).
     """
 
     def __init__(
@@ -210,6 +223,7 @@ class LxmertEncoder(nn.Module):
         self.visn_layers = nn.ModuleList(visn_layers)
         self.cross_layers = nn.ModuleList(cross_layers)
         self.layerdrop = layerdrop
+        self.unimodal = Tap()
 
     @property
     def layers_ran(self) -> dict[str, list[int]]:
@@ -243,6 +257,7 @@ class LxmertEncoder(nn.Module):
         for i in plan["visn"]:
             visn, p = self.visn_layers[i](visn, visn_mask, need_probs)
             probs.update({f"visn/{i}/{k}": v for k, v in p.items()})
+        lang, visn = self.unimodal(lang, visn)
         for i in plan["cross"]:
             lang, visn, p = self.cross_layers[i](lang, lang_mask, visn, visn_mask, need_probs)
             probs.update({f"cross/{i}/{k}": v for k, v in p.items()})
@@ -335,6 +350,45 @@ class LxmertModel(nn.Module):
             lang=lang, visn=visn, pooled=self.pooler(lang), attentions=probs if output_attentions else None
         )
 
+    def encode_unimodal(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        visual_feats: Tensor | None = None,
+        visual_pos: Tensor | None = None,
+        visual_attention_mask: Tensor | None = None,
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """Texts and / or images through their own stack only (no cross-modality layers).
+
+        The states the encoder's :attr:`LxmertEncoder.unimodal` tap sees, for one modality without
+        the other: N texts and M images cost N + M encodings, where a pair score costs N x M (the
+        embedding-similarity scoring of zero-shot retrieval). Runs the layers LayerDrop runs at
+        evaluation.
+
+        Args:
+            input_ids, attention_mask, token_type_ids: As :meth:`forward` (None: no texts).
+            visual_feats, visual_pos, visual_attention_mask: As :meth:`forward` (None: no images).
+
+        Returns:
+            (lang (B, T, H) or None, visn (B, R, H) or None).
+        """
+        plan = self.encoder.layerdrop.eval_plan()
+        lang = visn = None
+        if input_ids is not None:
+            lang = self.embeddings(input_ids, token_type_ids)
+            mask = additive_mask(attention_mask, lang.dtype)
+            for i in plan["lang"]:
+                lang, _ = self.encoder.lang_layers[i](lang, mask)
+        if visual_feats is not None:
+            if visual_pos is None:
+                raise ValueError("visual_pos is required with visual_feats")
+            visn = self.visual_embeddings(visual_feats, visual_pos)
+            mask = additive_mask(visual_attention_mask, visn.dtype)
+            for i in plan["visn"]:
+                visn, _ = self.encoder.visn_layers[i](visn, mask)
+        return lang, visn
+
 
 class LxmertForVQA(nn.Module):
     """LXMERT with the VQA answer head: pooled [CLS] -> 2H -> GeLU -> LayerNorm -> answers.
@@ -386,12 +440,16 @@ class PretrainOutput(LxmertOutput):
             ``region_mask`` (all ``B * R``, flattened, without one).
         match: (B, 2) image-sentence matching logits (class 1 = matched).
         qa: (B, A) image-QA answer logits.
+        contrastive: ``{"text": (B, D), "image": (B, D), "scale": ()}``: unit embeddings of each
+            row's text and image from the single-modality states (the :attr:`LxmertEncoder.unimodal`
+            tap, mean-pooled over real tokens / regions) and the similarity scale.
     """
 
     mlm: Tensor | None = None
     mor: dict[str, Tensor] | None = None
     match: Tensor | None = None
     qa: Tensor | None = None
+    contrastive: dict[str, Tensor] | None = None
 
 
 class LxmertForPretraining(nn.Module):
@@ -445,10 +503,20 @@ class LxmertForPretraining(nn.Module):
         missing = [h for h in names if h not in self.heads]
         if missing:
             raise ValueError(f"this model has no pretraining head(s) {missing}; it has {list(self.heads)}")
-        base = self.lxmert(
-            input_ids, attention_mask, token_type_ids, visual_feats, visual_pos, visual_attention_mask,
-            output_attentions,
-        )  # fmt: skip
+        unimodal: list[tuple[Tensor, ...]] = []
+        # The contrastive head compares single-modality states: with cross-modal attention the final
+        # states of a pair have seen each other, and in-batch negatives would compare images through
+        # the texts they were paired with. The tap hands them over from this same forward.
+        tap = (self.lxmert.encoder.unimodal.register_forward_hook(lambda _m, _i, values: unimodal.append(values))
+               if "contrastive" in names else None)  # fmt: skip
+        try:
+            base = self.lxmert(
+                input_ids, attention_mask, token_type_ids, visual_feats, visual_pos, visual_attention_mask,
+                output_attentions,
+            )  # fmt: skip
+        finally:
+            if tap is not None:
+                tap.remove()
         out = PretrainOutput(lang=base.lang, visn=base.visn, pooled=base.pooled, attentions=base.attentions)
         if "mlm" in names:
             lang = base.lang[mlm_mask] if mlm_mask is not None else base.lang.reshape(-1, base.lang.shape[-1])
@@ -460,6 +528,9 @@ class LxmertForPretraining(nn.Module):
             out.match = self.heads["match"](base.pooled)
         if "qa" in names:
             out.qa = self.heads["qa"](base.pooled)
+        if "contrastive" in names:
+            lang, visn = unimodal[-1]
+            out.contrastive = self.heads["contrastive"](lang, attention_mask, visn, visual_attention_mask)
         return out
 
     @property

@@ -92,31 +92,53 @@ def duration(s: dict[str, Any]) -> str:
     return f"{x / 3600:.2f} h"
 
 
-def p_text(p: float) -> str:
+def p_text(p: float | None) -> str:
     """``p=0.43`` / ``p<0.001``."""
+    if p is None:
+        return DASH
     return "p<0.001" if p < 0.001 else f"p={p:.3f}"
 
 
 def verdict(comp: dict[str, Any] | None, ref_label: str) -> str:
-    """Plain words for a comparison: "no significant difference" when the interval covers 0."""
+    """The seed-level verdict in plain words, with its Holm-adjusted p and any caveat."""
     if comp is None:
         return DASH
-    b = comp["bootstrap"]
-    if b is None:
-        return f"not tested: {comp['reason']}"
-    if not b["significant"]:
-        return f"no significant difference ({p_text(b['p_value'])})"
-    side = "better" if b["mean"] > 0 else "worse"
-    return f"{side} than {ref_label} ({p_text(b['p_value'])})"
+    t = comp["seed_test"]
+    if t["p_value"] is None:
+        return f"not tested: {t['reason']}"
+    p = t["p_holm"] if t["p_holm"] is not None else t["p_value"]
+    word = t["verdict"]
+    text = f"{word} than {ref_label}" if word in ("better", "worse") else word
+    text += f" (Holm {p_text(p)})"
+    if comp.get("caveats"):
+        text += "; caution: " + "; ".join(comp["caveats"])
+    return text
 
 
 def delta(comp: dict[str, Any] | None) -> str:
-    """``-0.81 [-1.20, -0.40]`` in percentage points."""
-    if comp is None or comp["bootstrap"] is None:
+    """The seed-level effect, ``-0.81 [-1.20, -0.40]`` in percentage points."""
+    if comp is None or comp["seed_test"]["effect"] is None:
         return DASH
+    t = comp["seed_test"]
+    if t["ci_low"] is None:
+        return f"{100 * t['effect']:+.2f} [n/a]"
+    return f"{100 * t['effect']:+.2f} [{100 * t['ci_low']:+.2f}, {100 * t['ci_high']:+.2f}]"
+
+
+def bootstrap_delta(comp: dict[str, Any] | None) -> str:
+    """The question bootstrap's effect and interval (secondary), ``+1.80 [+1.23, +2.37] p=0.001``."""
+    if comp is None or comp.get("bootstrap") is None:
+        return DASH if comp is None else f"n/a ({comp.get('reason') or 'no predictions'})"
     b = comp["bootstrap"]
     lo, hi = b["ci95"]
-    return f"{100 * b['mean']:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]"
+    return f"{100 * b['mean']:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}] {p_text(b['p_value'])}"
+
+
+def pp(x: float | None, signed: bool = False) -> str:
+    """A fraction as percentage points."""
+    if x is None:
+        return DASH
+    return f"{100 * x:+.2f}" if signed else f"{100 * x:.2f}"
 
 
 def seeds_cell(row: dict[str, Any]) -> str:
@@ -156,6 +178,15 @@ def _label(tables: dict[str, Any], cell: str | None) -> str:
     return row["label"] if row else cell
 
 
+def metric_label(tables: dict[str, Any]) -> tuple[str, str, str]:
+    """(column label, per-type column suffix, phrase for titles) of what the accuracy columns
+    measure (``tables["metric"]``; reports built before it existed: LXMERT's soft score)."""
+    return {
+        "vqa_official": ("VQA acc.", "acc.", "VQA accuracy"),
+        "mixed": ("VQA acc. or soft score (mixed)", "acc. or soft score", "VQA accuracy or soft score (mixed metrics)"),
+    }.get(tables.get("metric", "soft_score"), ("Soft score", "soft score", "soft score"))
+
+
 def _common_columns(row: dict[str, Any]) -> list[str]:
     return [
         paper_cell(row),
@@ -176,10 +207,11 @@ def table1(tables: dict[str, Any]) -> Table:
     cells = [tables["cells"][c] for c in tables["tables"]["table1"]]
     types = tables["answer_types"]
     show_last = any(r["last_differs"] for r in cells)
-    header = ["Variant", "Seeds", "Acc. (best epoch) mean ± std", "95% CI over seeds"]
-    header += [f"{TYPE_LABELS.get(t, t.replace('_', ' '))} acc." for t in types]
+    acc, per_type, what = metric_label(tables)
+    header = ["Variant", "Seeds", f"{acc} (best epoch) mean ± std", "95% CI over seeds"]
+    header += [f"{TYPE_LABELS.get(t, t.replace('_', ' '))} {per_type}" for t in types]
     if show_last:
-        header.append("Acc. (last epoch)")
+        header.append(f"{acc} (last epoch)")
     header += _COMMON_HEADER
     rows = []
     for r in cells:
@@ -191,7 +223,7 @@ def table1(tables: dict[str, Any]) -> Table:
     notes = _table_notes(cells)
     if not show_last and cells:
         notes.append("Last-epoch accuracy equals best-epoch accuracy for every trial (the best epoch was the last).")
-    return Table("table1", "Table 1: VQA accuracy on the evaluation split (percent)", header, rows,
+    return Table("table1", f"Table 1: {what} on the evaluation split (percent)", header, rows,
                  ["l", "r"] + ["r"] * (len(header) - 2), notes)
 
 
@@ -200,10 +232,11 @@ def table2(tables: dict[str, Any], key: str = "table2", title: str | None = None
     cells = [tables["cells"][c] for c in tables["tables"][key]]
     ref_label = _label(tables, tables["reference"])
     show_last = any(r["last_differs"] for r in cells)
-    header = ["Variant", "Seeds", "Acc. (best epoch) mean ± std", "95% CI over seeds"]
+    acc, _, _ = metric_label(tables)
+    header = ["Variant", "Seeds", f"{acc} (best epoch) mean ± std", "95% CI over seeds"]
     if show_last:
-        header.append("Acc. (last epoch)")
-    header += [f"Δ vs {ref_label} (pp) [95% CI]", "Paired bootstrap"] + _COMMON_HEADER
+        header.append(f"{acc} (last epoch)")
+    header += [f"Δ vs {ref_label} over seeds (pp) [95% CI]", "Verdict (seeds as the unit)"] + _COMMON_HEADER
     rows = []
     for r in cells:
         line = [r["label"], seeds_cell(r), mean_std(r["acc"]), interval(r["acc"])]
@@ -232,8 +265,9 @@ def table3(tables: dict[str, Any]) -> Table:
     ref = tables.get("reference_table3")
     ref_label = _label(tables, ref) if ref else "equal weights"
     tasks = _pretrain_tasks(cells)
-    header = ["Variant", "Seeds", "Pretraining", "VQA acc. (best epoch) mean ± std", "95% CI over seeds",
-              f"Δ vs {ref_label} (pp) [95% CI]", "Paired bootstrap"]  # fmt: skip
+    acc, _, what = metric_label(tables)
+    header = ["Variant", "Seeds", "Pretraining", f"{acc} (best epoch) mean ± std", "95% CI over seeds",
+              f"Δ vs {ref_label} over seeds (pp) [95% CI]", "Verdict (seeds as the unit)"]  # fmt: skip
     header += [f"{PRETRAIN_TASK_LABELS.get(t, t)} loss (held-out)" for t in tasks]
     header += [f"{PRETRAIN_TASK_LABELS.get(t, t)} weight" for t in tasks]
     header += ["Pretraining time / trial", "Train + eval time / trial"]
@@ -265,7 +299,7 @@ def table3(tables: dict[str, Any]) -> Table:
         notes.append("Share of the last pretraining epoch spent computing task weights (`pretrain/weighting_frac`): "
                      + fracs + ".")
     notes += [n for n in _table_notes(cells)[1:]]  # partial / not-run notes; no paper numbers to mark
-    return Table("table3", "Table 3: pretraining task weighting, then VQA fine-tuning (accuracy in percent)",
+    return Table("table3", f"Table 3: pretraining task weighting, then VQA fine-tuning ({what} in percent)",
                  header, rows, ["l", "r", "l"] + ["r"] * (len(header) - 3), notes)
 
 
@@ -285,22 +319,48 @@ def _table_notes(cells: list[dict[str, Any]]) -> list[str]:
 
 
 def comparisons_table(tables: dict[str, Any]) -> Table:
-    """Every paired comparison (each cell vs the reference; LayerDrop vs its baseline)."""
-    header = ["Variant", "Compared with", "Seeds paired", "Questions", "Δ (pp) [95% CI]", "p", "Verdict"]
+    """Every comparison (each cell vs the reference; LayerDrop vs its baseline), seeds as the unit."""
+    header = ["Variant", "Compared with", "Seeds", "Δ over seeds (pp) [95% CI]", "p", "Holm p",
+              "P(improve)", "MDE (pp)", "Seeds for paper Δ", "Verdict",
+              "Same runs, question resampling only: Δ (pp) [95% CI] p"]
     rows = []
     for comp in tables["comparisons"]:
-        b = comp["bootstrap"]
+        t = comp["seed_test"]
         ref_label = _label(tables, comp["reference"])
+        seeds = ", ".join(str(s) for s in t["seeds"]) or DASH
+        if t["p_value"] is not None and not t["paired"]:
+            seeds += " (unpaired)"
+        need = DASH
+        if t["paper_effect"] is not None:
+            need = (f"{t['seeds_for_paper_effect']} for {100 * t['paper_effect']:+.2f}"
+                    if t["seeds_for_paper_effect"] else f"n/a for {100 * t['paper_effect']:+.2f}")
         rows.append([
-            _label(tables, comp["variant"]), ref_label,
-            ", ".join(str(s) for s in comp["seeds"]) or DASH,
-            str(b["n_questions"]) if b else DASH,
-            delta(comp),
-            p_text(b["p_value"]) if b else DASH,
-            verdict(comp, ref_label),
+            _label(tables, comp["variant"]), ref_label, seeds, delta(comp), p_text(t["p_value"]),
+            p_text(t["p_holm"]),
+            DASH if t["prob_improvement"] is None else f"{t['prob_improvement']:.2f}",
+            pp(t["mde"]), need, verdict(comp, ref_label), bootstrap_delta(comp),
         ])
-    return Table("comparisons", "Paired comparisons over questions", header, rows,
-                 ["l", "l", "r", "r", "r", "r", "l"])
+    notes = [DEFINITIONS["seed_test"], DEFINITIONS["bootstrap"]]
+    return Table("comparisons", "Comparisons, seeds as the unit of replication", header, rows,
+                 ["l", "l", "r", "r", "r", "r", "r", "r", "r", "l", "r"], notes)
+
+
+def flags_table(tables: dict[str, Any]) -> Table | None:
+    """Cells whose mechanism never engaged, and cells still learning at their last epoch."""
+    rows = []
+    for r in tables["cells"].values():
+        for d in r["degenerate"]:
+            rows.append([r["label"], str(d["seed"]), "mechanism never engaged", _one_line(d["evidence"], 400)])
+        if r["still_learning"]:
+            gain = r["last_gain"]
+            rows.append([r["label"], ", ".join(str(s) for s in r["still_learning"]), "still learning",
+                         f"accuracy rose by {100 * gain['mean']:.2f} pp (mean over seeds) in the last epoch"
+                         if gain and gain["n"] else ""])
+    if not rows:
+        return None
+    return Table("flags", "Cells whose numbers do not measure what their name says", ["Variant", "Seed(s)",
+                 "Flag", "Evidence"], rows, ["l", "r", "l", "l"],
+                 [DEFINITIONS["degenerate"], DEFINITIONS["learning"]])
 
 
 def attention_table(tables: dict[str, Any]) -> Table:
@@ -358,7 +418,8 @@ def document(tables: dict[str, Any], figures: dict[str, Any]) -> list[Block]:
     if inc["pending"]:
         blocks.append(("p", f"**Cells not run:** {len(inc['pending'])} cell(s) of the grid are declared but "
                             "not runnable yet. See 'Incomplete' below."))
-    blocks.append(("p", "**Accuracy.** " + DEFINITIONS["accuracy"] + " " + DEFINITIONS["answer_types"]))
+    definitions = tables.get("definitions", DEFINITIONS)  # the accuracy text names the sweep's metric
+    blocks.append(("p", "**Accuracy.** " + definitions["accuracy"] + " " + DEFINITIONS["answer_types"]))
     blocks.append(("p", "**Over seeds.** " + DEFINITIONS["over_seeds"]))
     if tables["tables"]["table1"]:
         blocks.append(("table", table1(tables)))
@@ -373,10 +434,12 @@ def document(tables: dict[str, Any], figures: dict[str, Any]) -> list[Block]:
     if tables["reference"] is None:
         blocks.append(("p", "No `softmax` cell in this sweep: no paired comparison was made."))
     elif tables["comparisons"]:
-        blocks.append(("p", "**Paired bootstrap.** " + DEFINITIONS["bootstrap"]))
         blocks.append(("table", comparisons_table(tables)))
     else:
         blocks.append(("p", "No other cell has finished trials to compare."))
+    flags = flags_table(tables)
+    if flags is not None:
+        blocks.append(("table", flags))
     if tables["attention"]:
         blocks.append(("table", attention_table(tables)))
     blocks.append(("h", 2, "Figures"))

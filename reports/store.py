@@ -24,6 +24,8 @@ DEFAULT_EXPERIMENT = "adaptive-ablation"
 #: Metric histories a report reads for every trial (prefix match); per-layer span / alpha come
 #: from the ``stats/attention_heads.csv`` artifact instead (one download instead of ~60 calls).
 HISTORY_PREFIXES = ("eval/", "train/samples_per_s", "train/loss", "best/", "epoch", "time/", "layers/")
+#: Tag a trial run carries when it failed for a cause the trial knew (docs/tracking.md).
+FAILURE_TAG = "failure.reason"
 HEADS_ARTIFACT = "stats/attention_heads.csv"
 PREDICTIONS_ARTIFACT = "eval/predictions.csv"
 EXAMPLES_ARTIFACT = "eval/examples_top5.json"
@@ -175,6 +177,20 @@ def connect(uri: str, timeout_s: float = 10.0):
     return client
 
 
+def quote(value: str) -> str:
+    """``value`` as a string literal of an MLflow search filter (which has no escapes: a value with
+    a single quote goes in double quotes and vice versa).
+
+    Raises:
+        ReportError: the value holds both kinds of quote (no sweep can be named so).
+    """
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise ReportError(f"no sweep can be named {value!r}: MLflow's search filters cannot hold both ' and \"")
+
+
 def _search_all(client, experiment_ids: list[str], filter_string: str, order_by: list[str] | None = None) -> list:
     """Every run matching ``filter_string`` (follows page tokens)."""
     runs: list = []
@@ -270,8 +286,9 @@ def load_sweep(client, uri: str, sweep: str, experiment: str = DEFAULT_EXPERIMEN
         ReportError: when the experiment or sweep does not exist (listing those that do).
     """
     exp_id = experiment_id(client, uri, experiment)
+    sweep_literal = quote(sweep)
     parents = _search_all(
-        client, [exp_id], f"tags.`sweep.id` = '{sweep}' and tags.`sweep.role` = 'parent'",
+        client, [exp_id], f"tags.`sweep.id` = {sweep_literal} and tags.`sweep.role` = 'parent'",
         order_by=["attributes.start_time DESC"],
     )
     if not parents:
@@ -301,7 +318,7 @@ def load_sweep(client, uri: str, sweep: str, experiment: str = DEFAULT_EXPERIMEN
 
     planned: list[str] = list(_json(ptags.get("sweep.trials"), []))
     failed: dict[str, str] = _json(ptags.get("sweep.failed"), {})
-    children = _search_all(client, [exp_id], f"tags.`sweep.id` = '{sweep}' and tags.`sweep.role` = 'trial'",
+    children = _search_all(client, [exp_id], f"tags.`sweep.id` = {sweep_literal} and tags.`sweep.role` = 'trial'",
                            order_by=["attributes.start_time DESC"])
     by_key: dict[str, list] = {}
     for run in children:
@@ -368,7 +385,8 @@ def _read_trial(client, run, key: str, cells: dict[str, Cell], failed: dict[str,
     if not planned:
         trial.reason = "not listed in the parent's sweep.trials (a run of another plan); not averaged"
     elif run.info.status != "FINISHED":
-        why = failed.get(key)
+        # The run's own cause (a divergence names its step, loss and last checkpoint) first.
+        why = tags.get(FAILURE_TAG) or failed.get(key)
         trial.reason = f"run status {run.info.status}" + (f": {why}" if why else "")
     elif "best/acc" not in trial.metrics:
         trial.reason = "run FINISHED but logged no best/acc"

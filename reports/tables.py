@@ -7,10 +7,17 @@ fractions in [0, 1], exactly as MLflow holds them; renderers show percent.
 Definitions (also stated in every report, see :data:`DEFINITIONS`):
 
 * a cell's accuracy over seeds is built from each usable trial's ``best/acc`` (evaluation accuracy
-  at the best epoch, ``best/epoch``); the last epoch's ``eval/acc`` is kept beside it;
+  at the best epoch, ``best/epoch``); the last epoch's ``eval/acc`` is kept beside it; whether
+  that is the official VQA accuracy or LXMERT's soft score comes from the trials' ``eval.metric``
+  tag (:func:`eval_metric`), and the report's labels follow it;
 * mean, sample standard deviation (ddof=1; none for one seed) and 95% t-interval over seeds;
-* difference from the reference cell (softmax): paired bootstrap over questions, see
-  :func:`compare`.
+* difference from the reference cell (softmax; equal task weights in Table 3): seeds are the
+  unit of replication (:mod:`reports.inference`: paired t-test over seeds, Holm's correction per
+  family, probability of improvement, minimum detectable effect); the question-level bootstrap of
+  :func:`question_bootstrap` is kept as a secondary column (same training runs, question
+  resampling only);
+* cells whose mechanism never engaged (trial tag ``mechanism.engaged=false``) and cells still
+  learning at their last epoch are flagged, and their comparisons say so.
 """
 
 from __future__ import annotations
@@ -19,11 +26,15 @@ from typing import Any
 
 import numpy as np
 
+from reports import inference
 from reports.stats import N_RESAMPLES, paired_bootstrap, rng_for, summarize
 from reports.store import Sweep, Trial
 
 #: The cell every other cell is compared with.
 REFERENCE_CELL = "softmax"
+#: A trial whose evaluation accuracy rose by more than this many percentage points over its last
+#: epoch is still learning (its cell is compared on the steep part of its learning curve).
+STILL_LEARNING_PP = 1.0
 #: Pretraining objectives in LXMERT's order (Table 3's columns; others follow alphabetically).
 PRETRAIN_TASKS = ("mlm", "mor", "match", "qa")
 PRETRAIN_TASK_LABELS = {"mlm": "MLM", "mor": "Masked obj.", "match": "Matching", "qa": "Image QA"}
@@ -31,10 +42,30 @@ PRETRAIN_TASK_LABELS = {"mlm": "MLM", "mor": "Masked obj.", "match": "Matching",
 TYPE_ORDER = ("yes_no", "number", "other")
 TYPE_LABELS = {"yes_no": "yes/no", "number": "number", "other": "other"}
 
+#: The child-run tag that says what a trial's `eval/acc` (and `best/acc`) measures. Runs that lack
+#: it were logged before it existed, when `eval/acc` was always LXMERT's soft score.
+METRIC_TAG = "eval.metric"
+OFFICIAL, SOFT, MIXED = "vqa_official", "soft_score", "mixed"
+#: What the accuracy columns are, by the sweep's metric (`eval_metric`).
+METRIC_DEFINITIONS = {
+    OFFICIAL: (
+        "VQA accuracy: the official VQA metric (the current rules of the VQA authors' evaluation "
+        "code) of the top answer against each question's human answers, averaged over questions."
+    ),
+    SOFT: (
+        "Soft score, not the official VQA accuracy: the evaluation questions had only LXMERT's soft "
+        "labels (no official annotation file), so each question scores the soft target of the top "
+        "answer (0, 0.3, 0.6, 0.9 or 1), averaged over questions."
+    ),
+    MIXED: (
+        "Mixed metrics: some trials report the official VQA accuracy and some LXMERT's soft score "
+        "(their `eval.metric` tags differ), so the numbers are not comparable across those trials."
+    ),
+}
+
 DEFINITIONS = {
     "accuracy": (
-        "VQA accuracy on the evaluation split (the soft score of the top answer, averaged over "
-        "questions) at each trial's best epoch: MLflow's `best/acc`, logged with `best/epoch`. The "
+        "Evaluation-split accuracy at each trial's best epoch: MLflow's `best/acc`, logged with `best/epoch`. The "
         "paper reports one end-of-training number; `best/acc` is the closest equivalent that does "
         "not depend on when training stopped. The last epoch's `eval/acc` is shown beside it where "
         "it differs."
@@ -45,14 +76,41 @@ DEFINITIONS = {
         "95% Student-t interval mean +- t(0.975, n-1) * std / sqrt(n). Only FINISHED trials listed in "
         "the sweep's plan are averaged; every other trial is listed under 'Incomplete'."
     ),
+    "seed_test": (
+        "Seeds are the unit of replication: data order, initialisation and dropout change with the seed, "
+        "and at small budgets their effect dwarfs most differences between variants. Δ is the mean over seeds "
+        "of (cell - reference) accuracy at each trial's best epoch; when both cells ran the same seeds they "
+        "are paired (the same seed means the same data order) and tested with a paired t-test over the "
+        "per-seed differences, its 95% t-interval given; otherwise Welch's t-test over the two sets of seeds. "
+        f"p-values are Holm-adjusted within each family of comparisons (all cells vs the same reference). "
+        f"Verdict: 'better' / 'worse' when the Holm-adjusted p is below {inference.ALPHA}, else 'no "
+        "detectable difference'. P(improve) is the probability that a seed of the cell beats a seed of the "
+        "reference (Mann-Whitney U / pairs; Agarwal et al. 2021). MDE is the smallest difference this many "
+        f"seeds detect with {inference.POWER:.0%} power at the observed seed-to-seed standard deviation of "
+        "the differences; 'seeds for paper Δ' is how many seeds per cell the paper's own claimed difference "
+        "would need at that standard deviation."
+    ),
     "bootstrap": (
-        f"Paired bootstrap over questions: for every seed run by both the variant and the reference, "
+        f"Same training runs, question resampling only (secondary): for every seed run by both the variant "
+        f"and the reference, "
         f"per-question score differences from `eval/predictions.csv` (best epoch) are averaged over "
         f"those seeds; the {N_RESAMPLES} resamples draw questions with replacement from a generator "
         f"seeded by the two cell names (deterministic). Reported: the observed mean difference, the "
         f"percentile 95% interval, and the two-sided p-value 2 * min(P(b <= 0), P(b >= 0)) "
-        f"(with +1 smoothing). The interval reflects question sampling only: seed-to-seed variance "
-        f"is shown separately by the 95% interval over seeds."
+        f"(with +1 smoothing). It ignores seed-to-seed variance, the larger source of variation in a "
+        f"training ablation, so it never decides a verdict."
+    ),
+    "degenerate": (
+        "A cell is flagged when its mechanism never engaged in a trial (MLflow tag `mechanism.engaged=false`, "
+        "with the measured evidence in `mechanism.evidence`): a span that never fell below the longest "
+        "distance it could mask computes softmax exactly; a learned alpha that never moved is fixed-alpha "
+        "entmax; LayerDrop that dropped no layer is the plain model. Its comparisons then compare a model "
+        "with (nearly) itself."
+    ),
+    "learning": (
+        "A trial is still learning when its evaluation accuracy rose by more than "
+        f"{STILL_LEARNING_PP:g} pp over its last epoch; comparisons of cells whose trials were still learning compare points "
+        "on the steep part of their learning curves, and are marked so."
     ),
     "throughput": "Training samples/s: per trial, the mean over epochs of `train/samples_per_s`; then over seeds.",
     "wall_time": (
@@ -70,6 +128,13 @@ DEFINITIONS = {
         "bootstrap. The paper has no numbers for these cells."
     ),
 }
+
+
+def eval_metric(sweep: Sweep) -> str:
+    """What the sweep's accuracies measure: ``vqa_official``, ``soft_score`` or ``mixed`` (from the
+    usable trials' `METRIC_TAG`; a run without the tag reported the soft score)."""
+    kinds = {t.tags.get(METRIC_TAG) or SOFT for t in sweep.trials if t.usable}
+    return kinds.pop() if len(kinds) == 1 else (MIXED if kinds else SOFT)
 
 
 def _summary(values: list[float]) -> dict[str, Any]:
@@ -95,11 +160,18 @@ def _trial_numbers(trial: Trial) -> dict[str, Any]:
     wall = m.get("time/trial_s")
     if wall is None and h.get("time/elapsed_s"):
         wall = h["time/elapsed_s"][max(h["time/elapsed_s"])]
+    epochs = sorted(eval_hist)
+    last_gain = eval_hist[epochs[-1]] - eval_hist[epochs[-2]] if len(epochs) >= 2 else None
+    engaged = trial.tags.get("mechanism.engaged")
     return {
         "seed": trial.seed,
         "key": trial.key,
         "run_id": trial.run_id,
         "acc": m["best/acc"],
+        "last_gain": last_gain,
+        "still_learning": last_gain is not None and 100.0 * last_gain > STILL_LEARNING_PP,
+        "engaged": None if engaged is None else _truthy(engaged),
+        "evidence": trial.tags.get("mechanism.evidence", ""),
         "best_epoch": best_epoch,
         "last_epoch": last_epoch,
         "acc_last": eval_hist[last_epoch] if last_epoch is not None else None,
@@ -179,16 +251,15 @@ def _signature(trials: list[Trial]) -> tuple[tuple[str, ...] | None, bool]:
     return None, False
 
 
-def compare(sweep: Sweep, variant: str, reference: str) -> dict[str, Any]:
-    """Paired bootstrap of ``variant`` minus ``reference`` over questions.
+def question_bootstrap(sweep: Sweep, variant: str, reference: str) -> dict[str, Any]:
+    """Paired bootstrap of ``variant`` minus ``reference`` over questions (secondary evidence).
 
-    Seeds are paired (seed s of the variant with seed s of the reference, so both saw the same
-    initialisation of everything the seed controls); the per-question differences are averaged
-    over the paired seeds, then questions are resampled. Questions are those present in every
-    paired predictions file.
+    Seeds are paired (seed s of the variant with seed s of the reference); the per-question
+    differences are averaged over the paired seeds, then questions are resampled. Questions are
+    those present in every paired predictions file. It resamples questions only: the training runs
+    are held fixed, so it says nothing about seed-to-seed variance and never decides a verdict.
     """
-    out: dict[str, Any] = {"variant": variant, "reference": reference, "seeds": [], "bootstrap": None,
-                           "reason": ""}
+    out: dict[str, Any] = {"seeds": [], "bootstrap": None, "reason": ""}
     var = {t.seed: t for t in sweep.usable(variant) if t.predictions}
     ref = {t.seed: t for t in sweep.usable(reference) if t.predictions}
     if not ref:
@@ -215,6 +286,73 @@ def compare(sweep: Sweep, variant: str, reference: str) -> dict[str, Any]:
     result = paired_bootstrap(diffs, rng_for(variant, reference))
     out["seeds"] = seeds
     out["bootstrap"] = result.as_dict()
+    return out
+
+
+def _paper_effect(rows: dict[str, dict[str, Any]], variant: str, reference: str) -> float | None:
+    """The paper's own difference (test-dev, as a fraction) when both cells carry the paper's numbers."""
+    a, b = rows[variant]["paper"].get("test_dev"), rows[reference]["paper"].get("test_dev")
+    return None if a is None or b is None else (float(a) - float(b)) / 100.0
+
+
+def seed_accuracies(sweep: Sweep, rows: dict[str, dict[str, Any]],
+                    seeds: set[int] | None = None) -> dict[str, dict[int, float]]:
+    """``{cell: {seed: best/acc}}`` of the usable trials (of ``seeds`` only, when given)."""
+    return {name: {t.seed: float(t.metrics["best/acc"]) for t in sweep.usable(name)
+                   if t.seed is not None and (seeds is None or t.seed in seeds)} for name in rows}
+
+
+def comparison_plan(rows: dict[str, dict[str, Any]], reference: str) -> list[dict[str, Any]]:
+    """Which cell is compared with which, in which Holm family, and where the result is shown.
+
+    Every cell against ``reference`` (family ``vs <reference>``); a LayerDrop cell also against its
+    own architecture without LayerDrop; Table 3's pretraining cells against the equal-weights cell
+    (LXMERT's weighting, the same budget; family ``vs <equal>``). ``slot`` is the row key the
+    comparison fills, ``listed`` whether it appears in the comparisons table.
+    """
+    plan: list[dict[str, Any]] = []
+    if reference in rows:
+        for name, row in rows.items():
+            if name == reference or row["n"] == 0:
+                continue
+            plan.append({"variant": name, "reference": reference, "kind": "vs reference",
+                         "family": f"vs {reference}", "slot": "vs_reference", "listed": True})
+    for name, row in rows.items():
+        if row["n"] and row["baseline"] and row["baseline"] != reference:
+            plan.append({"variant": name, "reference": row["baseline"], "kind": "vs baseline without LayerDrop",
+                         "family": "LayerDrop vs its baseline", "slot": None, "listed": True})
+    table3 = [n for n, r in rows.items() if r["table"] == 3]
+    equal = next((n for n in table3 if (rows[n]["pretrain"] or {}).get("weighting") == "equal"), None)
+    for name in table3:
+        if name == equal or equal is None or rows[name]["n"] == 0:
+            continue
+        plan.append({"variant": name, "reference": equal, "kind": "vs equal task weights",
+                     "family": f"vs {equal}", "slot": "vs_equal",
+                     "listed": name != reference and equal != reference})
+    return plan
+
+
+def seed_verdicts(rows: dict[str, dict[str, Any]], per_seed: dict[str, dict[int, float]],
+                  plan: list[dict[str, Any]]) -> list[inference.SeedComparison]:
+    """The seed-level test of every planned comparison, Holm-corrected within each family."""
+    tests = [inference.compare_seeds(p["variant"], p["reference"], per_seed[p["variant"]], per_seed[p["reference"]],
+                                     paper_effect=_paper_effect(rows, p["variant"], p["reference"]),
+                                     family=p["family"]) for p in plan]
+    inference.holm(tests)
+    return tests
+
+
+def _caveats(rows: dict[str, dict[str, Any]], comp: dict[str, Any]) -> list[str]:
+    """Why a comparison's verdict must be read with care: a degenerate cell, a cell still learning."""
+    out = []
+    for name in (comp["variant"], comp["reference"]):
+        row = rows[name]
+        if row["degenerate"]:
+            seeds = ", ".join(str(d["seed"]) for d in row["degenerate"])
+            out.append(f"{name}: mechanism never engaged (seed {seeds})")
+        if row["still_learning"]:
+            out.append(f"{name}: still learning at its last epoch (seed "
+                       f"{', '.join(str(s) for s in row['still_learning'])})")
     return out
 
 
@@ -271,6 +409,10 @@ def compute(sweep: Sweep, reference: str = REFERENCE_CELL) -> dict[str, Any]:
             "vs_equal": None,
             "pretrain": _pretrain_summary(per),
             "run_ids": [p["run_id"] for p in per],
+            "degenerate": [{"seed": p["seed"], "evidence": p["evidence"]} for p in per if p["engaged"] is False],
+            "engaged_seeds": [p["seed"] for p in per if p["engaged"] is True],
+            "still_learning": [p["seed"] for p in per if p["still_learning"]],
+            "last_gain": _summary([p["last_gain"] for p in per if p["last_gain"] is not None]),
         }
         rows[name]["_per"] = per
     types = type_order(all_types)
@@ -288,32 +430,24 @@ def compute(sweep: Sweep, reference: str = REFERENCE_CELL) -> dict[str, Any]:
                     rows[name]["baseline"] = other
                     break
 
+    # Per-seed accuracies: the unit of every verdict.
+    per_seed = seed_accuracies(sweep, rows)
+    plan = comparison_plan(rows, reference)
+    tests = seed_verdicts(rows, per_seed, plan)
     comparisons = []
-    ref_ok = reference in rows
-    for name, row in rows.items():
-        if name == reference or row["n"] == 0:
-            continue
-        if ref_ok:
-            comp = compare(sweep, name, reference)
-            comp["kind"] = "vs reference"
-            row["vs_reference"] = comp
+    equal = next((p["reference"] for p in plan if p["slot"] == "vs_equal"), None)
+    if equal is None:
+        equal = next((n for n, r in rows.items()
+                      if r["table"] == 3 and (r["pretrain"] or {}).get("weighting") == "equal"), None)
+    for p, test in zip(plan, tests):
+        comp = {"variant": p["variant"], "reference": p["reference"], "kind": p["kind"], "family": p["family"],
+                "seed_test": test.as_dict(), **question_bootstrap(sweep, p["variant"], p["reference"])}
+        comp["caveats"] = _caveats(rows, comp)
+        if p["slot"]:
+            rows[p["variant"]][p["slot"]] = comp
+        if p["listed"]:
             comparisons.append(comp)
-        if row["baseline"] and row["baseline"] != reference:
-            comp = compare(sweep, name, row["baseline"])
-            comp["kind"] = "vs baseline without LayerDrop"
-            comparisons.append(comp)
-
-    # Table 3: pretraining cells against the equal-weights one (LXMERT's weighting, same budget).
     table3 = [n for n, r in rows.items() if r["table"] == 3]
-    equal = next((n for n in table3 if (rows[n]["pretrain"] or {}).get("weighting") == "equal"), None)
-    for name in table3:
-        if name == equal or equal is None or rows[name]["n"] == 0:
-            continue
-        comp = compare(sweep, name, equal)
-        comp["kind"] = "vs equal task weights"
-        rows[name]["vs_equal"] = comp
-        if name != reference and equal != reference:
-            comparisons.append(comp)
 
     incomplete = [
         {"key": t.key, "cell": t.cell, "seed": t.seed, "status": t.status, "run_id": t.run_id, "reason": t.reason}
@@ -321,6 +455,7 @@ def compute(sweep: Sweep, reference: str = REFERENCE_CELL) -> dict[str, Any]:
     ]
     pending = [{"cell": c.name, "label": c.label, "reason": c.pending} for c in sweep.cells.values() if c.pending]
     tags = sweep.tags
+    metric = eval_metric(sweep)
     return {
         "sweep": {
             "id": sweep.sweep_id,
@@ -340,8 +475,9 @@ def compute(sweep: Sweep, reference: str = REFERENCE_CELL) -> dict[str, Any]:
             "planned_trials": sum(t.planned for t in sweep.trials),
             "usable_trials": sum(t.usable for t in sweep.trials),
         },
-        "definitions": DEFINITIONS,
-        "reference": reference if ref_ok else None,
+        "metric": metric,
+        "definitions": {**DEFINITIONS, "accuracy": METRIC_DEFINITIONS[metric] + " " + DEFINITIONS["accuracy"]},
+        "reference": reference if reference in rows else None,
         "reference_table3": equal,
         "answer_types": types,
         "cells": rows,

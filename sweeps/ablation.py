@@ -14,8 +14,11 @@ are kept, unfinished ones continue from their last checkpoint.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import re
+import secrets
+import signal
 import sys
 import time
 from pathlib import Path
@@ -119,12 +122,6 @@ def prepare_data(plan: Plan, runs_dir: Path) -> Plan:
     import tasks
     from sweeps.train import config_dims
 
-    for path in sorted({t.config.train.init_checkpoint for t in plan.trials} - {""}):
-        if not Path(path).expanduser().exists():
-            raise ConfigError(
-                f"train.init_checkpoint: {path} does not exist (pretrained LXMERT weights: the original "
-                "model_LXRT.pth or a HuggingFace LXMERT directory with config.json)"
-            )
     done: dict[str, tuple[int, int]] = {}
     for trial in plan.trials:
         data = trial.config.data
@@ -157,8 +154,97 @@ def prepare_data(plan: Plan, runs_dir: Path) -> Plan:
     return plan
 
 
+#: How the local Ray a sweep starts for itself (no RAY_ADDRESS, not inside `ray job submit`) listens.
+RAY_LISTEN_ENV = "ABLATION_RAY_LISTEN"
+#: "loopback" (default): every Ray server of the node (GCS, raylet, object manager, workers, agents,
+#: the metrics endpoint) on 127.0.0.1 only. "all": Ray's own default, the host's address, with the
+#: gRPC servers on all interfaces (only needed to let another machine join or reach this Ray).
+RAY_LISTEN_CHOICES = ("loopback", "all")
+
+
+def ray_listen_setting() -> str:
+    """The validated ``ABLATION_RAY_LISTEN`` value (``loopback`` when unset).
+
+    Raises:
+        ConfigError: naming the variable and the value when it is neither ``loopback`` nor ``all``.
+    """
+    value = os.environ.get(RAY_LISTEN_ENV, "").strip().lower() or "loopback"
+    if value not in RAY_LISTEN_CHOICES:
+        raise ConfigError(f"{RAY_LISTEN_ENV}={os.environ[RAY_LISTEN_ENV]!r}: expected one of "
+                          f"{', '.join(RAY_LISTEN_CHOICES)} (where a local Ray listens)")
+    return value
+
+
+def _private_auth_token() -> Path | None:
+    """Make sure the token file a new local Ray authenticates with is readable by this user only.
+
+    Ray 2.60 turns token authentication on for a local ``ray.init()`` and writes a missing
+    ``~/.ray/auth_token`` with the process umask (0644 by default: any local user could read it and
+    then talk to every Ray server). The token is created here first, mode 0600, the way Ray
+    generates it (256 random bits, hex); an existing one that others can read is set to 0600.
+    Nothing is done when the token comes from ``RAY_AUTH_TOKEN`` or ``RAY_AUTH_MODE`` is not
+    ``token`` (the user's explicit choice). Returns the token file, or None.
+    """
+    if os.environ.get("RAY_AUTH_MODE", "token").strip().lower() != "token" or os.environ.get("RAY_AUTH_TOKEN"):
+        return None
+    named = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    path = Path(named or Path.home() / ".ray" / "auth_token").expanduser()
+    if not named:  # a named file that is missing is Ray's error to report ("fatal misconfiguration")
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))
+            return path
+    if path.is_file() and path.stat().st_mode & 0o077:
+        mode = path.stat().st_mode & 0o777
+        try:
+            path.chmod(0o600)
+            print(f"note: the Ray token {path} was readable by other users (mode {mode:o}); set it to 600",
+                  file=sys.stderr, flush=True)
+        except OSError as err:
+            print(f"warning: the Ray token {path} is readable by other users (mode {mode:o}) and could "
+                  f"not be restricted: {err}", file=sys.stderr, flush=True)
+    return path
+
+
+def _local_ray_on_loopback() -> str:
+    """Make the local Ray about to start take the loopback address (127.0.0.1) as its node address,
+    so that every server it starts binds the loopback interface. Returns that address.
+
+    On Linux Ray replaces a loopback ``_node_ip_address`` with the host's routable address, and
+    its gRPC servers then listen on all interfaces. Ray's single-machine mode (its default on macOS
+    and Windows, switched by ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``) keeps 127.0.0.1, and Ray's
+    servers bind 127.0.0.1 whenever the node address is loopback. The variable is read when Ray is
+    imported, which the driver already did (sweeps.tune), so the module's copy is set too; the
+    environment carries it to every process of the node.
+
+    Raises:
+        RuntimeError: if this Ray version still resolves a routable address (nothing started yet).
+    """
+    import ray
+    from ray._private import ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    address = ray.util.get_node_ip_address()
+    if not ipaddress.ip_address(address).is_loopback:
+        raise RuntimeError(
+            f"Ray {ray.__version__} would listen on {address}, not 127.0.0.1, despite single-machine "
+            f"mode; set {RAY_LISTEN_ENV}=all to run on all interfaces anyway (then firewall Ray's ports)"
+        )
+    return address
+
+
 def connect_ray(verbose: bool = False) -> str:
-    """Connect to RAY_ADDRESS / the job's cluster, or start a local one. Returns a description."""
+    """Connect to RAY_ADDRESS / the job's cluster, or start a local one. Returns a description.
+
+    A local Ray (no cluster given) listens on 127.0.0.1 only and requires its token (mode 0600),
+    unless ``ABLATION_RAY_LISTEN=all`` asks for Ray's default of all interfaces.
+    """
     import ray
 
     in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
@@ -172,10 +258,38 @@ def connect_ray(verbose: bool = False) -> str:
         ray.init(address=address or "auto", runtime_env=runtime_env or None, log_to_driver=verbose)
         where = f"Ray cluster at {ray.get_runtime_context().gcs_address}"
     else:
-        ray.init(runtime_env=runtime_env, include_dashboard=False, log_to_driver=verbose)
-        where = "a local Ray instance"
+        try:
+            listen = ray_listen_setting()
+            node_ip = _local_ray_on_loopback() if listen == "loopback" else None
+        except (ConfigError, RuntimeError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+        token = _private_auth_token()
+        ray.init(runtime_env=runtime_env, include_dashboard=False, log_to_driver=verbose,
+                 _node_ip_address=node_ip)
+        where = ("a local Ray instance listening on "
+                 + (f"{node_ip} only" if node_ip else f"all interfaces ({ray.util.get_node_ip_address()})")
+                 + (f", token in {token}" if token else ""))
     res = ray.cluster_resources()
     return f"{where} ({res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU)"
+
+
+#: Bad input: reported as one ``error:`` line (``--verbose`` adds the traceback), exit code 2.
+def _bad_input() -> tuple[type[BaseException], ...]:
+    from models.checkpoint import CheckpointError
+    from sweeps.tracking import TrackingError
+    from tasks.config import ConfigError as DataConfigError
+
+    return (ConfigError, DataConfigError, FileNotFoundError, TrackingError, CheckpointError, ValueError)
+
+
+def _error(err: BaseException, verbose: bool) -> int:
+    if verbose:
+        import traceback
+
+        traceback.print_exception(err)
+    print(f"error: {err}", file=sys.stderr)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,32 +305,87 @@ def main(argv: list[str] | None = None) -> int:
         plan = build_plan(args)
         name = sweep_name(args, plan)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return _error(err, args.verbose)
     print_plan(plan, name)
     if args.dry_run:
         return 0
 
-    from sweeps import tracking
+    from sweeps.lock import SweepLock, SweepLocked, holder_text
+
+    runs_dir = Path(args.runs_dir).expanduser().resolve()
+    lock = SweepLock(runs_dir, name)
+    try:
+        lock.acquire()
+    except SweepLocked as err:
+        return _error(err, args.verbose)
+    # SIGTERM (a job scheduler, `kill`) ends the sweep like Ctrl-C: Tune stops the trials and saves
+    # its state, the runs are closed, Ray's local processes are stopped and the lock is released.
+    terminated: list[int] = []
+
+    def on_sigterm(signum, frame) -> None:
+        terminated.append(signum)
+        signal.raise_signal(signal.SIGINT)
+
+    def catch_sigterm() -> None:  # again after ray.init(), which installs its own (sys.exit)
+        signal.signal(signal.SIGTERM, on_sigterm)
+
+    previous_handler = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        if lock.stale:
+            print(f"a previous driver of '{name}' ({holder_text(lock.stale)}) stopped without finishing; "
+                  "resuming after it", flush=True)
+        return _run(args, plan, name, runs_dir, lock, t_start, terminated, catch_sigterm)
+    except KeyboardInterrupt:
+        print(f"\nsweep '{name}' interrupted; rerun the same command to resume it", file=sys.stderr)
+        return 130
+    finally:
+        _stop_ray()
+        lock.release()
+        signal.signal(signal.SIGTERM, previous_handler)
+
+
+def _stop_ray() -> None:
+    """Disconnect from Ray; a local instance this driver started stops with it (its raylet, GCS,
+    dashboard agents and workers), so nothing outlives a sweep that ends or is interrupted."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def _run(args: argparse.Namespace, plan: Plan, name: str, runs_dir: Path, lock, t_start: float,
+         terminated: list[int], catch_sigterm) -> int:
+    """The sweep, under its lock: pre-flight (no Ray yet), then the trials, then the report."""
+    import json
+
+    from sweeps import preflight, tracking
     from sweeps.config import apply_overrides
     from sweeps.tune import SweepOutcome, SweepPaths, check_manifest, run, search, write_manifest
 
-    runs_dir = Path(args.runs_dir).expanduser().resolve()
     paths = SweepPaths(runs_dir=runs_dir, sweep_id=name)
     uri = tracking.default_tracking_uri(runs_dir)
     try:
-        previous = check_manifest(paths, plan, args.fresh, search_settings(args))
         tracking.check_tracking(uri)
+        sweeper = tracking.SweepTracker(uri, args.experiment or tracking.DEFAULT_EXPERIMENT, name, runs_dir)
+        # Before anything else: runs a dead driver left RUNNING (no other driver holds the lock).
+        why = "its driver stopped while it ran" + (f" ({lock.stale.get('host')}, PID {lock.stale.get('pid')})"
+                                                   if lock.stale else "")
+        closed = sweeper.close_orphans(why)
+        if closed:
+            print(f"closed {len(closed)} run(s) a previous driver left RUNNING as KILLED: {', '.join(closed)}",
+                  flush=True)
+        previous = check_manifest(paths, plan, args.fresh, search_settings(args))
+        preflight.require(preflight.check_files(plan, runs_dir / "cache"))
         plan = prepare_data(plan, runs_dir)
-    except (ConfigError, FileNotFoundError, tracking.TrackingError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        preflight.require(preflight.check_weights(plan))
+    except _bad_input() as err:
+        return _error(err, args.verbose)
     print(f"runs dir: {runs_dir}\nMLflow:   {uri}", flush=True)
 
     where = connect_ray(args.verbose)
+    catch_sigterm()
     print(f"running on {where}", flush=True)
 
-    sweeper = tracking.SweepTracker(uri, args.experiment or tracking.DEFAULT_EXPERIMENT, name, runs_dir)
     if args.fresh:
         removed = sweeper.discard()
         _discard(paths)
@@ -229,8 +398,6 @@ def main(argv: list[str] | None = None) -> int:
         c.name: {"label": c.label, "table": c.table, "paper": c.paper, "pending": c.pending}
         for c in plan.grid.cells.values() if c.name in in_plan
     }
-    import json
-
     parent_tags = {
         "sweep.grid": plan.grid.name,
         "sweep.preset": plan.preset.name,
@@ -270,22 +437,29 @@ def main(argv: list[str] | None = None) -> int:
         timing = SweepOutcome(trials=search_outcome.trials + outcome.trials,
                               wall_s=search_outcome.wall_s + outcome.wall_s, concurrency=outcome.concurrency)
     failed = outcome.failed
-    status = "complete" if not failed else "incomplete"
+    interrupted = bool(terminated) or any(t.status == "UNFINISHED" for t in outcome.trials)
+    status = "interrupted" if interrupted else "complete" if not failed else "incomplete"
     print(f"\nsweep '{name}' {status}: {len(outcome.trials) - len(failed)}/{len(outcome.trials)} trials finished"
           + (f", {len(plan.pending)} cell(s) not run: {', '.join(plan.pending)}" if plan.pending else ""))
     for t in failed:
-        print(f"  FAILED {t.key}: {t.error.splitlines()[0] if t.error else t.status}")
+        label = "UNFINISHED" if t.status == "UNFINISHED" else "FAILED"
+        print(f"  {label} {t.key}: {t.error.splitlines()[0] if t.error else t.status}")
     total_wall = time.time() - t_start
     for line in timing_lines(timing, total_wall):
         print(line)
+    if interrupted:  # trials Tune stopped may not have closed their runs: nothing of this sweep runs now
+        sweeper.close_orphans("the sweep was interrupted (Ctrl-C / SIGTERM) while it ran")
     sweeper.finish(
-        "FINISHED" if not failed else "FAILED",
+        "KILLED" if interrupted else "FINISHED" if not failed else "FAILED",
         {"sweep/wall_s": total_wall, "sweep/trials_wall_s": timing.wall_s, "sweep/ideal_s": timing.ideal_s,
          "sweep/overhead_ratio": timing.overhead_ratio if timing.ideal_s > 0 else 0.0,
          "sweep/concurrency": float(timing.concurrency), **timing.timing_metrics()},
         {"sweep.status": status,
-         "sweep.failed": json.dumps({t.key: t.error[:500] for t in failed})},
+         "sweep.failed": json.dumps({t.key: t.error[:500] for t in failed if t.status != "UNFINISHED"})},
     )
+    if interrupted:
+        print(f"sweep '{name}' interrupted; rerun the same command to resume it", file=sys.stderr)
+        return 130
     if not args.no_report:
         report_path = build_report(uri, name, runs_dir, args.experiment or tracking.DEFAULT_EXPERIMENT)
         if report_path:

@@ -17,9 +17,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from models import ModelConfig
@@ -60,6 +62,9 @@ class TrainConfig:
     lookahead_k: int = 5
     lookahead_alpha: float = 0.8
     grad_clip: float = 5.0
+    #: Learning-rate multiplier for the adaptive mechanisms' own parameters (span z, learned-alpha
+    #: logits; no weight decay): see ``sweeps.optim.param_groups``.
+    mechanism_lr_scale: float = 1.0
     precision: str = "auto"
     eval_batch_size: int = 512
     #: Fixed example questions (the first N of the evaluation split) whose top-5 answers are
@@ -72,25 +77,37 @@ class TrainConfig:
     init_allow_partial: bool = False
     #: Log the best model's weights as an MLflow artifact at the end of the trial.
     log_best_checkpoint: bool = True
+    #: Optimizer steps with a non-finite loss or gradient a trial may skip (per stage) before it
+    #: stops as diverged; 0 stops it at the first one.
+    max_nonfinite_steps: int = 0
 
     def validate(self) -> None:
-        _choice("train.optimizer", self.optimizer, OPTIMIZERS)
-        _choice("train.schedule", self.schedule, SCHEDULES)
-        _choice("train.precision", self.precision, PRECISIONS)
-        _positive("train.epochs", self.epochs)
-        _positive("train.batch_size", self.batch_size)
-        _positive("train.eval_batch_size", self.eval_batch_size)
-        _positive("train.lr", self.lr)
-        _positive("train.cycle_steps", self.cycle_steps)
-        _positive("train.lookahead_k", self.lookahead_k)
+        """Raise :class:`ConfigError` listing every bad key of this section (not just the first)."""
+        problems = _checked([
+            lambda: _choice("train.optimizer", self.optimizer, OPTIMIZERS),
+            lambda: _choice("train.schedule", self.schedule, SCHEDULES),
+            lambda: _choice("train.precision", self.precision, PRECISIONS),
+            lambda: _positive("train.epochs", self.epochs),
+            lambda: _positive("train.batch_size", self.batch_size),
+            lambda: _positive("train.eval_batch_size", self.eval_batch_size),
+            lambda: _positive("train.lr", self.lr),
+            lambda: _positive("train.cycle_steps", self.cycle_steps),
+            lambda: _positive("train.lookahead_k", self.lookahead_k),
+            lambda: _positive("train.mechanism_lr_scale", self.mechanism_lr_scale),
+            lambda: _at_least("train.seed", self.seed, 0),
+            lambda: _at_least("train.weight_decay", self.weight_decay, 0),
+            lambda: _at_least("train.grad_clip", self.grad_clip, 0, " (0: no clipping)"),
+            lambda: _at_least("train.max_nonfinite_steps", self.max_nonfinite_steps, 0),
+            lambda: _at_least("train.n_examples", self.n_examples, 0),
+        ])
         if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+            problems.append(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if not 0.0 < self.lookahead_alpha <= 1.0:
-            raise ConfigError(f"train.lookahead_alpha must be in (0, 1], got {self.lookahead_alpha}")
+            problems.append(f"train.lookahead_alpha must be in (0, 1], got {self.lookahead_alpha}")
         if self.schedule == "cyclic" and not 0.0 < self.lr_min < self.lr:
-            raise ConfigError(f"train.lr_min must be in (0, train.lr={self.lr}), got {self.lr_min}")
-        if self.n_examples < 0:
-            raise ConfigError(f"train.n_examples must be >= 0, got {self.n_examples}")
+            problems.append(f"train.lr_min must be in (0, train.lr={self.lr}), got {self.lr_min}")
+        if problems:
+            raise ConfigError("; ".join(problems))
 
 
 @dataclass
@@ -152,19 +169,30 @@ class ExperimentConfig:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
     def validate(self) -> None:
-        """Validate every section; raises :class:`ConfigError` naming the key at fault."""
+        """Validate every section; raises :class:`ConfigError` naming the keys at fault (every
+        section's problems, not just the first section's)."""
+        problems = []
         for section in ("model", "data", "train", "resources", "pretrain"):
             value = getattr(self, section)
             try:
                 value.validate()
-            except ConfigError:
-                raise
+            except ConfigError as err:
+                problems.append(str(err))
             except (ValueError, KeyError, TypeError) as err:
                 # The models/tasks packages raise their own ValueErrors; name the section.
                 message = str(err)
                 if not message.startswith(f"{section}."):
                     message = f"{section}: {message}"
-                raise ConfigError(message) from err
+                problems.append(message)
+        if problems:
+            raise ConfigError("; ".join(problems))
+        if self.model.finetune.name != "standard":
+            # models/finetune builds every strategy, but this loop does not apply them yet (issue 15
+            # waits for the stage-based loop of issue 14): refuse rather than silently train standard.
+            raise ConfigError(
+                f"model.finetune.name={self.model.finetune.name!r} is not wired into the training loop yet; "
+                "only 'standard' runs (the strategies are in models/finetune, see docs/finetuning.md)"
+            )
         if self.pretrain.enabled and self.pretrain.corpus == "synthetic" and self.data.name != "easyvqa":
             raise ConfigError(
                 f"pretrain.corpus=synthetic needs data.name=easyvqa (its region features come from easy-VQA's "
@@ -205,38 +233,53 @@ def unflatten(cls: type, flat: dict[str, Any], source: str = "config") -> Any:
     return apply_overrides(cls(), flat, source=source)
 
 
-def apply_overrides(obj: Any, overrides: dict[str, Any], source: str = "overrides") -> Any:
+def apply_overrides(obj: Any, overrides: dict[str, Any], source: str = "overrides",
+                    errors: list[str] | None = None) -> Any:
     """Return a copy of the dataclass ``obj`` with dotted-key ``overrides`` applied.
 
     Values may be typed (from YAML) or strings (from the command line); each is coerced to the
     field's type. An unknown key or a value of the wrong type raises :class:`ConfigError` naming
-    the key, ``source`` and, for a typo, the closest valid keys.
+    the key, ``source`` and, for a typo, the closest valid keys; every bad key, not just the
+    first. With ``errors`` given, the messages are appended there instead and the good keys are
+    applied (so that a caller can go on to find every other problem too).
     """
     obj = copy.deepcopy(obj)  # not dataclasses.replace: that would validate half-applied overrides
-    valid = None
+    problems: list[str] = []
     for key, raw in overrides.items():
-        parts = key.split(".")
-        target = obj
         try:
-            for part in parts[:-1]:
-                child = getattr(target, part)
-                if not dataclasses.is_dataclass(child):
-                    raise AttributeError(part)
-                target = child
-            f = {fl.name: fl for fl in dataclasses.fields(target)}[parts[-1]]
-            if dataclasses.is_dataclass(getattr(target, parts[-1])):
-                raise KeyError(parts[-1])
-        except (AttributeError, KeyError):
-            valid = valid or keys(type(obj))
-            near = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
-            hint = f" Did you mean: {', '.join(near)}?" if near else ""
-            raise ConfigError(f"{source}: unknown key '{key}'.{hint}") from None
-        setattr(target, f.name, coerce(key, raw, _field_type(type(target), f.name), source))
+            _apply_one(obj, key, raw, source)
+        except ConfigError as err:
+            problems.append(str(err))  # every bad key at once, not the first only
+    if problems and errors is None:
+        raise ConfigError("; ".join(problems))
+    if errors is not None:
+        errors.extend(problems)
     return obj
+
+
+def _apply_one(obj: Any, key: str, raw: Any, source: str) -> None:
+    """Set one dotted ``key`` of ``obj`` (in place) to ``raw`` coerced to the field's type."""
+    parts = key.split(".")
+    target = obj
+    try:
+        for part in parts[:-1]:
+            child = getattr(target, part)
+            if not dataclasses.is_dataclass(child):
+                raise AttributeError(part)
+            target = child
+        f = {fl.name: fl for fl in dataclasses.fields(target)}[parts[-1]]
+        if dataclasses.is_dataclass(getattr(target, parts[-1])):
+            raise KeyError(parts[-1])
+    except (AttributeError, KeyError):
+        near = difflib.get_close_matches(key, keys(type(obj)), n=3, cutoff=0.6)
+        hint = f" Did you mean: {', '.join(near)}?" if near else ""
+        raise ConfigError(f"{source}: unknown key '{key}'.{hint}") from None
+    setattr(target, f.name, coerce(key, raw, _field_type(type(target), f.name), source))
 
 
 def coerce(key: str, raw: Any, typ: type, source: str = "overrides") -> Scalar:
     """Convert ``raw`` (typed or a command-line string) to ``typ`` or raise naming ``key``."""
+    finite = False
     try:
         if typ is bool:
             if isinstance(raw, bool):
@@ -259,7 +302,11 @@ def coerce(key: str, raw: Any, typ: type, source: str = "overrides") -> Scalar:
         if typ is float:
             if isinstance(raw, bool):
                 raise ValueError
-            return float(raw)
+            value = float(raw)
+            if math.isfinite(value):
+                return value
+            # NaN passes every `<= 0` check and inf overflows the first step: no key wants either.
+            finite = True
         if typ is str:
             if isinstance(raw, (list, tuple)):
                 return ",".join(str(x) for x in raw)
@@ -270,7 +317,57 @@ def coerce(key: str, raw: Any, typ: type, source: str = "overrides") -> Scalar:
         raise ConfigError(
             f"{source}: '{key}' expects {typ.__name__}, got {raw!r}"
         ) from None
+    if finite:
+        raise ConfigError(f"{source}: '{key}' must be a finite number, got {raw!r}")
     raise ConfigError(f"{source}: '{key}' has unsupported type {typ}")
+
+
+def load_yaml(path: str | Path, what: str = "YAML") -> Any:
+    """Read a YAML file (grids, presets: every YAML file the platform reads goes through here).
+
+    Like ``yaml.safe_load`` (no Python objects are built), but a mapping that repeats a key is
+    refused: YAML itself keeps the last value and drops the others silently, so a cell defined
+    twice, or a key given twice under ``set:``, would run something the file does not say.
+
+    Raises:
+        ConfigError: the file is missing, is not valid YAML, or repeats a key (naming the file, the
+            key and both lines).
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} file not found: {path}")
+
+    duplicates: list[str] = []
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                first: dict[Any, int] = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue  # `<<: *anchor` merges are meant to be overridden
+                    key = self.construct_object(key_node, deep=True)
+                    line = key_node.start_mark.line + 1
+                    try:
+                        seen = first.setdefault(key, line)
+                    except TypeError:  # an unhashable key: the base constructor reports it
+                        continue
+                    if seen != line:
+                        duplicates.append(f"{path}:{line}: duplicate key '{key}' (first at line {seen})")
+            return super().construct_mapping(node, deep=deep)
+
+    try:
+        with open(path) as fh:
+            data = yaml.load(fh, Loader=UniqueKeyLoader)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if duplicates:
+        raise ConfigError("; ".join(sorted(set(duplicates), key=duplicates.index))
+                          + ". YAML would keep only the last of each and silently drop the others: remove or "
+                          "rename them")
+    return data
 
 
 def parse_cli_overrides(items: list[str]) -> dict[str, str]:
@@ -299,5 +396,21 @@ def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
 
 
 def _positive(key: str, value: float) -> None:
-    if value <= 0:
+    if not value > 0:  # `not >` also refuses NaN
         raise ConfigError(f"{key} must be > 0, got {value}")
+
+
+def _at_least(key: str, value: float, low: float, note: str = "") -> None:
+    if not value >= low:
+        raise ConfigError(f"{key} must be >= {low}{note}, got {value}")
+
+
+def _checked(checks: list) -> list[str]:
+    """Run every check (each raises ConfigError); return all their messages."""
+    problems = []
+    for check in checks:
+        try:
+            check()
+        except ConfigError as err:
+            problems.append(str(err))
+    return problems

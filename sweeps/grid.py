@@ -30,9 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from sweeps.config import ConfigError, ExperimentConfig, apply_overrides, flatten
+from sweeps.config import ConfigError, ExperimentConfig, apply_overrides, flatten, load_yaml
 
 SWEEPS_DIR = Path(__file__).resolve().parent
 GRIDS_DIR = SWEEPS_DIR / "grids"
@@ -119,15 +117,20 @@ class Plan:
 
 
 def _read_yaml(path: Path, what: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"{what} file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    data = load_yaml(path, what)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return data
+
+
+def _number(value: Any, kind: type, where: str, what: str) -> Any:
+    """``value`` as ``kind`` (int or float), or a ConfigError naming ``where`` and the value."""
+    try:
+        if isinstance(value, bool) or (kind is int and isinstance(value, float) and value != int(value)):
+            raise ValueError
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: expected {what}, got {value!r}") from None
 
 
 def _resolve(name_or_path: str, folder: Path, what: str) -> Path:
@@ -164,12 +167,16 @@ def load_grid(name_or_path: str) -> Grid:
         overrides = spec.get("set") or {}
         if not isinstance(overrides, dict):
             raise ConfigError(f"{where}.set: expected a mapping of key: value")
+        paper = spec.get("paper") or {}
+        if not isinstance(paper, dict):
+            raise ConfigError(f"{where}.paper: expected a mapping of number name: value, got {paper!r}")
         cells[str(name)] = Cell(
             name=str(name),
             overrides=overrides,
             label=str(spec.get("label", name)),
-            table=int(spec.get("table", 0)),
-            paper={k: float(v) for k, v in (spec.get("paper") or {}).items()},
+            table=_number(spec.get("table", 0), int, f"{where}.table", "a table number (1, 2, 3; 0 = none)"),
+            paper={k: _number(v, float, f"{where}.paper.{k}", "a number (the paper's accuracy in %)")
+                   for k, v in paper.items()},
             pending=str(spec.get("pending", "") or ""),
             description=str(spec.get("description", "") or ""),
         )
@@ -224,7 +231,7 @@ def load_preset(name_or_path: str) -> Preset:
         overrides=overrides,
         axes=axes,
         description=str(data.get("description", "") or ""),
-        time_budget_s=float(data.get("time_budget_s", 0) or 0),
+        time_budget_s=_number(data.get("time_budget_s", 0) or 0, float, f"{path}: time_budget_s", "seconds"),
         required={str(k): str(v) for k, v in (data.get("required") or {}).items()},
     )
 
@@ -308,6 +315,7 @@ def expand(
     trials: list[Trial] = []
     pending: dict[str, str] = {}
     seen: dict[str, int] = {}
+    problems: dict[str, dict[str, Any]] = {}  # message -> the cells and trials it applies to
     for point in points:
         name = point.get("cell")
         if name is None:
@@ -321,18 +329,36 @@ def expand(
             pending[name] = cell.pending
             continue
         values = {k: v for k, v in point.items() if k != "cell"}
-        cfg = apply_overrides(base, cell.overrides, source=f"{grid.path}: cells.{name}.set")
-        cfg = apply_overrides(cfg, values, source=f"{grid.path}: axes")
-        cfg = apply_overrides(cfg, cli_overrides or {}, source="command line")
-        try:
-            cfg.validate()
-        except ConfigError as err:
-            raise ConfigError(f"{grid.path}: cell '{name}' {values}: {err}") from None
         key = trial_key(name, values)
+        errors: list[str] = []
+        cfg = apply_overrides(base, cell.overrides, source=f"{grid.path}: cells.{name}.set", errors=errors)
+        cfg = apply_overrides(cfg, values, source=f"{grid.path}: axes", errors=errors)
+        cfg = apply_overrides(cfg, cli_overrides or {}, source="command line", errors=errors)
+        invalid: list[str] = []
+        try:
+            cfg.validate()  # also with a bad override left out: its other problems are listed too
+        except ConfigError as err:
+            invalid = str(err).split("; ")  # one per bad key
+        for text in errors + invalid:
+            found = problems.setdefault(text, {"cells": [], "trials": [], "validation": text in invalid})
+            found["trials"].append(key)
+            if name not in found["cells"]:
+                found["cells"].append(name)
+        if errors or invalid:
+            continue
         if key in seen:
             raise ConfigError(f"{grid.path}: two trials share the name '{key}' (duplicate axis values?)")
         seen[key] = 1
         trials.append(Trial(key=key, cell=cell, axis_values=values, config=cfg))
+    if problems:
+        # Every problem once (however many trials share it), all of them at once.
+        lines = []
+        for text, found in problems.items():
+            keys = found["trials"]
+            where = ", ".join(f"'{c}'" for c in found["cells"])
+            text = f"{grid.path}: cell {where}: {text}" if found["validation"] else text
+            lines.append(f"{text} [{len(keys)} trial(s): {', '.join(keys[:6])}{', ...' if len(keys) > 6 else ''}]")
+        raise ConfigError(lines[0] if len(lines) == 1 else f"{len(lines)} problems:\n  " + "\n  ".join(lines))
     if not trials:
         raise ConfigError(f"{grid.path}: no runnable trials (pending: {', '.join(pending) or 'none'})")
     absent = [c for c in cells or [] if c not in pending and all(t.cell.name != c for t in trials)]

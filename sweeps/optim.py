@@ -152,26 +152,45 @@ class Lookahead:
         self._fast_steps = int(state_dict["fast_steps"])
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None,
+                 mechanism_lr_scale: float = 1.0) -> list[dict]:
     """Decay weights of linear/embedding layers; never biases, LayerNorm, span z or entmax alpha
-    (decaying those would pull spans to 0 and alpha to 1.5 for reasons unrelated to the task)."""
-    decay, no_decay = [], []
+    (decaying those would pull spans to 0 and alpha to 1.5 for reasons unrelated to the task).
+
+    The parameters that modules declare as their adaptive mechanism's own
+    (:func:`models.hooks.mechanism_parameters`: span z, alpha logits) form a third group, without
+    decay, at ``lr * mechanism_lr_scale``: one scalar per head that must travel a long way (a span
+    from full to a few tokens) in a few hundred steps. The group is left out when empty.
+    """
+    import models.hooks as hooks
+
+    mechanism = {id(p) for p in hooks.mechanism_parameters(model)}
+    decay, no_decay, mech = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim < 2 or "norm" in name.lower() or "bias" in name:
+        if id(p) in mechanism:
+            mech.append(p)
+        elif p.ndim < 2 or "norm" in name.lower() or "bias" in name:
             no_decay.append(p)
         else:
             decay.append(p)
-    return [
+    groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    if mech:
+        group = {"params": mech, "weight_decay": 0.0}
+        if lr is not None:
+            group["lr"] = lr * mechanism_lr_scale
+        groups.append(group)
+    return groups
 
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
-                    lookahead_k: int = 5, lookahead_alpha: float = 0.8) -> Optimizer | Lookahead:
-    groups = param_groups(model, weight_decay)
+                    lookahead_k: int = 5, lookahead_alpha: float = 0.8,
+                    mechanism_lr_scale: float = 1.0) -> Optimizer | Lookahead:
+    groups = param_groups(model, weight_decay, lr, mechanism_lr_scale)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-6, fused=True)  # 6x faster step on CPU
     if name == "lookahead_lamb":

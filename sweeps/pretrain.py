@@ -20,6 +20,7 @@ strategy, history) are returned for the caller's checkpoint.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -29,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sweeps.failures import FiniteGuard, grad_norm
 from sweeps.optim import build_optimizer, build_schedule, total_steps
 
 PRETRAIN_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "visual_feats", "visual_pos")
@@ -51,8 +53,10 @@ class HeadOutputs(nn.Module):
         self.model = model
 
     def forward(self, **inputs: Any) -> dict[str, Any]:
+        from models import PRETRAIN_HEADS
+
         out = self.model(**inputs)
-        return {k: getattr(out, k) for k in ("mlm", "mor", "match", "qa") if getattr(out, k) is not None}
+        return {k: getattr(out, k) for k in PRETRAIN_HEADS if getattr(out, k) is not None}
 
 
 def shared_parameters(model: nn.Module, which: str) -> list[torch.Tensor]:
@@ -144,6 +148,10 @@ class PretrainStage:
         self.history: list[tuple[int, dict[str, float]]] = []
         self.weight_rows: list[dict[str, Any]] = []
         self.elapsed_s = 0.0
+        # Steps skipped for a non-finite loss (train.max_nonfinite_steps applies to this stage too).
+        self.guard = FiniteGuard("pretrain", cfg.train.max_nonfinite_steps, world_size, self.device)
+        #: The trial's last checkpoint (set by the trial loop), named if this stage diverges.
+        self.last_checkpoint = ""
 
     # -- state ----------------------------------------------------------------------------------
 
@@ -158,6 +166,7 @@ class PretrainStage:
             "history": self.history,
             "weight_rows": self.weight_rows,
             "elapsed_s": self.elapsed_s,
+            "nonfinite_steps": self.guard.count,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -172,6 +181,7 @@ class PretrainStage:
         self.history = [(int(e), dict(m)) for e, m in state["history"]]
         self.weight_rows = list(state["weight_rows"])
         self.elapsed_s = float(state["elapsed_s"])
+        self.guard.count = int(state.get("nonfinite_steps", 0))
         set_step(self.core, self.step)
 
     @property
@@ -211,6 +221,8 @@ class PretrainStage:
                 continue  # the schedule has every task off at this point: nothing to train
             results, weights, total = self.train_step(batch, active)
             weighting_s += self.weighting.last_update_s
+            if not math.isfinite(total):
+                continue  # a skipped step (FiniteGuard): its losses would make the epoch's means NaN
             steps += 1
             samples += batch["input_ids"].shape[0]
             total_loss += total
@@ -234,6 +246,7 @@ class PretrainStage:
             "pretrain/steps": float(self.step),
             "pretrain/weighting_s": weighting_s,
             "pretrain/weighting_frac": weighting_s / max(seconds, 1e-9),
+            "pretrain/nonfinite_steps": float(self.guard.count),
         }
         for t, s in sums.items():
             if s["n"]:
@@ -269,9 +282,13 @@ class PretrainStage:
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         self._sync_strategy_grads()
-        if pcfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.core.parameters(), pcfg.grad_clip)
-        self.optimizer.step()
+        norm = grad_norm(self.core.parameters(), pcfg.grad_clip)
+        total_value = float(total.detach())
+        if self.guard.finite(total_value, norm):
+            self.optimizer.step()
+        else:  # skipped (its NaN gradient would poison every weight), or the trial stops here
+            self.guard.skip(self.epoch + 1, self.step + 1, total_value, norm, self.last_checkpoint)
+            self.optimizer.zero_grad(set_to_none=True)
         self.schedule.step()
         hooks.post_step(self.core)
         if self.step % pcfg.weight_every == 0:

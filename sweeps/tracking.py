@@ -92,9 +92,17 @@ def check_tracking(uri: str, timeout_s: float = 5.0) -> None:
             db.parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise TrackingError(f"cannot create the MLflow store folder {db.parent}: {err}") from None
-    # Opening the store creates / migrates the schema once, here, rather than racing in workers.
+    # Opening the store creates / migrates the schema once, here, rather than racing in workers;
+    # two drivers creating one new SQLite store at once fail ("table ... already exists"), so
+    # drivers sharing a runs dir take turns.
+    guard = contextlib.nullcontext()
+    if parsed.scheme == "sqlite":
+        from tasks.store import file_lock
+
+        guard = file_lock(db.with_name(db.name + ".init-lock"))
     try:
-        client(uri).search_experiments(max_results=1)
+        with guard:
+            client(uri).search_experiments(max_results=1)
     except Exception as err:
         raise TrackingError(f"MLflow tracking store {uri} is not usable: {err}") from None
 
@@ -140,6 +148,30 @@ def _retry(what: str, uri: str, fn: Callable[[], T], budget_s: float | None = No
             retried = True
         time.sleep(delay)
         delay = min(delay * 2, 10.0)
+
+
+def quote(value: str) -> str:
+    """``value`` as a string literal of an MLflow search filter.
+
+    MLflow's filter parser has no escape sequences: it strips the quotes at both ends and keeps
+    the rest. A value with a single quote is written in double quotes and vice versa; one with
+    both cannot be written at all.
+
+    Raises:
+        TrackingError: the value holds both kinds of quote.
+    """
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise TrackingError(f"{value!r} holds both ' and \": MLflow's search filters cannot express it")
+
+
+def _to_int(text: str | None, default: int) -> int:
+    try:
+        return int(str(text))
+    except (TypeError, ValueError):
+        return default
 
 
 def _say(message: str) -> None:
@@ -225,7 +257,7 @@ class SweepTracker:
             self.uri,
             lambda: self.client.search_runs(
                 [self.experiment_id],
-                filter_string=f"tags.`sweep.id` = '{self.sweep_id}' and tags.`sweep.role` = 'parent'",
+                filter_string=f"tags.`sweep.id` = {quote(self.sweep_id)} and tags.`sweep.role` = 'parent'",
                 max_results=5,
             ),
         )
@@ -263,7 +295,7 @@ class SweepTracker:
             "list the sweep's runs",
             self.uri,
             lambda: list(self.client.search_runs(
-                [self.experiment_id], filter_string=f"tags.`sweep.id` = '{self.sweep_id}'", max_results=5000,
+                [self.experiment_id], filter_string=f"tags.`sweep.id` = {quote(self.sweep_id)}", max_results=5000,
             )),
         )
         for run in runs:
@@ -278,13 +310,40 @@ class SweepTracker:
         _retry("close the sweep's parent run", self.uri,
                lambda: self.client.set_terminated(rid, status=status))
 
+    def close_orphans(self, reason: str) -> list[str]:
+        """Mark this sweep's runs still RUNNING as KILLED, tagging ``failure.reason``.
+
+        Called by a driver holding the sweep's lock before anything else: no other driver runs
+        this sweep, so a RUNNING run was left by one that died (SIGKILL, a lost head node). A trial
+        that resumes reopens its run as RUNNING. Returns the trial keys (or ``parent``) closed.
+        """
+        runs = _retry(
+            "list the sweep's unfinished runs",
+            self.uri,
+            lambda: list(self.client.search_runs(
+                [self.experiment_id],
+                filter_string=f"tags.`sweep.id` = {quote(self.sweep_id)} and attributes.status = 'RUNNING'",
+                max_results=5000,
+            )),
+        )
+        closed = []
+        for run in runs:
+            rid = run.info.run_id
+            role = run.data.tags.get("sweep.role", "")
+            if role != "parent":
+                set_tags(self.client, self.uri, rid, {"failure.kind": "killed", "failure.reason": reason})
+            _retry("close a run the dead driver left open", self.uri,
+                   lambda r=rid: self.client.set_terminated(r, status="KILLED"))
+            closed.append("parent" if role == "parent" else run.data.tags.get("trial.key", rid))
+        return closed
+
     def children(self) -> list:
         return _retry(
             "list the sweep's trial runs",
             self.uri,
             lambda: list(self.client.search_runs(
                 [self.experiment_id],
-                filter_string=f"tags.`sweep.id` = '{self.sweep_id}' and tags.`sweep.role` = 'trial'",
+                filter_string=f"tags.`sweep.id` = {quote(self.sweep_id)} and tags.`sweep.role` = 'trial'",
                 max_results=5000,
             )),
         )
@@ -325,7 +384,7 @@ class TrialTracker:
             lambda: self.client.search_runs(
                 [self.experiment_id],
                 filter_string=(
-                    f"tags.`sweep.id` = '{self.sweep_id}' and tags.`trial.key` = '{self.trial_key}'"
+                    f"tags.`sweep.id` = {quote(self.sweep_id)} and tags.`trial.key` = {quote(self.trial_key)}"
                 ),
                 max_results=5,
             ),
@@ -341,6 +400,8 @@ class TrialTracker:
         if found:
             run = found[0]
             self.run_id = run.info.run_id
+            # How many times a worker has opened the run: 1 + restarts (retries, resumed sweeps).
+            all_tags["trial.attempt"] = str(_to_int(run.data.tags.get("trial.attempt"), 1) + 1)
             _retry("reopen the trial's run", self.uri,
                    lambda: self.client.update_run(self.run_id, status="RUNNING"))
             history = _retry(
@@ -353,6 +414,7 @@ class TrialTracker:
             params = {k: v for k, v in params.items() if k not in existing}
             set_tags(self.client, self.uri, self.run_id, all_tags)
         else:
+            all_tags["trial.attempt"] = "1"
             run = _retry(
                 "create the trial's run",
                 self.uri,

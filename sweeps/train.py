@@ -28,6 +28,7 @@ import time
 import zlib
 from collections.abc import Callable
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,14 +36,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import models.hooks as hooks
 from models.layerdrop import set_step as set_layerdrop_step
 from sweeps.config import ExperimentConfig
+from sweeps.failures import CheckpointRefused, FiniteGuard, classify, grad_norm, record_failure
 from sweeps.optim import build_optimizer, build_schedule, total_steps
 
 STATE_FILE = "state.pt"
 #: The pretraining stage's epoch counter in MLflow (its metrics are logged at step = that epoch).
 PRETRAIN_EPOCH = "pretrain/epoch"
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "visual_feats", "visual_pos")
+#: Values of the MLflow tag ``eval.metric``: what a trial's ``eval/acc`` (and ``best/acc``) is.
+EVAL_OFFICIAL = "vqa_official"
+EVAL_SOFT = "soft_score"
 
 
 class VQALogits(nn.Module):
@@ -71,6 +77,76 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """The three generators' states in types ``torch.load(weights_only=True)`` accepts.
+
+    numpy's state is ``("MT19937", uint32 keys, pos, has_gauss, cached_gaussian)``: its key array
+    becomes an int64 tensor (a numpy array would need numpy's unpickler); Python's is a tuple of
+    ints already.
+    """
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": (str(kind), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` saved."""
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+#: Checkpoints written before the RNG state was stored as tensors hold numpy's uint32 key array.
+#: Rebuilding a plain numpy array runs no code (an object array would need further globals,
+#: which stay refused), so these are allowed on top of torch's own list.
+_NUMPY_ARRAYS = [(getattr(np, "_core", None) or np.core).multiarray._reconstruct, np.ndarray, np.dtype,
+                 type(np.dtype(np.uint32))]
+
+
+def load_state(path: str | Path) -> dict[str, Any]:
+    """Read a trial checkpoint (``state.pt``) without executing anything it holds.
+
+    ``torch.load(weights_only=True)`` rebuilds only tensors and plain containers: a file whose
+    unpickling would call a function (``os.system``, any class) is refused before the call. The
+    runs dir is shared storage on clusters, so nothing read from it is trusted.
+
+    Raises:
+        CheckpointRefused: naming the file and why (missing, empty, truncated, not a torch file,
+            or holding objects other than tensors and plain containers).
+    """
+    import pickle
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointRefused(f"trial checkpoint {path} does not exist")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointRefused(f"trial checkpoint {path} is empty (0 bytes): it was not written completely")
+    try:
+        with torch.serialization.safe_globals(_NUMPY_ARRAYS):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        detail = str(err).split("WeightsUnpickler error:", 1)[-1].strip().splitlines()[0]
+        raise CheckpointRefused(
+            f"trial checkpoint {path} holds more than tensors and plain containers, so it is not loaded "
+            f"(loading it could run code): {detail}. The platform never writes such files: it was replaced or "
+            "written by other code; remove that checkpoint folder to resume from the one before."
+        ) from None
+    except Exception as err:  # truncated / not a torch file: EOFError, RuntimeError, IndexError, ...
+        raise CheckpointRefused(
+            f"trial checkpoint {path} ({size} bytes) cannot be read: {type(err).__name__}: {str(err)[:300]} "
+            "(truncated or not a torch file); remove that checkpoint folder to resume from the one before"
+        ) from None
+    if not isinstance(state, dict) or not {"model", "optimizer", "epoch"} <= set(state):
+        raise CheckpointRefused(f"trial checkpoint {path} is not a trial state (no model / optimizer / epoch entries)")
+    return state
 
 
 def stats_rows(stats: dict[str, list[float]], epoch: int) -> list[dict[str, Any]]:
@@ -191,8 +267,9 @@ class TrialLoop:
         self.model = wrap_model(VQALogits(model)) if wrap_model else VQALogits(model)
         self.optimizer = build_optimizer(unwrap(self.model), cfg.train.optimizer, cfg.train.lr,
                                          cfg.train.weight_decay, cfg.train.lookahead_k,
-                                         cfg.train.lookahead_alpha)
-        self.steps_total = total_steps(len(self.data.train), cfg.train.batch_size, world_size, cfg.train.epochs)
+                                         cfg.train.lookahead_alpha, cfg.train.mechanism_lr_scale)
+        self.steps_total = total_steps(self.data.train.epoch_length, cfg.train.batch_size, world_size,
+                                       cfg.train.epochs)
         self.schedule = build_schedule(self.optimizer, cfg.train.schedule, self.steps_total,
                                        cfg.train.warmup_ratio, cfg.train.lr_min, cfg.train.cycle_steps)
         use_bf16 = self.device.type == "cuda" and cfg.train.precision in ("auto", "bf16")
@@ -209,6 +286,12 @@ class TrialLoop:
         self.head_rows: list[dict[str, Any]] = []
         self.best = {"acc": -1.0, "epoch": 0}
         self.elapsed_s = 0.0
+        self.steps_dropping = 0  # training steps in which LayerDrop skipped at least one layer
+        self.depths = {"lang": cfg.model.l_layers, "visn": cfg.model.r_layers, "cross": cfg.model.x_layers}
+        # Steps skipped for a non-finite loss; past train.max_nonfinite_steps the trial stops.
+        self.guard = FiniteGuard("finetune", cfg.train.max_nonfinite_steps, world_size, self.device)
+        #: Where the last checkpoint went (what ``report`` returned, or the one resumed from).
+        self.last_checkpoint = ""
         # The pretraining stage (built when it starts or resumes; dropped once transferred).
         self.wrap_model = wrap_model
         self.pretrain_stage = None
@@ -233,7 +316,10 @@ class TrialLoop:
             "best": self.best,
             "elapsed_s": self.elapsed_s,
             "times": self.times.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            "steps_dropping": self.steps_dropping,
+            "mechanisms": hooks.mechanism_state(unwrap(self.model)),
+            "nonfinite_steps": self.guard.count,
+            "rng": rng_state(),
             **self._pretrain_state(),
         }
 
@@ -257,6 +343,9 @@ class TrialLoop:
         self.best = dict(state["best"])
         self.elapsed_s = float(state["elapsed_s"])
         self.times.load_state_dict(state.get("times", {}))  # absent in checkpoints older than the account
+        self.steps_dropping = int(state.get("steps_dropping", 0))
+        hooks.load_mechanism_state(unwrap(self.model), state.get("mechanisms", {}))
+        self.guard.count = int(state.get("nonfinite_steps", 0))
         pretrain = state.get("pretrain")
         if pretrain is not None and pretrain["done"]:
             self.pretrain_summary = {k: v for k, v in pretrain.items() if k != "done"}
@@ -265,9 +354,7 @@ class TrialLoop:
             self._build_pretrain_stage().load_state_dict(pretrain["stage"])
         # LayerDrop draws decision k from (seed, k): continue the sequence, not restart it.
         set_layerdrop_step(unwrap(self.model), self.step)
-        torch.set_rng_state(state["rng"]["torch"])
-        np.random.set_state(state["rng"]["numpy"])
-        random.setstate(state["rng"]["python"])
+        set_rng_state(state["rng"])
 
     # -- one epoch ------------------------------------------------------------------------------
 
@@ -275,8 +362,6 @@ class TrialLoop:
         return {k: batch[k].to(self.device, non_blocking=True) for k in MODEL_INPUTS}
 
     def train_epoch(self) -> dict[str, float]:
-        import models.hooks as hooks
-
         model, core = self.model, unwrap(self.model)
         model.train()
         cfg = self.cfg.train
@@ -299,20 +384,27 @@ class TrialLoop:
             total = loss + aux if torch.is_tensor(aux) else loss
             self.optimizer.zero_grad(set_to_none=True)
             total.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(core.parameters(), cfg.grad_clip)
-            self.optimizer.step()
+            norm = grad_norm(core.parameters(), cfg.grad_clip)
+            total_value = float(total.detach())
+            finite = self.guard.finite(total_value, norm)
+            if finite:
+                self.optimizer.step()
+            else:  # its NaN gradient would poison every weight: skip it, or stop the trial
+                self.guard.skip(self.epoch + 1, self.step + 1, total_value, norm, self.last_checkpoint)
+                self.optimizer.zero_grad(set_to_none=True)
             self.schedule.step()
             hooks.post_step(core)
             self.step += 1
             n_batches += 1
-            bs = targets.shape[0]
-            n_samples += bs
-            losses += loss.item() * bs
-            aux_losses += float(aux.detach()) * bs if torch.is_tensor(aux) else 0.0
+            if finite:  # a skipped step's loss would make the epoch's mean NaN
+                bs = targets.shape[0]
+                n_samples += bs
+                losses += loss.item() * bs
+                aux_losses += float(aux.detach()) * bs if torch.is_tensor(aux) else 0.0
             ran = core.layers_ran  # {stack: [layer indices]} of this forward (LayerDrop's choice)
             for stack, layers in ran.items():
                 layer_counts[stack] = layer_counts.get(stack, 0.0) + len(layers)
+            self.steps_dropping += any(len(ran[s]) < self.depths[s] for s in ran)
             drop_trace = zlib.crc32(repr(sorted(ran.items())).encode(), drop_trace)
         seconds = time.perf_counter() - start
         self.times.add("train_s", seconds)
@@ -325,6 +417,7 @@ class TrialLoop:
             # samples/s of the whole group: every rank trains the same number of samples.
             "train/samples_per_s": n_samples * self.world_size / max(seconds, 1e-9),
             "train/steps": float(self.step),
+            "train/nonfinite_steps": float(self.guard.count),
         }
         for stack, total_layers in layer_counts.items():
             metrics[f"layers/{stack}_ran"] = total_layers / max(1, n_batches)
@@ -394,23 +487,55 @@ class TrialLoop:
             local[k] = local[k][np.sort(first)]
         return local
 
+    @property
+    def eval_metric(self) -> str:
+        """What ``eval/acc`` is (MLflow tag ``eval.metric``): ``vqa_official`` when the evaluation
+        questions carry their human answers (easy-VQA; VQA v2 with the official annotation file),
+        else ``soft_score`` (LXMERT's soft score of the top answer)."""
+        return EVAL_OFFICIAL if self.data.eval.human_answers is not None else EVAL_SOFT
+
+    def question_scores(self, result: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        """Per-question ``(acc, soft_score)`` of an `evaluate` result (rank 0), each (N,) in [0, 1].
+
+        ``acc`` is the official VQA accuracy of the predicted answer string against the question's
+        human answers when they exist (`eval_metric`), else the soft score. Computed once per
+        result and kept in it under ``"acc"``.
+        """
+        soft = np.asarray(result["score"], np.float64)
+        if "acc" not in result:
+            humans = self.data.eval.human_answers
+            if humans is None:
+                result["acc"] = soft
+            else:
+                predicted = [self.data.answers[int(i)] for i in result["pred"]]
+                result["acc"] = humans.scores(result["question_id"], predicted)
+        return result["acc"], soft
+
     def eval_metrics(self, result: dict[str, Any]) -> dict[str, float]:
+        acc, soft = self.question_scores(result)
         types = np.asarray(self.data.eval.answer_type_of(result["question_id"]))
-        by_type = {t: float(result["score"][types == t].mean()) for t in sorted(set(types.tolist()))}
-        out = {"eval/acc": float(np.mean(result["score"])) if len(result["score"]) else 0.0,
+        n = len(acc)
+        out = {"eval/acc": float(acc.mean()) if n else 0.0,
+               "eval/soft_score": float(soft.mean()) if n else 0.0,
                "eval/loss": result["loss_sum"] / max(1, result["n"]),
-               "eval/n": float(len(result["score"]))}
-        for group, acc in by_type.items():
-            out[f"eval/acc_{_slug(group)}"] = acc
+               "eval/n": float(n)}  # fmt: skip
+        for group in sorted(set(types.tolist())):
+            mask = types == group
+            out[f"eval/acc_{_slug(group)}"] = float(acc[mask].mean())
+            out[f"eval/soft_score_{_slug(group)}"] = float(soft[mask].mean())
         return out
 
     def predictions_table(self, result: dict[str, Any]) -> str:
+        """``eval/predictions.csv``: per question, ``score`` = what ``eval/acc`` averages and
+        ``soft_score`` = LXMERT's soft score."""
+        acc, soft = self.question_scores(result)
         answers = self.data.answers
         types = self.data.eval.answer_type_of(result["question_id"])
         qtypes = self.data.eval.question_type_of(result["question_id"])
-        lines = ["question_id,answer,score,answer_type,question_type"]
-        for qid, pred, score, atype, qtype in zip(result["question_id"], result["pred"], result["score"], types, qtypes):
-            lines.append(f"{int(qid)},{_csv(answers[int(pred)])},{float(score):.4f},{_csv(atype)},{_csv(qtype)}")
+        lines = ["question_id,answer,score,answer_type,question_type,soft_score"]
+        for qid, pred, score, atype, qtype, ss in zip(result["question_id"], result["pred"], acc, types, qtypes, soft):
+            lines.append(f"{int(qid)},{_csv(answers[int(pred)])},{float(score):.4f},{_csv(atype)},{_csv(qtype)},"
+                         f"{float(ss):.4f}")
         return "\n".join(lines) + "\n"
 
     def examples(self, result: dict[str, Any], n: int) -> list[dict[str, Any]]:
@@ -435,6 +560,26 @@ class TrialLoop:
             })
         return out
 
+    def engagement(self) -> dict[str, str]:
+        """MLflow tags saying whether the cell's adaptive mechanisms ever changed what it computes.
+
+        ``mechanism.engaged`` is ``true`` when every mechanism of the model engaged (a span that
+        fell below the longest distance it could mask, a learned alpha that left its start, a
+        LayerDrop that dropped a layer), ``false`` when one never did (the cell then computes its
+        simpler neighbour: softmax, fixed-alpha entmax, the plain model), with the measured
+        evidence in ``mechanism.evidence``. No tags for a model without adaptive mechanisms.
+        """
+        found = hooks.engagement(unwrap(self.model))
+        if self.cfg.model.layerdrop.mode != "none":
+            found["layerdrop"] = {
+                "engaged": self.steps_dropping > 0,
+                "evidence": f"LayerDrop skipped layers in {self.steps_dropping} of {self.step} training steps",
+            }
+        if not found:
+            return {}
+        return {"mechanism.engaged": str(all(e["engaged"] for e in found.values())).lower(),
+                "mechanism.evidence": "; ".join(f"{name}: {e['evidence']}" for name, e in sorted(found.items()))}
+
     # -- pretraining ----------------------------------------------------------------------------
 
     def _build_pretrain_stage(self):
@@ -442,6 +587,7 @@ class TrialLoop:
 
         self.pretrain_stage = PretrainStage(self.cfg, self.rank, self.world_size, self.device, self.wrap_model,
                                             self.autocast, self.log)  # fmt: skip
+        self.pretrain_stage.last_checkpoint = self.last_checkpoint
         return self.pretrain_stage
 
     def pretrain(self, report: Callable[[dict[str, float], dict[str, Any] | None], None], tracker=None) -> None:
@@ -485,7 +631,7 @@ class TrialLoop:
         # The optimizer and schedule restart on the transferred weights (Lookahead keeps copies).
         self.optimizer = build_optimizer(core, self.cfg.train.optimizer, self.cfg.train.lr,
                                          self.cfg.train.weight_decay, self.cfg.train.lookahead_k,
-                                         self.cfg.train.lookahead_alpha)  # fmt: skip
+                                         self.cfg.train.lookahead_alpha, self.cfg.train.mechanism_lr_scale)  # fmt: skip
         self.schedule = build_schedule(self.optimizer, self.cfg.train.schedule, self.steps_total,
                                        self.cfg.train.warmup_ratio, self.cfg.train.lr_min,
                                        self.cfg.train.cycle_steps)  # fmt: skip
@@ -508,16 +654,37 @@ class TrialLoop:
 
     # -- the whole trial ------------------------------------------------------------------------
 
-    def fit(self, report: Callable[[dict[str, float], dict[str, Any] | None], None],
+    def _reported(self, where: Any) -> None:
+        """Remember where ``report`` put the checkpoint (a path it may return), for the message a
+        diverged trial ends with."""
+        if isinstance(where, str) and where:
+            self.last_checkpoint = where
+            if self.pretrain_stage is not None:
+                self.pretrain_stage.last_checkpoint = where
+
+    def fit(self, report: Callable[[dict[str, float], dict[str, Any] | None], Any],
             tracker=None) -> dict[str, float]:
         """Train the remaining epochs; after each, ``report(metrics, state)`` then log to MLflow.
 
         ``report`` receives the checkpoint state on rank 0 (``None`` elsewhere) and must persist
         it before returning (Ray Train's ``report`` does): MLflow is written after it, so a crash
-        between the two only delays logging to the next resume's catch-up.
-        """
-        import models.hooks as hooks
+        between the two only delays logging to the next resume's catch-up. It may return where it
+        put the checkpoint (a path), which a divergence message then names.
 
+        A failure that no retry can fix (divergence, a config or checkpoint error; see
+        :func:`sweeps.failures.classify`) tags the MLflow run with its cause and closes it as
+        FAILED before it propagates.
+        """
+        try:
+            return self._fit(report, tracker)
+        except Exception as err:
+            failure = classify(err)
+            if failure is not None:
+                record_failure(tracker, *failure)
+            raise
+
+    def _fit(self, report: Callable[[dict[str, float], dict[str, Any] | None], Any],
+             tracker=None) -> dict[str, float]:
         cfg = self.cfg
         core = unwrap(self.model)
         if tracker is not None:
@@ -534,7 +701,7 @@ class TrialLoop:
                 "data/eval_questions": float(len(self.data.eval)),
             })
             tracker.set_tags({"trial.precision": self.precision, "trial.device": self.device.type,
-                              "trial.world_size": str(self.world_size)})
+                              "trial.world_size": str(self.world_size), "eval.metric": self.eval_metric})
         if self.pretrain_pending:
             self.pretrain(report, tracker)
         while self.epoch < cfg.train.epochs:
@@ -568,6 +735,9 @@ class TrialLoop:
                 )
             if tracker is not None:
                 tracker.log_epoch(self.epoch, metrics)
+                engaged = self.engagement()
+                if engaged:
+                    tracker.set_tags(engaged)
                 from sweeps.tracking import csv_text
 
                 tracker.log_text(csv_text(self.head_rows), "stats/attention_heads.csv")
@@ -587,12 +757,14 @@ class TrialLoop:
         final.update(self.times.metrics())  # after the last MLflow call: the whole trial
         return final
 
-    def _report(self, report: Callable[[dict[str, float], dict[str, Any] | None], None],
+    def _report(self, report: Callable[[dict[str, float], dict[str, Any] | None], Any],
                 metrics: dict[str, float]) -> None:
-        """``report`` (the checkpoint) with its time, state building included, in ``time/checkpoint_s``."""
+        """``report`` (the checkpoint) with its time, state building included, in ``time/checkpoint_s``;
+        where it put the checkpoint is remembered (:meth:`_reported`)."""
         t0 = time.perf_counter()
-        report(metrics, self.state_dict() if self.rank == 0 else None)
+        where = report(metrics, self.state_dict() if self.rank == 0 else None)
         self.times.add("checkpoint_s", time.perf_counter() - t0)
+        self._reported(where)
 
 
 def _slug(text: str) -> str:

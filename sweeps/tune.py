@@ -6,9 +6,12 @@ training loop in the trainable's own process and reports its checkpoints to Tune
 under ``<runs>/ray/<sweep>/<key>``; any other trial builds a Ray Train V2 ``TorchTrainer`` and
 calls ``.fit()`` (``Tuner(trainer)`` is the V1 API and fails under V2), its Train run named after
 the trial key and stored under ``<runs>/ray/<sweep>/train/<key>``. Either way a restarted trial
-(Tune retry, Train worker-group restart, restored sweep) finds its latest checkpoint and resumes
-from it. The Tune experiment is stored under ``<runs>/ray/<sweep>``: rerunning the same command
-after the driver died restores it (``Tuner.restore``), and finished trials are not rerun.
+(Tune retry, Train worker-group restart, rerun sweep) finds its latest checkpoint and resumes
+from it. The Tune experiment is stored under ``<runs>/ray/<sweep>``, with a ledger of the trials
+that ended (:data:`LEDGER`, JSON): rerunning the same command after the driver died runs a new
+Tuner over the trials the ledger lacks, which resume from their checkpoints; ended trials are not
+rerun. (Not ``Tuner.restore``: it unpickles Tune's saved state, and nothing unpickled from the
+runs dir is trusted.)
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from ray.tune import Callback
 
 from sweeps import executor as executors
 from sweeps.config import ConfigError, flatten
+from sweeps.failures import failure_of
 from sweeps.grid import Plan, Trial
 
 #: What a trial's own process (the function trainable, the Train driver) reserves on the ``train``
@@ -83,7 +87,9 @@ class TrialOutcome:
     key: str
     cell: str
     seed: int
-    status: str  # TERMINATED | ERROR | PENDING | RUNNING
+    #: TERMINATED | ERROR (raised, retries spent) | FAILED (not retried: its cause in ``error``) |
+    #: UNFINISHED (the sweep was interrupted before it ended)
+    status: str
     metrics: dict[str, Any] = field(default_factory=dict)
     error: str = ""
     duration_s: float = 0.0
@@ -212,9 +218,13 @@ def _run_train(spec: dict[str, Any], env: dict[str, str], started: float) -> dic
     )
     result = trainer.fit()
     prune_unregistered_checkpoints(result, spec["trial_key"])
+    returned = result.return_value if isinstance(result.return_value, dict) else {}
+    if failure_of(returned):
+        # A trial that ended without a retry returns its cause (rank 0's return value), not its
+        # last checkpoint's metrics.
+        return dict(returned)
     metrics = dict(result.metrics or {})
-    if isinstance(result.return_value, dict):  # rank 0's: the time account up to its last line
-        metrics.update(result.return_value)
+    metrics.update(returned)  # rank 0's: the last epoch's metrics and the time account up to its last line
     return metrics
 
 
@@ -376,8 +386,9 @@ def write_manifest(paths: SweepPaths, plan: Plan, extra: dict[str, Any]) -> None
 class Progress(Callback):
     """One line per epoch and per finished trial, instead of Tune's tables."""
 
-    def __init__(self, total: int):
+    def __init__(self, total: int, ledger: Path | None = None):
         self.total = total
+        self.ledger = ledger  # where ended trials are recorded (what a rerun of the sweep skips)
         self.done = 0
         self.start = time.time()
         self.printed: set[tuple[str, int]] = set()
@@ -411,6 +422,15 @@ class Progress(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.done += 1
+        result = dict(trial.last_result or {})
+        # Only run_trial's own return value carries trial_wall_s: a trial stopped mid-way has none.
+        if self.ledger is not None and "trial_wall_s" in result:
+            _record_ended(self.ledger, _trial_name(trial), result, trial.config.get("search"))
+        failure = failure_of(trial.last_result)
+        if failure:  # ended without a retry (sweeps/failures.py): no accuracy to show
+            print(f"{self._stamp()} FAILED {self._key(trial)} ({self.done}/{self.total}), not retried: {failure}",
+                  flush=True)
+            return
         acc = (trial.last_result or {}).get("best/acc")
         acc_s = f"best acc {acc:.4f}" if isinstance(acc, (int, float)) else ""
         print(f"{self._stamp()} finished {self._key(trial)} ({self.done}/{self.total}) {acc_s}", flush=True)
@@ -444,59 +464,50 @@ SEARCH_SPACE = {
 }
 
 
-def _fit(name: str, paths: SweepPaths, param_space: dict[str, Any] | None, n_at_once: int, restore: bool,
+def _fit(name: str, paths: SweepPaths, param_space: dict[str, Any] | None, n_at_once: int,
          progress: Callback, search_alg=None, num_samples: int = 1, max_failures: int = 1,
          reuse_actors: bool = False):
-    """Run one Tune experiment (or restore and finish it); returns (results, wall_s, done_before).
+    """Run one Tune experiment over ``param_space`` (the trials not finished yet); returns
+    (results, wall_s).
+
+    A rerun of an interrupted sweep builds a new Tuner over its unfinished trials instead of
+    ``Tuner.restore``: Tune's saved experiment state is pickled Python objects, and unpickling a
+    file from the runs dir (shared storage on a cluster) could run any code. What a restore needs
+    is elsewhere, in plain data: which trials finished (:func:`read_ledger`, JSON) and each
+    unfinished trial's last checkpoint (Ray Train's JSON snapshot on the Train path, the
+    executor's JSON pointer on the in-process path, :func:`sweeps.executor.find_resume`; both
+    ``state.pt`` read with ``weights_only=True``).
 
     ``max_failures``: Tune's retries per trial (:func:`tune_max_failures`); ``reuse_actors``: see
-    :func:`reuse_trial_processes`. A restored experiment keeps the settings it was created with.
+    :func:`reuse_trial_processes`.
     """
     from ray import tune
 
-    # Tune saves its experiment state (which checkpoint each trial has) every 10 s or more by
-    # default; a restored in-process trial resumes from the newest checkpoint that state names, so
-    # save it every second: a driver killed right after an epoch's checkpoint then rarely costs the
-    # epoch. (Ray Train's checkpoints are tracked by their own controller, as they are reported.)
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     trainable = tune.with_resources(run_trial, trainable_resources)
-    path = str(paths.ray_dir / name)
-    done_before: set[str] = set()
-    if restore and tune.Tuner.can_restore(path):
-        print(f"restoring '{name}' from {path}: finished trials are kept", flush=True)
-        try:
-            from ray.tune import ExperimentAnalysis
-
-            done_before = {t.trial_id for t in ExperimentAnalysis(path).trials if t.status == "TERMINATED"}
-        except Exception:  # only affects which durations count towards the overhead ratio
-            pass
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
-                                   resume_errored=True, restart_errored=False)
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space=param_space,
-            tune_config=tune.TuneConfig(
-                max_concurrent_trials=n_at_once, reuse_actors=reuse_actors, search_alg=search_alg,
-                num_samples=num_samples, trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
-            ),
-            run_config=tune.RunConfig(
-                name=name,
-                storage_path=str(paths.ray_dir),
-                failure_config=tune.FailureConfig(max_failures=max_failures),
-                # In-process trials' checkpoints (Train-path trials report metrics only to Tune).
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=NUM_TO_KEEP),
-                callbacks=[progress],
-                verbose=0,
-            ),
-        )
+    tuner = tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=n_at_once, reuse_actors=reuse_actors, search_alg=search_alg,
+            num_samples=num_samples, trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=str(paths.ray_dir),
+            failure_config=tune.FailureConfig(max_failures=max_failures),
+            # In-process trials' checkpoints (Train-path trials report metrics only to Tune).
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=NUM_TO_KEEP),
+            callbacks=[progress],
+            verbose=0,
+        ),
+    )
     start = time.time()
     results = tuner.fit()
     wall = time.time() - start
     for result in results:
         if result.config["trial"].get("executor") == executors.IN_PROCESS and not result.error:
             prune_unregistered_checkpoints(result, _result_name(result))
-    return results, wall, done_before
+    return results, wall
 
 
 def _result_name(result) -> str:
@@ -504,40 +515,98 @@ def _result_name(result) -> str:
     return Path(result.path).name
 
 
-def _outcomes(results, done_before: set[str]) -> list[TrialOutcome]:
+#: In each Tune experiment's folder: the trials that ended (finished, or failed without a retry).
+LEDGER = "ended_trials.json"
+
+
+def read_ledger(path: Path) -> dict[str, dict[str, Any]]:
+    """``{trial name: {"metrics": last result, "search": point or None}}`` of the trials that
+    ended in earlier runs of a Tune experiment (``{}`` when none did)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _record_ended(path: Path, name: str, result: dict[str, Any], point: dict[str, Any] | None) -> None:
+    """Add one ended trial to the ledger (atomically: a killed driver leaves the old or the new one)."""
+    ledger = read_ledger(path)
+    metrics = {k: v for k, v in result.items() if k != "config" and isinstance(v, (int, float, str, bool))}
+    ledger[name] = {"metrics": metrics, "search": point}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(ledger, default=str))
+    os.replace(tmp, path)
+
+
+def _ledger_outcome(spec: dict[str, Any], record: dict[str, Any], key: str = "") -> TrialOutcome:
+    """A trial that ended in an earlier run of the sweep, as this run reports it."""
+    metrics = dict(record.get("metrics") or {})
+    failure = failure_of(metrics)
+    return TrialOutcome(key=key or spec["trial_key"], cell=spec["tags"]["trial.cell"], seed=int(spec["tags"]["trial.seed"]),
+                        status="FAILED" if failure else "TERMINATED", metrics=metrics, error=failure,
+                        duration_s=float(metrics.get("trial_wall_s", 0.0) or 0.0), ran_now=False)
+
+
+def _ledger(paths: SweepPaths, name: str, restore: bool) -> tuple[Path, dict[str, dict[str, Any]]]:
+    """The experiment's ledger and, when restoring, what it holds (a new sweep starts it empty)."""
+    path = paths.ray_dir / name / LEDGER
+    if not restore:
+        path.unlink(missing_ok=True)
+        return path, {}
+    return path, read_ledger(path)
+
+
+def _outcomes(results) -> list[TrialOutcome]:
+    # Tune's own status per trial (the ResultGrid keeps the trials in its analysis, in result order):
+    # a trial stopped by Ctrl-C / SIGTERM ends with no error and is not finished either.
+    analysis = getattr(results, "_experiment_analysis", None)
+    states = [t.status for t in analysis.trials] if analysis is not None else []
     out = []
-    for result in results:
+    for i, result in enumerate(results):
         spec = result.config["trial"]
         metrics = dict(result.metrics or {})
-        status = "ERROR" if result.error else "TERMINATED"
-        trial_id = metrics.get("trial_id", "")
+        failure = failure_of(metrics)  # ended without a retry, with its cause (sweeps/failures.py)
+        state = states[i] if len(states) == len(results) else "TERMINATED"
+        status = ("ERROR" if result.error else "FAILED" if failure
+                  else "TERMINATED" if state == "TERMINATED" else "UNFINISHED")
         out.append(TrialOutcome(
             key=spec["trial_key"],
             cell=spec["tags"]["trial.cell"],
             seed=int(spec["tags"]["trial.seed"]),
             status=status,
             metrics=metrics,
-            error=error_summary(result.error),
+            error=error_summary(result.error) if result.error else failure,
             duration_s=float(metrics.get("trial_wall_s", 0.0) or 0.0),
-            ran_now=status == "TERMINATED" and trial_id not in done_before,
+            ran_now=status == "TERMINATED",
         ))
     return out
 
 
 def run(plan: Plan, paths: SweepPaths, context: dict[str, Any], max_concurrent: int = 0,
         restore: bool = True) -> SweepOutcome:
-    """Run (or restore and finish) every trial of ``plan`` on the connected Ray cluster."""
+    """Run (or, with ``restore``, finish) every trial of ``plan`` on the connected Ray cluster."""
     import ray
     from ray import tune
 
     specs = [trial_spec(t, paths, context) for t in longest_first(plan.trials)]
     n_at_once = concurrency(plan, ray.cluster_resources(), max_concurrent)
     paths.train_dir.mkdir(parents=True, exist_ok=True)
-    results, wall, done_before = _fit(paths.sweep_id, paths, {"trial": tune.grid_search(specs)}, n_at_once,
-                                      restore, Progress(len(specs)), max_failures=tune_max_failures(specs),
-                                      reuse_actors=reuse_trial_processes(specs))
+    ledger, ended = _ledger(paths, paths.sweep_id, restore)
+    todo = [s for s in specs if s["trial_key"] not in ended]
+    if restore:
+        print(f"restoring '{paths.sweep_id}': {len(specs) - len(todo)} ended trial(s) kept, {len(todo)} to run or "
+              "resume from their checkpoints", flush=True)
+    outcomes = [_ledger_outcome(s, ended[s["trial_key"]]) for s in specs if s["trial_key"] in ended]
+    wall = 0.0
+    if todo:
+        results, wall = _fit(paths.sweep_id, paths, {"trial": tune.grid_search(todo)}, n_at_once,
+                             Progress(len(todo), ledger), max_failures=tune_max_failures(todo),
+                             reuse_actors=reuse_trial_processes(todo))
+        outcomes += _outcomes(results)
     order = {t.key: i for i, t in enumerate(plan.trials)}
-    outcomes = sorted(_outcomes(results, done_before), key=lambda o: order.get(o.key, len(order)))
+    outcomes = sorted(outcomes, key=lambda o: order.get(o.key, len(order)))
     return SweepOutcome(trials=outcomes, wall_s=wall, concurrency=n_at_once)
 
 
@@ -573,19 +642,29 @@ def search(plan: Plan, paths: SweepPaths, context: dict[str, Any], n_trials: int
                 space[key] = tune.loguniform(base * lo, base * hi)
             else:
                 space[key] = tune.uniform(lo, hi)
-        print(f"search: {cell}: {n_trials} Optuna trials over {', '.join(space)}", flush=True)
-        results, seconds, done_before = _fit(
-            f"{paths.sweep_id}-search-{cell}", paths, {"trial": spec, "search": space}, n_at_once, restore,
-            Progress(n_trials), search_alg=OptunaSearch(metric="best/acc", mode="max", seed=trial.seed),
-            num_samples=n_trials, max_failures=tune_max_failures([spec]),
-            reuse_actors=reuse_trial_processes([spec]),
-        )
-        wall += seconds
-        outcomes.extend(_outcomes(results, done_before))
-        finished = [r for r in results if not r.error and "best/acc" in (r.metrics or {})]
+        name = f"{paths.sweep_id}-search-{cell}"
+        ledger, ended = _ledger(paths, name, restore)
+        # (point, metrics) of every search trial that ended, in earlier runs and in this one
+        points = [(r["search"], r.get("metrics") or {}) for r in ended.values() if r.get("search")]
+        outcomes.extend(_ledger_outcome(spec, r, key) for key, r in ended.items())
+        remaining = n_trials - len(ended)
+        print(f"search: {cell}: {remaining} Optuna trials over {', '.join(space)}"
+              + (f" ({len(ended)} ended before)" if ended else ""), flush=True)
+        if remaining > 0:
+            results, seconds = _fit(
+                name, paths, {"trial": spec, "search": space}, n_at_once, Progress(remaining, ledger),
+                search_alg=OptunaSearch(metric="best/acc", mode="max", seed=trial.seed + len(ended)),
+                num_samples=remaining, max_failures=tune_max_failures([spec]),
+                reuse_actors=reuse_trial_processes([spec]),
+            )
+            wall += seconds
+            outcomes.extend(_outcomes(results))
+            points += [(r.config["search"], dict(r.metrics or {})) for r in results if not r.error]
+        finished = [(p, m) for p, m in points
+                    if not failure_of(m) and isinstance(m.get("best/acc"), (int, float)) and m["best/acc"] == m["best/acc"]]
         if not finished:
             raise RuntimeError(f"search: every Optuna trial of cell '{cell}' failed; see {paths.ray_dir}")
-        top = max(finished, key=lambda r: r.metrics["best/acc"])
-        best[cell] = {k: float(v) for k, v in top.config["search"].items()}
-        print(f"search: {cell}: best {best[cell]} (acc {top.metrics['best/acc']:.4f})", flush=True)
+        point, metrics = max(finished, key=lambda pm: pm[1]["best/acc"])
+        best[cell] = {k: float(v) for k, v in point.items()}
+        print(f"search: {cell}: best {best[cell]} (acc {metrics['best/acc']:.4f})", flush=True)
     return best, SweepOutcome(trials=outcomes, wall_s=wall, concurrency=n_at_once)

@@ -1,4 +1,4 @@
-"""Data and metrics: VQA v2 from LXMERT's files and easy-VQA (the offline default).
+"""Data and metrics: VQA v2, GQA and NLVR2 from LXMERT's files, and easy-VQA (the offline default).
 
 Knows models only through the batch it hands over (docs/interfaces.md)::
 
@@ -21,10 +21,10 @@ __all__ = ["ArrayDataset", "ConfigError", "DataConfig", "TaskData", "default_cac
 def prepare(cfg: DataConfig) -> dict:
     """Do the task's one-time work into ``cfg.cache_dir`` (idempotent; a no-op once done).
 
-    easy-VQA: region features of the 5,000 images and tokenised questions. VQA v2: checks that
-    every needed LXMERT file exists (before any work, naming the missing file and what produces
-    it), converts the ``*_obj36.tsv`` feature files to memory-mapped arrays (resumable) and
-    tokenises the question JSONs.
+    easy-VQA: region features of the 5,000 images and tokenised questions. VQA v2, GQA, NLVR2:
+    checks that every needed LXMERT file exists (before any work, naming the missing file and what
+    produces it), converts the ``*_obj36.tsv`` feature files to memory-mapped arrays (resumable)
+    and tokenises the question JSONs.
 
     Returns:
         What was prepared where (paths, timings), for logging.
@@ -34,13 +34,7 @@ def prepare(cfg: DataConfig) -> dict:
         ConfigError: a bad config field (named).
     """
     cfg = cfg.resolved()
-    if cfg.name == "easyvqa":
-        from tasks import easyvqa
-
-        return easyvqa.prepare(cfg)
-    from tasks.vqa import data as vqa
-
-    return vqa.prepare(cfg)
+    return _task_module(cfg.name).prepare(cfg)
 
 
 def load(cfg: DataConfig) -> TaskData:
@@ -51,10 +45,14 @@ def load(cfg: DataConfig) -> TaskData:
         ``.visual_feat_dim``, ``.num_regions``, ``.max_seq_len`` and ``.summary``.
     """
     cfg = cfg.resolved()
-    if cfg.name == "easyvqa":
-        from tasks import easyvqa
+    data = _task_module(cfg.name).load(cfg)
+    data.train.epoch_size = cfg.epoch_size
+    return data
 
-        return easyvqa.load(cfg)
-    from tasks.vqa import data as vqa
 
-    return vqa.load(cfg)
+def _task_module(name: str):
+    """The module with ``prepare(cfg)`` / ``load(cfg)`` for task ``name`` (imported on demand)."""
+    import importlib
+
+    modules = {"easyvqa": "tasks.easyvqa", "vqa": "tasks.vqa.data", "gqa": "tasks.gqa.data", "nlvr2": "tasks.nlvr2.data"}
+    return importlib.import_module(modules[name])

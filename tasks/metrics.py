@@ -1,29 +1,44 @@
 """VQA accuracy: the official VQA v2 metric, the soft-score accuracy, per-type reports, results files.
 
-**Official accuracy** (Antol et al. 2015; Goyal et al. 2017; the evaluation code of
-github.com/GT-Vision-Lab/VQA, ``vqaEval.py``). A question has 10 human answers. The predicted
-answer is normalised (newlines and tabs to spaces, trimmed, `process_punctuation`, then
-`process_digit_article`). If the 10 human answers are not all identical, each of them is passed
-through `process_punctuation` (only that: the human answers in the annotation files are already
-normalised). Then, for each of the 10 answers, the other 9 are compared with the prediction and
-``min(1, matches / 3)`` is taken; the question's accuracy is the mean of these 10 values. So
-exactly 1 matching human gives 0.3 (the 9 subsets that contain it score 1/3, the one that does
-not scores 0), 2 give 0.6, 3 give 0.9 and 4 or more give 1.0: LXMERT's soft scores. Reports are percentages (0-100), overall and per answer / question type,
-averaged over questions; the official script rounds them to 2 decimals, we leave that to display.
+**Official accuracy** (Antol et al. 2015; Goyal et al. 2017). The reference is the *current*
+evaluation code of the VQA authors (github.com/GT-Vision-Lab/VQA,
+``PythonEvaluationTools/vqaEvaluation/vqaEval.py`` as of the March 2021 commit "Fixed processing
+answers bug"; the 2016 revision normalised differently). Per question, with its human answers
+(10 in VQA v2) and one predicted answer:
 
-(The shared REFERENCE.md summarises this as "when the human answers differ: punctuation, number
-words, articles, contractions"; the official code applies the full normalisation to the
-*prediction* always and only the punctuation step to the *human answers*, when they differ. We
-follow the code.)
+1. every human answer and the prediction have newlines and tabs turned into spaces and are
+   trimmed at both ends (`strip_answer`);
+2. if the (stripped) human answers are all identical, nothing else happens: the prediction must
+   equal that answer character for character (``"yes!"`` scores 1.0 against ten ``"yes!"``,
+   ``"Yes"`` scores 0.0 against ten ``"yes"``);
+3. otherwise the human answers *and* the prediction each go through `process_punctuation` and
+   then `process_digit_article` (`normalize_answer`);
+4. for each human answer, the *other* answers are compared with the prediction and
+   ``min(1, matches / 3)`` is taken; the question scores the mean of these values. With 10 answers,
+   1 matching human gives 0.3 (the 9 subsets holding it score 1/3, the one without it 0), 2 give
+   0.6, 3 give 0.9, 4 or more 1.0: LXMERT's soft scores.
+
+The official code leaves out "the other answers" by comparing whole answer records (answer, confidence,
+answer id); the ids of a question are distinct in the official files, so exactly one answer is left
+out each time, which is what `official_accuracy` does with plain strings.
+
+The official code is Python 2: its regular expressions are compiled without the UNICODE flag, so
+``\\d`` means the ASCII digits 0-9 only (here: ``re.ASCII``). Its period pattern opens with a
+malformed look-behind (``(?!<=\\d)``, a look-*ahead* for the text "<=digit" at a place that holds
+a period, so it never blocks a match) and passes ``re.UNICODE`` (= 32) where ``sub`` takes the
+count: at most 32 periods go. Both quirks are kept. Reports are percentages (0-100), overall and
+per answer / question type, averaged over questions; the official script rounds them to 2
+decimals, we leave that to display.
 
 **Soft-score accuracy** (LXMERT's evaluation when only its label files exist): the soft target
-of the arg-max answer (soft scores 0 / 0.3 / 0.6 / 0.9 / 1.0 from the count of matching humans),
-averaged. It equals the official accuracy up to the normalisation of unusual answer strings and
-answers outside the 3,129-answer vocabulary.
+of the arg-max answer (0 / 0.3 / 0.6 / 0.9 / 1.0 from the count of matching humans in LXMERT's
+preprocessing), averaged. It follows the official accuracy closely but not exactly: the labels
+were computed by a preprocessing step with its own answer normalisation.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections import defaultdict
@@ -37,11 +52,12 @@ import numpy as np
 # Characters the official code deletes (when the text has "p " / " p" or a digit,digit group) or
 # replaces by a space (otherwise). '.', "'" and ':' are not among them.
 PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!")
-_DIGIT_COMMA_DIGIT = re.compile(r"\d,\d")
-# A period not followed by a digit is removed ("3.5" keeps its point). The official pattern
-# "(?!<=\d)(\.)(?!\d)" opens with a malformed look-behind that never fires, and passes re.UNICODE
-# (= 32) as the count: at most 32 periods are removed. Both quirks are kept.
-_PERIOD = re.compile(r"\.(?!\d)")
+# re.ASCII: the official (Python 2) patterns have no UNICODE flag, so \d is [0-9] there.
+_DIGIT_COMMA_DIGIT = re.compile(r"\d,\d", re.ASCII)
+# A period not followed by a digit is removed ("3.5" keeps its point); the official pattern's
+# look-behind is malformed and never fires, and its count argument is re.UNICODE = 32.
+_PERIOD = re.compile(r"\.(?!\d)", re.ASCII)
+_PERIOD_COUNT = 32
 NUMBER_WORDS = {
     "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
     "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
@@ -97,8 +113,8 @@ def process_punctuation(text: str) -> str:
     """The official punctuation step.
 
     Each character of `PUNCTUATION` is deleted if the *original* text has it next to a space
-    (``"p "`` or ``" p"``) or contains a digit-comma-digit group (``"1,000"``), else replaced
-    by a space; then periods not followed by a digit are removed (at most 32).
+    (``"p "`` or ``" p"``) or contains an ASCII digit-comma-digit group (``"1,000"``), else
+    replaced by a space; then periods not followed by an ASCII digit are removed (at most 32).
     """
     out = text
     strip_all = _DIGIT_COMMA_DIGIT.search(text) is not None
@@ -107,7 +123,7 @@ def process_punctuation(text: str) -> str:
             out = out.replace(p, "")
         else:
             out = out.replace(p, " ")
-    return _PERIOD.sub("", out, count=32)
+    return _PERIOD.sub("", out, count=_PERIOD_COUNT)
 
 
 def process_digit_article(text: str) -> str:
@@ -119,17 +135,27 @@ def process_digit_article(text: str) -> str:
     return " ".join(CONTRACTIONS.get(w, w) for w in words)
 
 
-def normalize_prediction(answer: str) -> str:
-    """How the official evaluation normalises a predicted answer before matching."""
-    answer = answer.replace("\n", " ").replace("\t", " ").strip()
-    return process_digit_article(process_punctuation(answer))
+def strip_answer(text: str) -> str:
+    """What the official code does to every answer, human or predicted: newlines and tabs become
+    spaces, then both ends are trimmed (of any whitespace)."""
+    return text.replace("\n", " ").replace("\t", " ").strip()
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def normalize_answer(text: str) -> str:
+    """`process_punctuation` then `process_digit_article`: what the official code applies to the
+    (stripped) prediction and human answers of a question whose human answers are not all identical.
+
+    Cached: evaluation normalises the same few thousand answer strings over and over.
+    """
+    return process_digit_article(process_punctuation(text))
 
 
 def official_accuracy(prediction: str, human_answers: Sequence[str]) -> float:
-    """The official accuracy of one predicted answer, in [0, 1].
+    """The official accuracy of one predicted answer, in [0, 1] (the rules in the module docstring).
 
     Args:
-        prediction: the predicted answer string (normalised here).
+        prediction: the predicted answer string, as the model outputs it (normalised here).
         human_answers: the question's human answers (10 in VQA v2), as in the annotation file.
 
     Returns:
@@ -137,10 +163,11 @@ def official_accuracy(prediction: str, human_answers: Sequence[str]) -> float:
     """
     if not human_answers:
         raise ValueError("a question needs at least one human answer")
-    pred = normalize_prediction(prediction)
-    gts = list(human_answers)
+    gts = [strip_answer(a) for a in human_answers]
+    pred = strip_answer(prediction)
     if len(set(gts)) > 1:
-        gts = [process_punctuation(a) for a in gts]
+        gts = [normalize_answer(a) for a in gts]
+        pred = normalize_answer(pred)
     matches = sum(a == pred for a in gts)
     # Leaving out answer i removes one match exactly when answer i matched.
     accs = [min(1.0, (matches - (a == pred)) / 3) for a in gts]
@@ -241,13 +268,31 @@ def evaluate_dataset(dataset, question_ids, predictions) -> AccuracyReport:
         predictions: (N, A) logits or (N,) answer indices, in the same order.
     """
     q = _np(question_ids).astype(np.int64).reshape(-1)
-    p = _np(predictions)
-    idx = p.argmax(1) if p.ndim == 2 else p.astype(np.int64)
+    return aggregate(label_scores(dataset, q, predictions), dataset.answer_type_of(q), dataset.question_type_of(q))
+
+
+def label_scores(dataset, question_ids, predictions) -> np.ndarray:
+    """Per question, the stored label score of the predicted answer (0 when it is not a label).
+
+    LXMERT's evaluators for VQA (soft score), GQA (``{answer: 1.0}``: exact match) and NLVR2 (the
+    class "True" / "False" as a label of score 1) all average this.
+
+    Args:
+        dataset: a `tasks.dataset.ArrayDataset` (its ``label_idx`` / ``label_score`` arrays).
+        question_ids: (N,) ids.
+        predictions: (N, A) logits or (N,) answer indices, in the same order.
+
+    Returns:
+        (N,) float64.
+    """
+    q = as_ids(question_ids)
+    idx = predicted_indices(predictions)
+    if len(idx) != len(q):
+        raise ValueError(f"{len(q)} question ids for {len(idx)} predictions")
     pos = dataset.positions(q)
     li = np.asarray(dataset.arrays["label_idx"])[pos]
     ls = np.asarray(dataset.arrays["label_score"])[pos]
-    scores = np.where(li == idx[:, None], ls, 0).sum(1)
-    return aggregate(scores, dataset.answer_type_of(q), dataset.question_type_of(q))
+    return np.where(li == idx[:, None], ls, 0).sum(1).astype(np.float64)
 
 
 # ------------------------------------------------------------------------- official files / I/O
@@ -375,3 +420,21 @@ def _np(x) -> np.ndarray:
     if hasattr(x, "detach"):
         x = x.detach().cpu().numpy()
     return np.asarray(x)
+
+
+def as_ids(question_ids) -> np.ndarray:
+    """(N,) int64 question ids from a list, numpy array or torch tensor."""
+    return _np(question_ids).astype(np.int64).reshape(-1)
+
+
+def predicted_indices(predictions) -> np.ndarray:
+    """(N,) int64 predicted answer indices from (N, A) logits / probabilities or (N,) indices."""
+    p = _np(predictions)
+    return p.argmax(1) if p.ndim == 2 else p.astype(np.int64).reshape(-1)
+
+
+def check_unique(question_ids: np.ndarray) -> None:
+    """Raise naming the first id predicted more than once (DDP padding repeats a few questions)."""
+    ids, counts = np.unique(question_ids, return_counts=True)
+    if (counts > 1).any():
+        raise ValueError(f"question_id {int(ids[counts > 1][0])} is predicted twice (deduplicate DDP padding first)")

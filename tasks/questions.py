@@ -1,7 +1,8 @@
 """Writing one split's questions as the arrays `tasks.dataset.QuestionPart` memory-maps.
 
-Shared by easy-VQA and VQA v2: both reduce to question texts, an image row per question, soft
-labels ``{answer: score}``, and answer / question types. Tokenisation happens here, once.
+Shared by easy-VQA, VQA v2, GQA and NLVR2: all reduce to question texts, an image row per
+question (NLVR2: two, one per image of the pair), soft labels ``{answer: score}``, and answer /
+question types. Tokenisation happens here, once.
 """
 
 from __future__ import annotations
@@ -28,13 +29,15 @@ def write_part(
     tokenizer: Tokenizer,
     max_seq_len: int,
     extra_meta: dict | None = None,
+    source_ids: Sequence[str] | None = None,
 ) -> dict:
     """Tokenise and store one split; return its ``meta.json`` content.
 
     Args:
         directory: an empty directory (the store's temporary name).
         texts: N question strings.
-        image_index: (N,) row of each question's image in its feature store.
+        image_index: (N,) row of each question's image in its feature store, or (N, K) rows of
+            its K images (NLVR2: K = 2, ``img0`` then ``img1``).
         labels: N soft-label dicts ``{answer: score}`` (empty for unlabelled test questions).
             Answers missing from ``ans2label`` are dropped from the targets and counted.
         question_ids: (N,) int64 ids, unique within the split.
@@ -44,6 +47,9 @@ def write_part(
         tokenizer: the resolved tokenizer.
         max_seq_len: T, tokens per question including ``[CLS]`` / ``[SEP]``.
         extra_meta: merged into the returned meta (provenance).
+        source_ids: N ids as the source file writes them, when they are not the integer
+            ``question_ids`` (GQA's string question ids, NLVR2's identifiers); kept in
+            ``source_ids.json`` for results files.
 
     Returns:
         The meta dict (counts: ``questions``, ``oov_labels``, ``questions_with_oov``, ``truncated``).
@@ -84,6 +90,10 @@ def write_part(
         st.save(directory, name, a)
     st.write_json(directory / "texts.json", list(texts))
     st.write_json(directory / "labels.json", [dict(lab) for lab in labels])
+    if source_ids is not None:
+        if len(source_ids) != n:
+            raise ValueError(f"source_ids has {len(source_ids)} rows for {n} questions")
+        st.write_json(directory / "source_ids.json", [str(i) for i in source_ids])
     meta = {
         "questions": n,
         "oov_labels": int(n_oov.sum()),

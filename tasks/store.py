@@ -84,6 +84,98 @@ def publish(tmp: Path, path: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)  # lost the race: the winner's copy is identical
 
 
+def replace(tmp: Path, path: Path) -> None:
+    """Put the finished store ``tmp`` in place of the (stale) store at ``path``.
+
+    The old directory is renamed aside first and removed after: readers that already opened its
+    files keep them (POSIX), new readers see either the old store or the new one, never a mix.
+    """
+    if not path.exists():
+        publish(tmp, path)
+        return
+    for f in tmp.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    aside = path.with_name(f"{path.name}.stale-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    os.rename(path, aside)
+    os.rename(tmp, path)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# what a store was built from
+# ------------------------------------------------------------------------------------------------
+
+#: Files up to this size are hashed whole; larger ones by their first and last HEAD_TAIL bytes.
+FULL_HASH_MAX = 64 << 20
+HEAD_TAIL = 1 << 20
+_HASHES: dict[tuple, tuple[str, str]] = {}
+
+
+def source_signature(path: str | Path) -> dict:
+    """What identifies the content of the source file ``path``: its size, modification time and a
+    SHA-256 (of the whole file up to 64 MiB, else of its first and last MiB with the size).
+
+    Stores record the signatures of their sources (``meta.json``) and are rebuilt when a source's
+    signature changes. A change that keeps size and modification time and touches only the middle
+    of a big file goes unseen; anything that rewrites the file (a copy, a download, an edit) does
+    not. Hashes are remembered per process for an unchanged (path, inode, size, mtime).
+    """
+    path = Path(path).resolve()
+    stat = path.stat()
+    ident = (str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    if ident not in _HASHES:
+        import hashlib
+
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            if stat.st_size <= FULL_HASH_MAX:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+                how = "full"
+            else:
+                digest.update(str(stat.st_size).encode())
+                digest.update(fh.read(HEAD_TAIL))
+                fh.seek(stat.st_size - HEAD_TAIL)
+                digest.update(fh.read(HEAD_TAIL))
+                how = "head+tail"
+        _HASHES[ident] = (digest.hexdigest(), how)
+    sha, how = _HASHES[ident]
+    return {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha, "hashed": how}
+
+
+def same_source(a: dict | None, b: dict | None) -> bool:
+    """Whether two signatures describe the same content (wherever the files live)."""
+    keys = ("size", "mtime_ns", "sha256")
+    return bool(a) and bool(b) and all(a.get(k) == b.get(k) for k in keys)
+
+
+def describe_source(sig: dict | None) -> str:
+    """``path (N bytes, modified <time>, sha256 <12 hex>)`` for messages."""
+    if not sig:
+        return "an unrecorded source (a store from an older converter)"
+    import time
+
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sig.get("mtime_ns", 0) / 1e9))
+    return f"{sig.get('path')} ({sig.get('size')} bytes, modified {when}, sha256 {str(sig.get('sha256', '?'))[:12]})"
+
+
+def content_key(*parts: object) -> str:
+    """A short key for a store's directory name from what it is built from: source signatures
+    (their size, mtime and hash, not their path: a copied data folder reuses the store) and
+    settings such as a format version."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, dict) and "sha256" in part:
+            part = (part.get("size"), part.get("mtime_ns"), part.get("sha256"))
+        digest.update(json.dumps(part, sort_keys=True, default=str).encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:12]
+
+
 def write_json(path: Path, obj: object) -> None:
     """Write JSON atomically (temporary file, then rename)."""
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")

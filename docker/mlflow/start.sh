@@ -3,7 +3,8 @@
 #
 # `mlflow server` takes every setting from the environment (MLFLOW_HOST, MLFLOW_PORT,
 # MLFLOW_WORKERS, MLFLOW_BACKEND_STORE_URI, MLFLOW_ARTIFACTS_DESTINATION,
-# MLFLOW_SERVER_ALLOWED_HOSTS, ...: see platform/mlflow/server.env); arguments are passed on.
+# MLFLOW_SERVER_ALLOWED_HOSTS, ...: see platform/mlflow/server.env); arguments are passed on
+# (the image's default ones: `--app-name basic-auth`).
 # With MLFLOW_CREATE_BUCKET=true the s3:// bucket of MLFLOW_ARTIFACTS_DESTINATION is created
 # first when missing (the local compose stack; on a cloud, create the bucket yourself).
 set -eu

@@ -7,13 +7,21 @@ from models.attention.entmax import EntmaxAttention, alpha_entmax
 from models.attention.mha import MultiHeadAttention
 from models.attention.registry import ATTENTION_REGISTRY, build_kernel
 from models.attention.softmax import SoftmaxAttention, additive_mask, mask_value
-from models.attention.span import AdaptiveSpanAttention, SpanEntmaxAttention, SpanMask
+from models.attention.span import (
+    NO_DISTANCE,
+    AdaptiveSpanAttention,
+    KeyDistance,
+    SpanEntmaxAttention,
+    SpanMask,
+)
 
 __all__ = [
     "ATTENTION_REGISTRY",
     "AdaptiveSpanAttention",
     "EntmaxAttention",
+    "KeyDistance",
     "MultiHeadAttention",
+    "NO_DISTANCE",
     "SoftmaxAttention",
     "SpanEntmaxAttention",
     "SpanMask",

@@ -164,6 +164,11 @@ def alpha_entmax(
     return _AlphaEntmax.apply(x, alpha_t, mode, max_iter, tol)
 
 
+#: A learned alpha that moved less than this from its initial value in every head is reported as
+#: not engaged: the cell then computes (almost exactly) fixed-alpha entmax.
+ALPHA_MOVED = 0.01
+
+
 class EntmaxAttention(nn.Module):
     """Attention whose normaliser is alpha-entmax with a learned alpha per head (or a fixed one).
 
@@ -185,6 +190,7 @@ class EntmaxAttention(nn.Module):
         self.mode = cfg.alpha_mode
         self.alpha_min, self.alpha_max = cfg.alpha_min, cfg.alpha_max
         self.max_iter, self.tol = cfg.entmax_iters, cfg.entmax_tol
+        self.alpha_init = cfg.alpha_init
         if self.mode == "learned":
             w0 = math.log((cfg.alpha_init - 1) / (2 - cfg.alpha_init))  # logit(alpha_init - 1)
             self.alpha_logit = nn.Parameter(torch.full((num_heads,), w0))
@@ -206,9 +212,10 @@ class EntmaxAttention(nn.Module):
         return alpha_entmax(scores, alpha, max_iter=self.max_iter, tol=self.tol)
 
     def forward(
-        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, need_probs: bool = False
+        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, need_probs: bool = False,
+        *, distance: object = None,
     ) -> tuple[Tensor, Tensor | None]:
-        """Args/returns as :meth:`models.attention.softmax.SoftmaxAttention.forward`."""
+        """Args/returns as :meth:`models.attention.softmax.SoftmaxAttention.forward` (``distance`` unused)."""
         scores = torch.matmul(q, k.transpose(-1, -2)).float() * (q.shape[-1] ** -0.5)
         if mask is not None:
             scores = scores + mask.float()
@@ -229,6 +236,20 @@ class EntmaxAttention(nn.Module):
     def stats(self) -> dict[str, Tensor]:
         """``{"alpha": (H,)}``."""
         return {"alpha": self.alpha().detach().float().cpu()}
+
+    def mechanism_parameters(self) -> list[nn.Parameter]:
+        """The learned alpha's logits, for their own learning rate (none for a fixed alpha)."""
+        return [] if self.alpha_logit is None else [self.alpha_logit]
+
+    def engagement(self) -> dict[str, object] | None:
+        """Whether the learned alpha left its starting value (by :data:`ALPHA_MOVED` in some head);
+        ``None`` for a fixed alpha, which has no mechanism to engage."""
+        if self.alpha_logit is None:
+            return None
+        alpha = self.alpha().detach().float().cpu()
+        moved = float((alpha - self.alpha_init).abs().max())
+        return {"mechanism": "alpha", "engaged": moved >= ALPHA_MOVED, "moved": moved,
+                "low": float(alpha.min()), "high": float(alpha.max()), "init": self.alpha_init}
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, alpha={self.mode}, dropout={self.dropout}"

@@ -41,12 +41,24 @@ class MultiHeadAttention(nn.Module):
         return self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
 
     def attend(
-        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, need_probs: bool = False
+        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, need_probs: bool = False,
+        distance: object = None,
     ) -> tuple[Tensor, Tensor | None]:
-        """Kernel + output projection: (B, heads, Q, hd) queries -> (B, Q, H), probs or None."""
-        out, probs = self.kernel(q, k, v, mask, need_probs)
-        b, _, q_len, _ = out.shape
-        return self.out(out.transpose(1, 2).reshape(b, q_len, self.hidden_size)), probs
+        """Kernel + output projection: (B, heads, Q, hd) queries -> (B, Q, H), probs or None.
+
+        ``distance`` (a ``KeyDistance``) reaches the kernel only when given, so a kernel written
+        against the plain ``(q, k, v, mask, need_probs)`` contract still runs everywhere else.
+        """
+        if distance is None:
+            out, probs = self.kernel(q, k, v, mask, need_probs)
+        else:
+            out, probs = self.kernel(q, k, v, mask, need_probs, distance=distance)
+        return self.merge(out), probs
+
+    def merge(self, heads: Tensor) -> Tensor:
+        """Output projection of the heads' outputs: (B, heads, Q, hd) -> (B, Q, H)."""
+        b, _, q_len, _ = heads.shape
+        return self.out(heads.transpose(1, 2).reshape(b, q_len, self.hidden_size))
 
     def forward(
         self, x: Tensor, ctx: Tensor | None = None, mask: Tensor | None = None, need_probs: bool = False
@@ -62,6 +74,16 @@ class MultiHeadAttention(nn.Module):
         Returns:
             (out (B, Q, H) after the output projection, probs or None).
         """
+        heads, probs = self.context(x, ctx, mask, need_probs)
+        return self.merge(heads), probs
+
+    def context(
+        self, x: Tensor, ctx: Tensor | None = None, mask: Tensor | None = None, need_probs: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        """:meth:`forward` before the output projection: the heads' outputs (B, heads, Q, hd), probs.
+
+        (Per-head gating, e.g. :mod:`models.finetune`, mixes heads here, before :meth:`merge`.)
+        """
         if ctx is None:
             q, k, v = self.project(x)
         else:
@@ -70,7 +92,7 @@ class MultiHeadAttention(nn.Module):
             q = F.linear(x, w[:h], bias[:h]).view(b, x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
             kv = F.linear(ctx, w[h:], bias[h:]).view(b, ctx.shape[1], 2, self.num_heads, self.head_dim)
             k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
-        return self.attend(q, k, v, mask, need_probs)
+        return self.kernel(q, k, v, mask, need_probs)
 
     def forward_both(
         self, a: Tensor, b: Tensor, mask_a: Tensor | None, mask_b: Tensor | None, need_probs: bool = False
@@ -90,11 +112,19 @@ class MultiHeadAttention(nn.Module):
         Returns:
             ((out_a (B, Na, H), probs_a), (out_b (B, Nb, H), probs_b)).
         """
+        (heads_a, p_a), (heads_b, p_b) = self.context_both(a, b, mask_a, mask_b, need_probs)
+        return (self.merge(heads_a), p_a), (self.merge(heads_b), p_b)
+
+    def context_both(
+        self, a: Tensor, b: Tensor, mask_a: Tensor | None, mask_b: Tensor | None, need_probs: bool = False
+    ) -> tuple[tuple[Tensor, Tensor | None], tuple[Tensor, Tensor | None]]:
+        """:meth:`forward_both` before the output projection: ((heads_a (B, heads, Na, hd), probs_a),
+        (heads_b (B, heads, Nb, hd), probs_b))."""
         n_a = a.shape[1]
         q, k, v = self.project(torch.cat([a, b], dim=1))  # (B, heads, Na + Nb, hd) each
         qa, ka, va = q[:, :, :n_a], k[:, :, :n_a], v[:, :, :n_a]
         qb, kb, vb = q[:, :, n_a:], k[:, :, n_a:], v[:, :, n_a:]
-        return self.attend(qa, kb, vb, mask_b, need_probs), self.attend(qb, ka, va, mask_a, need_probs)
+        return self.kernel(qa, kb, vb, mask_b, need_probs), self.kernel(qb, ka, va, mask_a, need_probs)
 
     def extra_repr(self) -> str:
         return f"hidden={self.hidden_size}, heads={self.num_heads}"

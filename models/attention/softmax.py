@@ -3,11 +3,14 @@
 Kernel contract (every entry of :data:`models.attention.ATTENTION_REGISTRY`)::
 
     kernel = Kernel(num_heads, cfg: AttentionConfig, *, span_max: int, dropout: float)
-    out, probs = kernel(q, k, v, mask=None, need_probs=False)
+    out, probs = kernel(q, k, v, mask=None, need_probs=False, distance=None)
         q: (B, H, Q, D); k, v: (B, H, K, D)
         mask: additive float mask broadcastable to (B, H, Q, K): 0 keeps a key, a large negative
               but finite value removes it (build it with :func:`additive_mask`, convert it with
               :func:`cast_mask`: a -inf mask turns fully masked rows into NaN); or None
+        distance: keyword-only, a ``models.attention.span.KeyDistance`` or None: the query-key
+              distances a positional mechanism (the span) uses instead of ``|i - j|`` (merged
+              keys of both modalities, ``models.flow``); kernels without one ignore it
         out: (B, H, Q, D); probs: (B, H, Q, K) before dropout when need_probs else None
 
 Optional hooks, found by :mod:`models.hooks` on any module: ``aux_loss() -> 0-d Tensor``,
@@ -118,7 +121,8 @@ class SoftmaxAttention(nn.Module):
         self.dropout = dropout
 
     def forward(
-        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, need_probs: bool = False
+        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, need_probs: bool = False,
+        *, distance: object = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Attend.
 
@@ -128,6 +132,7 @@ class SoftmaxAttention(nn.Module):
             v: (B, H, K, D) values.
             mask: Additive mask broadcastable to (B, H, Q, K), or None.
             need_probs: Also return the (B, H, Q, K) probabilities (before dropout).
+            distance: Unused (uniform kernel signature; span kernels read it).
 
         Returns:
             (out (B, H, Q, D), probs or None).

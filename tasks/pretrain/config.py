@@ -21,8 +21,9 @@ from dataclasses import dataclass, fields
 
 from tasks.config import ConfigError
 
-#: The pretraining objectives, in LXMERT's order (see tasks.pretrain.objectives).
-TASKS: tuple[str, ...] = ("mlm", "mor", "match", "qa")
+#: The pretraining objectives, in LXMERT's order, then the image-text contrastive loss (not
+#: LXMERT's; see tasks.pretrain.objectives).
+TASKS: tuple[str, ...] = ("mlm", "mor", "match", "qa", "contrastive")
 WEIGHTINGS: tuple[str, ...] = ("equal", "grad_std", "uncertainty", "gradnorm")
 CORPORA: tuple[str, ...] = ("synthetic", "lxmert")
 SHARED: tuple[str, ...] = ("encoder", "last_layer")
@@ -92,7 +93,9 @@ class PretrainConfig:
         epochs: Pretraining epochs over the corpus (LXMERT: 20).
         tasks: Comma-separated objectives: ``mlm`` (masked cross-modality LM), ``mor`` (masked
             object prediction: feature regression + detected-label classification), ``match``
-            (image-sentence matching), ``qa`` (image question answering).
+            (image-sentence matching), ``qa`` (image question answering), ``contrastive``
+            (image-text InfoNCE over the batch's true pairs on the single-modality states; not
+            LXMERT's).
         weighting: How the task losses are combined: ``equal`` (LXMERT), ``grad_std`` (gradient
             standard deviation, docs/pretraining.md), ``uncertainty`` (Kendall et al. 2018),
             ``gradnorm`` (Chen et al. 2018).

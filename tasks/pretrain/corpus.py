@@ -184,7 +184,9 @@ class PretrainCorpus:
             ``match_labels`` (B,) int64 (1 = matched, 0 = mismatched, -1 = not matched: see
             :meth:`match_pool`); ``qa_labels`` (B,) int64 (-1 = none);
             ``sentence_id`` (B,) int64 (the row of the sentence the image came with); ``text_id``
-            (B,) int64 (the row whose words the batch shows: another one when mismatched).
+            (B,) int64 (the row whose words the batch shows: another one when mismatched);
+            ``image_key`` (B,) int64 (the image's key, :meth:`image_keys`: rows with equal keys are
+            not each other's contrastive negatives).
         """
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
@@ -288,6 +290,7 @@ class PretrainCorpus:
             "qa_labels": torch.from_numpy(qa),
             "sentence_id": torch.from_numpy(idx),
             "text_id": torch.from_numpy(text_idx),
+            "image_key": torch.from_numpy(self.image_keys()[idx]),
         }
 
     def _gather_images(self, idx: np.ndarray) -> tuple[np.ndarray, ...]:

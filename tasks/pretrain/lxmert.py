@@ -21,8 +21,8 @@ Not supported (yet): LXMERT's ``qa_sets`` filter of the answer table (all answer
 
 from __future__ import annotations
 
-import hashlib
 import json
+import math
 import time
 from pathlib import Path
 
@@ -33,7 +33,7 @@ from tasks.config import ConfigError, DataConfig
 from tasks.tokenization import encode_fixed, get_tokenizer
 from tasks.vqa.convert import convert_tsv
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: keyed by content (sources and feature stores)
 ANSWERS_FILE = "lxmert/all_ans.json"
 #: Which feature file holds each source's images (LXMERT's ``Split2ImgFeatPath``).
 SOURCE_TSV = {
@@ -96,15 +96,18 @@ def _store_path(cache_dir: str, root: Path, tsv_rel: str, image_limit: int) -> P
 
 def corpus_dir(cache_dir: str | Path, root: Path, sources: list[str], eval_sources: list[str], image_limit: int,
                tokenizer: str, max_seq_len: int) -> Path:  # fmt: skip
-    """The corpus' cache directory: its name hashes the sources' files (path, size, mtime)."""
-    sig = hashlib.sha1()
-    for rel in [ANSWERS_FILE, *(f"lxmert/{s}.json" for s in [*sources, "|", *eval_sources] if s != "|")]:
+    """The corpus' cache directory, keyed by the content it is built from: the sources' JSON files
+    and answer table (size, mtime, hash; :func:`tasks.store.source_signature`), the converted
+    feature stores whose rows it indexes, the settings and the format version."""
+    parts: list[object] = [sources, eval_sources, image_limit, FORMAT_VERSION]
+    for rel in [ANSWERS_FILE, *(f"lxmert/{s}.json" for s in [*sources, *eval_sources])]:
         p = root / rel
-        stat = p.stat() if p.exists() else None
-        sig.update(f"{p.resolve()}:{stat.st_size if stat else -1}:{stat.st_mtime_ns if stat else -1};".encode())
-    sig.update(f"{sources}|{eval_sources}|{image_limit}".encode())
+        parts.append(st.source_signature(p) if p.is_file() else f"missing {rel}")
+    for tsv in dict.fromkeys(SOURCE_TSV[s] for s in [*sources, *eval_sources]):
+        store = _store_path(str(cache_dir), root, tsv, image_limit)
+        parts.append(st.read_json(store / st.META).get("source") if st.is_complete(store) else f"unconverted {tsv}")
     tok = get_tokenizer(tokenizer).key
-    return Path(cache_dir) / "pretrain" / f"lxmert-v{FORMAT_VERSION}-{sig.hexdigest()[:12]}-{tok}-T{max_seq_len}"
+    return Path(cache_dir) / "pretrain" / f"lxmert-v{FORMAT_VERSION}-{st.content_key(*parts)}-{tok}-T{max_seq_len}"
 
 
 def prepare(root: str | Path, cache_dir: str, sources: list[str], eval_sources: list[str], image_limit: int,
@@ -122,6 +125,20 @@ def prepare(root: str | Path, cache_dir: str, sources: list[str], eval_sources: 
     st.build_once(out, lambda tmp: _build(tmp, root, store_of, sources, eval_sources, tokenizer, max_seq_len,
                                           image_limit))  # fmt: skip
     return out
+
+
+def _read_source(path: Path) -> list[dict]:
+    """A source JSON's image entries, each checked to be an object with an ``img_id``."""
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(data, list):
+        raise ValueError(f"{path} must hold a list of image entries, not a {type(data).__name__}")
+    for n, datum in enumerate(data):
+        if not isinstance(datum, dict) or "img_id" not in datum or not isinstance(datum.get("sentf", {}), dict):
+            raise ValueError(f"{path}: entry {n} is not an object with img_id and sentf {{dataset: [sentence, ...]}}")
+    return data
 
 
 def _build(tmp: Path, root: Path, store_of, sources: list[str], eval_sources: list[str], tokenizer: str,
@@ -151,7 +168,8 @@ def _build(tmp: Path, root: Path, store_of, sources: list[str], eval_sources: li
         texts, rows, sid, labels, kind, dropped = [], [], [], [], [], 0
         for source in names:
             s = tsvs.index(SOURCE_TSV[source])
-            for datum in json.loads((root / f"lxmert/{source}.json").read_text()):
+            path = root / f"lxmert/{source}.json"
+            for n, datum in enumerate(_read_source(path)):
                 row = row_of[s].get(str(datum["img_id"]))
                 if row is None:
                     dropped += sum(len(v) for v in datum.get("sentf", {}).values())
@@ -164,7 +182,14 @@ def _build(tmp: Path, root: Path, store_of, sources: list[str], eval_sources: li
                         sid.append(s)
                         lab = {}
                         if labs is not None:
+                            if not isinstance(sent, str) or k >= len(labs) or not isinstance(labs[k], dict):
+                                raise ValueError(f"{path}: entry {n} (img_id {datum['img_id']!r}): sentf.{cat}[{k}] "
+                                                 f"needs a string and labelf.{cat}[{k}] an object of answer: score")
                             for a, score in labs[k].items():
+                                if isinstance(score, bool) or not isinstance(score, (int, float)) or \
+                                        not math.isfinite(score):
+                                    raise ValueError(f"{path}: entry {n} (img_id {datum['img_id']!r}): "
+                                                     f"labelf.{cat}[{k}][{a!r}] must be a finite number, got {score!r}")
                                 a = convert_ans(a)
                                 if a in ans2id:
                                     lab[a] = float(score)

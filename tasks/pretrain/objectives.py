@@ -15,13 +15,19 @@ gave the task), loggable components and an accuracy.
 * ``match``: 2-way cross-entropy, is the sentence the image's (LXMERT's ``seq_relationship``), over
   the sentences that take part in matching (all in LXMERT's corpus, the captions in the synthetic one).
 * ``qa``: cross-entropy over the image-QA answers, for matched questions only.
+* ``contrastive`` (not LXMERT's): image-text InfoNCE over the batch's true pairs
+  (:func:`tasks.pretrain.contrastive.in_batch_info_nce`) on the contrastive head's embeddings of
+  the single-modality states, plus any extra negatives the outputs carry (a
+  :class:`tasks.pretrain.contrastive.NegativeQueue`'s); rows of the same ``image_key`` are not each
+  other's negatives.
 
 ``chance_scale`` is each objective's output-gradient norm per loss term for an uninformed
 predictor, the output-size normaliser of the gradient-std weighting (docs/pretraining.md):
 softmax cross-entropy over K classes at the uniform prediction has ``||p - y|| = sqrt(1 - 1/K)``;
 SmoothL1 (beta 1) averaged over F standardised dimensions, predicting their mean, has
 ``sqrt(E[clamp(r, -1, 1)^2] / F) = sqrt((1 - 2 phi(1)) / F)`` for r ~ N(0, 1); a sum of terms on
-disjoint outputs adds in quadrature.
+disjoint outputs adds in quadrature. For ``contrastive`` it is 1, the limit of ``sqrt(1 - 1/C)`` for
+its batch-sized candidate sets (C = 64 gives 0.992).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -109,12 +116,32 @@ def qa_loss(out, batch: dict[str, Tensor]) -> TaskLoss:
                     correct=float((logits.argmax(-1) == target).sum()))  # fmt: skip
 
 
+def contrastive_loss(out, batch: dict[str, Tensor]) -> TaskLoss:
+    """Image-text InfoNCE: ``out.contrastive`` holds ``text`` / ``image`` (B, D) unit embeddings and
+    ``scale``, optionally ``extra_text`` / ``extra_image`` (+ ``_groups``) negatives. The queries
+    are the true pairs: ``match_labels == 1`` (a mismatched row's text is not its image's), every
+    row when the batch has no matching labels."""
+    from tasks.pretrain.contrastive import batch_groups, in_batch_info_nce
+
+    c = out.contrastive
+    text, image = c["text"], c["image"]
+    labels = batch.get("match_labels")
+    valid = labels == 1 if labels is not None else torch.ones(text.shape[0], dtype=torch.bool, device=text.device)
+    n = int(valid.sum())
+    if n == 0:
+        return _empty(text)
+    groups = batch_groups(batch, text.shape[0], text.device)[valid]
+    extras = {k: c[k] for k in ("extra_text", "extra_image", "extra_text_groups", "extra_image_groups") if k in c}
+    r = in_batch_info_nce(text[valid], image[valid], c["scale"], groups=groups, **extras)
+    return TaskLoss(r.loss, r.n, r.parts, correct=r.correct)
+
+
 @dataclass(frozen=True)
 class Objective:
     """A registry entry: the loss and the output-size normaliser of one task.
 
     Attributes:
-        name: ``mlm | mor | match | qa`` (also the model head it reads).
+        name: ``mlm | mor | match | qa | contrastive`` (also the model head it reads).
         loss: ``(model output, batch) -> TaskLoss``.
         chance_scale: ``sizes -> float``, the output-gradient norm per term of an uninformed
             predictor (module docstring); ``sizes`` has ``vocab_size``, ``num_object_labels``,
@@ -137,6 +164,7 @@ OBJECTIVES: dict[str, Objective] = {
         + _ce_chance(s["num_attr_labels"]) ** 2)),
     "match": Objective("match", match_loss, lambda s: _ce_chance(2)),
     "qa": Objective("qa", qa_loss, lambda s: _ce_chance(s["num_qa_answers"])),
+    "contrastive": Objective("contrastive", contrastive_loss, lambda s: 1.0),
 }  # fmt: skip
 
 

@@ -240,7 +240,9 @@ def corpus_dir(cache_dir: str | Path, data: DataConfig, n: int, n_eval: int, see
     """Where the corpus for these settings lives (every setting that changes its arrays is in the name)."""
     mode = f"compact-g{data.grid}" if data.features == "compact" else "vqa_like"
     tok = get_tokenizer(data.tokenizer).key
-    name = f"synthetic-v{FORMAT_VERSION}-{mode}-n{n}+{n_eval}-s{seed}-{tok}-T{max_seq_len}"
+    # Keyed by the easy-VQA feature store it takes its standardisation from (whose name is its key).
+    features = st.content_key(easyvqa._feature_dir(data.resolved()).name)[:8]
+    name = f"synthetic-v{FORMAT_VERSION}-{mode}-{features}-n{n}+{n_eval}-s{seed}-{tok}-T{max_seq_len}"
     return Path(cache_dir) / "pretrain" / name
 
 

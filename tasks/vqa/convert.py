@@ -18,9 +18,11 @@ flushed and ``progress.json`` records the rows done and the byte offset reached,
 run (Ctrl-C, a killed job) continues from there. A **malformed row** stops the conversion with an
 error naming the file and line and removes the partial output (the input must be fixed first).
 
-Command line (converts what ``prepare`` needs, then tokenises the questions)::
+Command line (converts what ``prepare`` needs, then tokenises the questions; ``--name`` picks the
+task whose files under ``--root`` are prepared: ``vqa``, ``gqa`` or ``nlvr2``)::
 
     python -m tasks.vqa.convert --root data --cache-dir ~/.cache/adaptive-ablation
+    python -m tasks.vqa.convert --name gqa --root data
     python -m tasks.vqa.convert --tsv data/mscoco_imgfeat/val2014_obj36.tsv --out /tmp/val2014
 """
 
@@ -37,18 +39,65 @@ from pathlib import Path
 import numpy as np
 
 from tasks import store as st
+from tasks.config import DataConfig
 from tasks.vqa.files import TSVFormatError, parse_row
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 1
+# 2: meta.json's source records a content hash; rows with non-finite values are refused.
+FORMAT_VERSION = 2
 CHECKPOINT_ROWS = 2000
 PROGRESS = "progress.json"
 ARRAYS = ("feats", "boxes", "img_h", "img_w", "objects_id", "objects_conf", "attrs_id", "attrs_conf")
 
 
 def _source_sig(tsv: Path) -> dict:
-    s = tsv.stat()
-    return {"path": str(tsv.resolve()), "size": s.st_size, "mtime_ns": s.st_mtime_ns}
+    return st.source_signature(tsv)
+
+
+def store_state(out: Path, tsv: Path, limit: int) -> tuple[bool, str]:
+    """Whether the store at ``out`` is complete and up to date for ``tsv`` (its first ``limit``
+    images; a store of the whole file serves any limit), and if not, why (naming both sources).
+
+    A store whose TSV is gone is kept (it is all there is); one converted from other content than
+    the TSV now holds, or by another converter version, is not.
+    """
+    if not st.is_complete(out):
+        return False, ""
+    meta = st.read_json(out / st.META)
+    if meta.get("format_version") == 1 and tsv.is_file():
+        meta = _upgrade_v1(out, meta, tsv)
+    if meta.get("format_version") != FORMAT_VERSION:
+        return False, (f"{out} was converted by converter version {meta.get('format_version')}, this is version "
+                       f"{FORMAT_VERSION}")
+    if meta.get("limit", 0) not in (0, limit):
+        return False, f"{out} holds the first {meta.get('limit')} images, not the first {limit or 'all'}"
+    if not tsv.is_file():
+        return True, ""
+    now = _source_sig(tsv)
+    if not st.same_source(meta.get("source"), now):
+        return False, (f"{out} was converted from {st.describe_source(meta.get('source'))}, but the feature file "
+                       f"is now {st.describe_source(now)}")
+    return True, ""
+
+
+def _upgrade_v1(out: Path, meta: dict, tsv: Path) -> dict:
+    """Bring a version-1 store (no content hash, values never checked) to version 2 without
+    reconverting hours of TSV: when its recorded size and mtime still match the TSV and every value
+    is finite, record the TSV's hash and the new version in its ``meta.json``. Otherwise it is left
+    as it is, and so rebuilt (a NaN then fails the conversion, naming its line)."""
+    old, now = meta.get("source") or {}, _source_sig(tsv)
+    if (old.get("size"), old.get("mtime_ns")) != (now["size"], now["mtime_ns"]):
+        return meta
+    for name in ("feats", "boxes", "objects_conf", "attrs_conf"):
+        array = st.open_array(out, name)
+        for i in range(0, len(array), CHECKPOINT_ROWS):
+            if not np.isfinite(array[i : i + CHECKPOINT_ROWS]).all():
+                log.warning("%s: %s holds non-finite values; reconverting %s", out, name, tsv)
+                return meta
+    meta = {**meta, "source": now, "format_version": FORMAT_VERSION}
+    st.write_json(out / st.META, meta)
+    log.info("%s: checked (all values finite) and upgraded to format version %d", out, FORMAT_VERSION)
+    return meta
 
 
 def _count_rows(tsv: Path, limit: int) -> int:
@@ -83,13 +132,16 @@ def convert_tsv(tsv: Path | str, out: Path | str, limit: int = 0, progress: bool
         TSVFormatError: a malformed row (file and line named); no output is left behind.
     """
     tsv, out = Path(tsv), Path(out)
-    if st.is_complete(out):
+    if store_state(out, tsv, limit)[0]:
         return out
     if not tsv.is_file():
         raise FileNotFoundError(f"missing feature file {tsv}")
     with st.file_lock(out.with_name(out.name + ".lock")):
-        if st.is_complete(out):
+        fresh, why = store_state(out, tsv, limit)
+        if fresh:
             return out
+        if why:
+            log.warning("rebuilding: %s", why)
         partial = out.with_name(out.name + ".partial")
         try:
             _convert_locked(tsv, out, partial, limit, progress)
@@ -180,7 +232,7 @@ def _convert_locked(tsv: Path, out: Path, partial: Path, limit: int, progress: b
     (partial / PROGRESS).unlink()
     ids_path.unlink()
     st.write_json(partial / st.META, meta)
-    st.publish(partial, out)
+    st.replace(partial, out)  # a stale store (other source, other converter) is replaced whole
     if clipped:
         log.warning("%s: %d box coordinates fell outside the image and were clipped to [0, 1]", tsv, clipped)
 
@@ -249,20 +301,35 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m tasks.vqa.convert",
         description="Convert LXMERT's *_obj36.tsv features to memory-mapped arrays (once; resumable, atomic) "
-        "and tokenise the VQA question files. Without --tsv it prepares what DataConfig(name='vqa', ...) needs.",
+        "and tokenise the question files. Without --tsv it prepares what DataConfig(name=NAME, ...) needs.",
     )
-    p.add_argument("--root", help="LXMERT's data folder (vqa/*.json, mscoco_imgfeat/*_obj36.tsv)")
+    p.add_argument("--name", default="vqa", choices=("vqa", "gqa", "nlvr2"), help="the task (default: vqa)")
+    p.add_argument("--root", help="LXMERT's data folder (vqa/, gqa/, nlvr2/ and the *_imgfeat/ folders)")
     p.add_argument("--cache-dir", default="", help="where the arrays go (default: $ADAPTIVE_ABLATION_CACHE or ~/.cache/adaptive-ablation)")
-    p.add_argument("--train-splits", default="train,nominival", help="comma-separated (default: train,nominival)")
-    p.add_argument("--eval-split", default="minival", help="default: minival; 'test' for a test-server submission")
+    p.add_argument("--train-splits", default="", help="comma-separated (default: the task's, e.g. train,nominival for vqa)")
+    p.add_argument("--eval-split", default="", help="default: the task's (vqa: minival; 'test' for a test-server submission)")
     p.add_argument("--image-limit", type=int, default=0, help="only the first N images per feature file (LXMERT tiny=512, fast=5000)")
     p.add_argument("--max-seq-len", type=int, default=0, help="tokens per question (default 20)")
     p.add_argument("--tokenizer", default="", help="vocab.txt, tokenizer directory or hub name (default: offline bert-base-uncased)")
     p.add_argument("--tsv", help="convert just this TSV file (with --out)")
     p.add_argument("--out", help="output store directory for --tsv")
     p.add_argument("--limit", type=int, default=0, help="with --tsv: only the first N images")
+    p.add_argument("--max-unanswerable", type=float, default=DataConfig.max_unanswerable,
+                   help="largest share of a split's labelled questions with no answer in the vocabulary "
+                   "(default %(default)s; above it the split is refused)")
+    p.add_argument("--verbose", action="store_true", help="show the traceback of an error")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        return _main(p, a)
+    except (TSVFormatError, FileNotFoundError, ValueError) as err:  # bad input: one line names it
+        if a.verbose:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _main(p: argparse.ArgumentParser, a: argparse.Namespace) -> int:
     if a.tsv:
         if not a.out:
             p.error("--tsv needs --out")
@@ -274,10 +341,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not a.root:
         p.error("give --root (LXMERT's data folder) or --tsv/--out")
-    from tasks import DataConfig, prepare
+    from tasks import prepare
 
     cfg = DataConfig(
-        name="vqa",
+        name=a.name,
         root=a.root,
         cache_dir=a.cache_dir,
         train_splits=a.train_splits,
@@ -285,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         image_limit=a.image_limit,
         max_seq_len=a.max_seq_len,
         tokenizer=a.tokenizer,
+        max_unanswerable=a.max_unanswerable,
     )
     for k, v in prepare(cfg).items():
         print(f"{k}: {v}")

@@ -12,6 +12,10 @@ soft score}, "answer_type", "question_type"}`` (test entries have no label or ty
 has one image per line, tab-separated `FIELDS`, the arrays base64-encoded: ``objects_id`` /
 ``attrs_id`` int64 (n,), ``objects_conf`` / ``attrs_conf`` float32 (n,), ``boxes`` float32 (n, 4)
 in pixels (x1, y1, x2, y2), ``features`` float32 (n, 2048), n = ``num_boxes`` (36).
+
+The feature-row codec (`parse_row`, `format_row`) and the JSON / vocabulary readers (`read_json`,
+`read_vocab`, given another task's paths and sources) serve every LXMERT task: GQA and NLVR2 use
+them through `tasks.lxmert_task`.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,6 +103,9 @@ def parse_row(line: bytes, path: Path | str, line_no: int) -> Row:
     def bad(why: str) -> TSVFormatError:
         return TSVFormatError(f"{path}:{line_no}: malformed feature row: {why}")
 
+    def bad_value(why: str) -> TSVFormatError:
+        return TSVFormatError(f"{path}:{line_no}: refused feature row: {why}")
+
     parts = line.rstrip(b"\r\n").split(b"\t")
     if len(parts) != len(FIELDS):
         raise bad(f"expected {len(FIELDS)} tab-separated fields ({', '.join(FIELDS)}), got {len(parts)}")
@@ -120,7 +129,7 @@ def parse_row(line: bytes, path: Path | str, line_no: int) -> Row:
             raise bad(f"field {FIELDS[i]} has {len(raw)} bytes, not a multiple of num_boxes={n} x {size}")
         return np.frombuffer(raw, dtype=dtype).reshape(n, -1)
 
-    return Row(
+    row = Row(
         img_id=img_id,
         img_h=img_h,
         img_w=img_w,
@@ -131,6 +140,15 @@ def parse_row(line: bytes, path: Path | str, line_no: int) -> Row:
         boxes=arr(8, np.float32, 4),
         features=arr(9, np.float32, None),
     )
+    # A NaN or inf here reaches every forward pass of every trial that sees this image.
+    for name in ("objects_conf", "attrs_conf", "boxes", "features"):
+        values = getattr(row, name)
+        bad = ~np.isfinite(values)
+        if bad.any():
+            box = int(np.argwhere(bad)[0][0])
+            raise bad_value(f"field {name} holds {int(bad.sum())} non-finite value(s) (NaN/inf), the first in box "
+                            f"{box} of image {img_id!r}")
+    return row
 
 
 def format_row(
@@ -170,11 +188,22 @@ def format_row(
     return "\t".join(fields) + "\n"
 
 
-def read_json(root: Path, rel: str) -> object:
-    """Load an LXMERT JSON file; a missing file raises naming it and what produces it."""
+def read_json(root: Path, rel: str, missing: Callable[[Path, str], Exception] | None = None) -> object:
+    """Load an LXMERT JSON file; a missing file raises naming it and what produces it.
+
+    Args:
+        root: the data folder.
+        rel: the file, relative to ``root``.
+        missing: ``missing(root, rel)`` builds the error for a missing file (another task's
+            sources, e.g. `tasks.gqa.data.LAYOUT.missing`); default: the VQA files' sources.
+
+    Raises:
+        FileNotFoundError: the file is missing (what ``missing`` says).
+        ValueError: the file is not valid JSON (naming the file, line and column).
+    """
     path = root / rel
     if not path.is_file():
-        raise missing_file_error(root, rel)
+        raise (missing or missing_file_error)(root, rel)
     try:
         with open(path) as fh:
             return json.load(fh)
@@ -182,31 +211,76 @@ def read_json(root: Path, rel: str) -> object:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
-def read_vocab(root: Path) -> tuple[list[str], dict[str, int]]:
-    """The answer vocabulary: ``label2ans`` (list) and ``ans2label`` (dict), checked consistent."""
-    label2ans = read_json(root, LABEL2ANS)
-    ans2label = read_json(root, ANS2LABEL)
+def read_vocab(
+    root: Path,
+    ans2label_rel: str = ANS2LABEL,
+    label2ans_rel: str = LABEL2ANS,
+    missing: Callable[[Path, str], Exception] | None = None,
+) -> tuple[list[str], dict[str, int]]:
+    """An answer vocabulary: ``label2ans`` (list) and ``ans2label`` (dict), checked consistent.
+
+    Args:
+        root: the data folder.
+        ans2label_rel, label2ans_rel: the two files, relative to ``root`` (default: VQA's; GQA's
+            are ``gqa/trainval_{ans2label,label2ans}.json``).
+        missing: as in `read_json`.
+    """
+    label2ans = read_json(root, label2ans_rel, missing)
+    ans2label = read_json(root, ans2label_rel, missing)
+    a2l, l2a = root / ans2label_rel, root / label2ans_rel
     if not isinstance(label2ans, list) or not isinstance(ans2label, dict):
-        raise ValueError(f"{root / LABEL2ANS} must hold a list and {root / ANS2LABEL} a dict")
+        raise ValueError(f"{l2a} must hold a list and {a2l} a dict")
     for i, a in enumerate(label2ans):
         if ans2label.get(a) != i:
-            raise ValueError(
-                f"{root / ANS2LABEL} maps {a!r} to {ans2label.get(a)!r} but {root / LABEL2ANS} has it at {i}"
-            )
+            raise ValueError(f"{a2l} maps {a!r} to {ans2label.get(a)!r} but {l2a} has it at {i}")
     if len(ans2label) != len(label2ans):
         extra = next(a for a in ans2label if a not in set(label2ans))
-        raise ValueError(f"{root / ANS2LABEL} has answer {extra!r} that {root / LABEL2ANS} lacks")
+        raise ValueError(f"{a2l} has answer {extra!r} that {l2a} lacks")
     return label2ans, ans2label
 
 
 def read_questions(root: Path, split: str) -> list[dict]:
-    """A split's question entries, checked for the keys LXMERT's files have."""
+    """A split's question entries, checked for the keys and value types LXMERT's files have.
+
+    Raises:
+        ValueError: naming the file, the entry (its index and ``question_id``) and the key at fault:
+            an entry that is not an object, a missing key, a ``question_id`` that is not an integer
+            or occurs twice, a ``sent`` or ``img_id`` that is not a string, a ``label`` that is not
+            an object of answer: score, or a score that is not a finite number in [0, 1].
+    """
     rel = SPLIT_FILES[split]
+    path = root / rel
     entries = read_json(root, rel)
     if not isinstance(entries, list):
-        raise ValueError(f"{root / rel} must hold a list of question entries")
+        raise ValueError(f"{path} must hold a list of question entries, not a {type(entries).__name__}")
+    first: dict[int, int] = {}
     for i, e in enumerate(entries):
+        if not isinstance(e, dict):
+            raise ValueError(f"{path}: entry {i} is a {type(e).__name__} ({str(e)[:60]!r}), not a question object")
+        where = f"{path}: entry {i} (question_id={e.get('question_id')!r})"
         for key in ("question_id", "img_id", "sent"):
             if key not in e:
-                raise ValueError(f"{root / rel}: entry {i} (question_id={e.get('question_id')!r}) lacks {key!r}")
+                raise ValueError(f"{where} lacks {key!r}")
+        qid = e["question_id"]
+        if isinstance(qid, bool) or not isinstance(qid, (int, str)) or not str(qid).strip().lstrip("-").isdigit():
+            raise ValueError(f"{where}: question_id must be an integer, got {qid!r}")
+        if int(qid) in first:
+            raise ValueError(f"{where}: question_id {qid} occurs twice (entries {first[int(qid)]} and {i}); "
+                             "question ids must be unique")
+        first[int(qid)] = i
+        for key in ("sent", "img_id"):
+            if not isinstance(e[key], str) or not e[key].strip():
+                raise ValueError(f"{where}: {key} must be a non-empty string, got {e[key]!r}")
+        if "label" in e:
+            _check_label(e["label"], where)
     return entries
+
+
+def _check_label(label: object, where: str) -> None:
+    if not isinstance(label, dict):
+        raise ValueError(f"{where}: label must be an object of answer: score, got {label!r}")
+    for answer, score in label.items():
+        ok = isinstance(score, (int, float)) and not isinstance(score, bool)
+        if not ok or not math.isfinite(score) or not 0.0 <= score <= 1.0:
+            raise ValueError(f"{where}: label[{answer!r}] must be a finite number in [0, 1] "
+                             f"(LXMERT's soft score), got {score!r}")

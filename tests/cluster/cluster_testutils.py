@@ -15,10 +15,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import torch
 from helpers import BIN, ROOT, stop_process_group
 
-from sweeps.train import STATE_FILE
+from sweeps.train import STATE_FILE, load_state
 
 ABLATION = [sys.executable, str(ROOT / "sweeps" / "ablation.py")]
 
@@ -186,11 +185,14 @@ TRIAL_PROCESS = {"in_process": ("run_trial", "ImplicitFunc"), "train": ("RayTrai
 
 def checkpoint_states(runs: Path, sweep_id: str, trial_key: str) -> list[dict]:
     """The training states of a trial's checkpoints in the runs dir, oldest first: Ray Train's
-    (``ray/<sweep>/train/<key>``) or, for an in-process trial, Tune's (``ray/<sweep>/<key>``)."""
+    (``ray/<sweep>/train/<key>``) or, for an in-process trial, Tune's (``ray/<sweep>/<key>``) and
+    the one a rerun sweep resumed from (``ray/<sweep>/train/<key>/resumed_checkpoint``), read as a
+    resuming trial reads them: ``weights_only=True``."""
     sweep = runs / "ray" / sweep_id
     files = [*(sweep / "train" / trial_key).glob(f"checkpoint_*/{STATE_FILE}"),
-             *(sweep / trial_key).glob(f"checkpoint_*/{STATE_FILE}")]
-    return [torch.load(f, map_location="cpu", weights_only=False) for f in sorted(files, key=lambda p: p.stat().st_mtime)]
+             *(sweep / trial_key).glob(f"checkpoint_*/{STATE_FILE}"),
+             *(sweep / "train" / trial_key).glob(f"resumed_checkpoint/{STATE_FILE}")]
+    return [load_state(f) for f in sorted(files, key=lambda p: p.stat().st_mtime)]
 
 
 def sweep_runs(uri: str, sweep_id: str, experiment: str = "adaptive-ablation"):

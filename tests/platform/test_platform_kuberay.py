@@ -167,8 +167,10 @@ def test_mlflow_deployment_and_service():
     assert container["readinessProbe"]["httpGet"]["path"] == "/health"
     assert container["ports"][0]["containerPort"] == int(read_env_file(MLFLOW / "server.env")["MLFLOW_PORT"])
     kustomization = load_yaml(MLFLOW / "kustomization.yaml")
-    (generator,) = kustomization["configMapGenerator"]
-    assert generator == {"name": "mlflow-server", "envs": ["server.env"]}
+    assert kustomization["configMapGenerator"] == [
+        {"name": "mlflow-server", "envs": ["server.env"]},
+        {"name": "mlflow-auth", "files": ["basic_auth.ini"]},
+    ]
     assert kustomization["resources"] == ["kubernetes.yaml"]
 
 
@@ -188,10 +190,15 @@ def test_kustomize_builds_the_mlflow_config_map():
         pytest.skip("kubectl not installed; `kubectl kustomize` renders offline")
     proc = subprocess.run([kubectl, "kustomize", str(MLFLOW)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    docs = {d["kind"]: d for d in yaml.safe_load_all(proc.stdout)}
-    config = docs["ConfigMap"]
+    docs = list(yaml.safe_load_all(proc.stdout))
+    maps = {d["metadata"]["name"].rsplit("-", 1)[0]: d for d in docs if d["kind"] == "ConfigMap"}
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    config = maps["mlflow-server"]
     assert config["data"] == read_env_file(MLFLOW / "server.env")
-    # The Deployment refers to the generated (hashed) name.
-    refs = [s["configMapRef"]["name"] for s in
-            docs["Deployment"]["spec"]["template"]["spec"]["containers"][0]["envFrom"] if "configMapRef" in s]
+    assert maps["mlflow-auth"]["data"] == {"basic_auth.ini": (MLFLOW / "basic_auth.ini").read_text()}
+    # The Deployment refers to the generated (hashed) names.
+    pod = deployment["spec"]["template"]["spec"]
+    refs = [s["configMapRef"]["name"] for s in pod["containers"][0]["envFrom"] if "configMapRef" in s]
     assert refs == [config["metadata"]["name"]]
+    volumes = [v["configMap"]["name"] for v in pod["volumes"] if "configMap" in v]
+    assert volumes == [maps["mlflow-auth"]["metadata"]["name"]]

@@ -37,6 +37,9 @@ class CellSpec:
     layerdrop: str = "none"
     pending: str = ""
     pretrain: str = ""  # a task weighting: the trial pretrains first (two pretraining epochs logged)
+    seed_shift: dict[int, float] = field(default_factory=dict)  # extra skill per seed
+    redraw: float = 0.1  # share of questions whose difficulty this cell draws on its own
+    engaged: bool | None = None  # the mechanism.engaged tag the trial writes (None: no tag)
 
 
 #: Mirrors sweeps/grids/paper.yaml at a tiny size. entmax is softmax plus a hair (no
@@ -108,7 +111,7 @@ def _answer_types(n: int) -> list[str]:
     return list(rng.choice(["yes/no", "number", "other"], size=n, p=[0.4, 0.15, 0.45]))
 
 
-def _scores(skill: float, seed: int, epoch: int, n: int, cell: str) -> np.ndarray:
+def _scores(skill: float, seed: int, epoch: int, n: int, cell: str, redraw_share: float = 0.1) -> np.ndarray:
     """Per-question soft scores: a question is right when its (seed, epoch) difficulty is below
     the skill. Shared difficulties make cells of similar skill agree on most questions (as real
     variants do); 10% of the questions are redrawn per cell, so they also disagree both ways."""
@@ -116,7 +119,7 @@ def _scores(skill: float, seed: int, epoch: int, n: int, cell: str) -> np.ndarra
     difficulty = rng.random(n)
     soft = rng.choice([1.0, 0.9, 0.6, 0.3], size=n, p=[0.85, 0.05, 0.05, 0.05])
     own = np.random.default_rng([seed, epoch, sum(map(ord, cell))])
-    redraw = own.random(n) < 0.1
+    redraw = own.random(n) < redraw_share
     difficulty[redraw] = own.random(int(redraw.sum()))
     return np.where(difficulty < skill, 1.0, 0.0) * soft
 
@@ -194,6 +197,10 @@ def fill_sweep(uri: str, runs_dir: Path, sweep_id: str = "smoke-paper", experime
         tracker.log_metrics({"model/params": n_params, "model/flops_per_sample": 2.5 * n_params,
                              "data/train_questions": 4000.0, "data/eval_questions": float(spec.n_questions)})
         tracker.set_tags({"trial.precision": "fp32", "trial.device": "cpu", "trial.world_size": "1"})
+        if cs.engaged is not None:
+            tracker.set_tags({"mechanism.engaged": str(cs.engaged).lower(),
+                              "mechanism.evidence": "synthetic: " + ("spans fell below 5 tokens" if cs.engaged
+                                                                     else "span never below 12 tokens")})
         if cs.pretrain:
             for epoch in (1, 2):
                 tracker.log_stage_epoch("pretrain/epoch", epoch, pretrain_metrics(cell, cs.pretrain, seed_i, epoch))
@@ -202,7 +209,8 @@ def fill_sweep(uri: str, runs_dir: Path, sweep_id: str = "smoke-paper", experime
         elapsed = 0.0
         epochs = 1 if key in spec.failed or key in spec.running else spec.epochs
         for epoch in range(1, epochs + 1):
-            scores = _scores(cs.skill[epoch - 1] + 0.01 * seed_i, seed_i, epoch, spec.n_questions, cell)
+            skill = cs.skill[epoch - 1] + 0.01 * seed_i + cs.seed_shift.get(seed_i, 0.0)
+            scores = _scores(skill, seed_i, epoch, spec.n_questions, cell, cs.redraw)
             acc = float(scores.mean())
             metrics = {"train/loss": 3.0 / epoch, "train/aux_loss": 0.01 if "span" in cs.attention else 0.0,
                        "train/lr": 1e-4, "train/epoch_s": 10.0 + seed_i, "train/steps": 100.0 * epoch,

@@ -81,6 +81,9 @@ def test_table3_holds_the_final_per_task_losses_and_weights(weighting_report):
     for name in ("softmax", "grad_std", "uncertainty", "gradnorm"):
         comp = cells[name]["vs_equal"]
         assert comp["reference"] == "equal" and comp["bootstrap"] is not None
+        assert comp["family"] == "vs equal"
+        assert (comp["seed_test"]["p_holm"] is None) == (comp["seed_test"]["p_value"] is None)
+    assert cells["gradnorm"]["vs_equal"]["seed_test"]["verdict"] == "not tested"  # one seed
     assert cells["gradnorm"]["vs_equal"]["seeds"] == [0]  # its seed 1 never ran
     assert cells["grad_std"]["vs_equal"]["bootstrap"]["mean"] > 0  # the synthetic grad_std is better
     kinds = {(c["variant"], c["kind"]) for c in t["comparisons"]}
@@ -91,7 +94,7 @@ def test_table3_renders_in_every_format(weighting_report):
     md, tex, html = weighting_report["md"], weighting_report["tex"], weighting_report["html"]
     assert "### Table 3: pretraining task weighting" in md
     header = next(line for line in md.splitlines() if line.startswith("| Variant | Seeds | Pretraining"))
-    for col in ("MLM loss (held-out)", "Image QA weight", "Δ vs Equal weights (LXMERT) (pp)", "Pretraining time"):
+    for col in ("MLM loss (held-out)", "Image QA weight", "Δ vs Equal weights (LXMERT) over seeds (pp)", "Pretraining time"):
         assert col in header, col
     row = next(line for line in md.splitlines() if line.startswith("| No pretraining"))
     assert "| none |" in row

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from sweeps import executor
@@ -109,3 +111,59 @@ def test_trials_without_a_time_account_leave_goodput_out():
     assert "sweep/goodput" not in sweep.timing_metrics()
     lines = timing_lines(sweep, total_wall=15.0)
     assert len(lines) == 1 and "overhead ratio" in lines[0]
+
+
+def _dead_drivers_trial(tmp_path, epochs=(2, 3)):
+    """A rerun's view of an in-process trial whose driver died: Tune's checkpoint folders (one per
+    epoch, the newest named by the trial's pointer) and the pointer in ``train/<key>/``."""
+    import torch
+
+    trial_dir, home = tmp_path / "ray" / "sw" / "k-s0", tmp_path / "ray" / "sw" / "train" / "k-s0"
+    for i, epoch in enumerate(epochs):
+        folder = trial_dir / f"checkpoint_{i:06d}"
+        folder.mkdir(parents=True)
+        torch.save({"model": {}, "optimizer": {}, "epoch": epoch}, folder / "state.pt")
+    executor._write_pointer(home, str(trial_dir / f"checkpoint_{len(epochs) - 1:06d}"))
+    return trial_dir, home
+
+
+def test_a_rerun_in_process_trial_resumes_from_the_checkpoint_its_pointer_names_out_of_tunes_numbering(tmp_path):
+    trial_dir, home = _dead_drivers_trial(tmp_path)
+    read, where = executor.find_resume(home)
+    resumed = home / executor.RESUMED
+    assert where == str(resumed) and read()["epoch"] == 3  # the newest, not the first folder
+    # Tune's new numbering (checkpoint_000000, ...) cannot overwrite it, and the dead driver's
+    # other folders, which no Tuner would count against num_to_keep, are gone
+    assert not list(trial_dir.glob("checkpoint_*"))
+    # killed again before the resumed trial reported: the same checkpoint once more
+    read, where = executor.find_resume(home)
+    assert where == str(resumed) and read()["epoch"] == 3
+    # a trial that never reported a checkpoint starts afresh
+    assert executor.find_resume(tmp_path / "train" / "other") is None
+
+
+def test_a_pointer_left_behind_by_a_kill_during_the_move_falls_back_to_the_moved_folder(tmp_path):
+    trial_dir, home = _dead_drivers_trial(tmp_path, epochs=(4,))
+    (trial_dir / "checkpoint_000000").rename(home / executor.RESUMED)  # moved, pointer not yet rewritten
+    read, where = executor.find_resume(home)
+    assert where == str(home / executor.RESUMED) and read()["epoch"] == 4
+
+
+def test_a_planted_checkpoint_found_through_the_pointer_is_refused_without_running_code(tmp_path):
+    import torch
+
+    from sweeps.failures import CheckpointRefused, classify
+
+    trial_dir, home = _dead_drivers_trial(tmp_path, epochs=(1,))
+    marker = tmp_path / "code-ran"
+
+    class RunsCode:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    torch.save({"model": {}, "optimizer": {}, "epoch": 1, "x": RunsCode()}, trial_dir / "checkpoint_000000" / "state.pt")
+    read, where = executor.find_resume(home)
+    with pytest.raises(CheckpointRefused, match="could run code") as err:
+        read()
+    assert not marker.exists() and where in str(err.value)
+    assert classify(err.value)[0] == "checkpoint"  # ends the trial with its cause, not retried

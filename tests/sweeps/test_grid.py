@@ -54,8 +54,11 @@ def test_trials_start_longest_first(preset):
     assert [k.rsplit("-", 1)[0] for k in keys[-3:]] == ["layerdrop_955"] * 3 and len(keys) == len(plan.trials)
 
 
-def test_cells_named_on_the_command_line_run_even_where_the_preset_leaves_them_out():
-    default = load_preset("default")
+def test_cells_named_on_the_command_line_run_even_where_the_preset_leaves_them_out(tmp_path):
+    narrow = tmp_path / "narrow.yaml"
+    narrow.write_text("name: narrow\ngrid: paper\naxes:\n  cell: [softmax, span]\n  train.seed: [0, 1, 2]\n"
+                      "set: {data.name: easyvqa}\n")
+    default = load_preset(str(narrow))
     grid = load_grid("paper")
     assert "pretrain_equal" not in {t.cell.name for t in expand(grid, default).trials}
     plan = expand(grid, default, cells=["pretrain_equal", "grad_std"])

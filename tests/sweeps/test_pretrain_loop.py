@@ -4,8 +4,9 @@ where, the schedule, and the strict transfer of the encoder to the VQA model."""
 from __future__ import annotations
 
 import copy
-import io
 import math
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ import torch
 import tasks
 from sweeps.config import parse_cli_overrides
 from sweeps.grid import expand, load_grid, load_preset
-from sweeps.train import TrialLoop, config_dims, unwrap
+from sweeps.train import STATE_FILE, TrialLoop, config_dims, load_state, unwrap
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +38,12 @@ class Crash(RuntimeError):
 
 
 def roundtrip(state):
-    """What a new process gets back from a checkpoint file."""
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=False)
+    """What a new process gets back from a checkpoint file (read as a worker reads it:
+    ``torch.load(weights_only=True)``, which builds nothing but tensors and plain containers)."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / STATE_FILE
+        torch.save(state, path)
+        return load_state(path)
 
 
 class FakeTracker:

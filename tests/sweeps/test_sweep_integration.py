@@ -203,7 +203,13 @@ def test_killing_the_driver_mid_sweep_then_rerunning_finishes_without_duplicates
             assert sorted(steps) == [1, 2, 3, 4], (run.data.tags["trial.key"], steps)
             loss_steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
             assert sorted(loss_steps) == [1, 2, 3, 4]
-        assert "resumed from checkpoint" in output or "finished" in output
+        # a trial the kill interrupted went on from its last epoch checkpoint, not from scratch
+        assert "resumed from checkpoint after epoch" in output, output[-5000:]
+        # num_to_keep holds after the rerun too: the dead driver's checkpoint folders were cleared
+        for key in ("softmax-s0", "span-s0"):
+            kept = [*(tune_dir / key).glob("checkpoint_*"), *(tune_dir / "train" / key).glob("checkpoint_*")]
+            assert 1 <= len(kept) <= 2, (key, kept)
+            assert not (tune_dir / "train" / key / "resumed_checkpoint").exists()
     finally:
         stop_process_group(head.proc)
 

@@ -10,7 +10,7 @@ import torch
 import tasks
 from sweeps.config import parse_cli_overrides
 from sweeps.grid import expand, load_grid, load_preset
-from sweeps.train import TrialLoop, config_dims
+from sweeps.train import STATE_FILE, TrialLoop, config_dims, load_state
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def trial_config(cache, cell: str, *overrides: str):
     return config_dims(cfg, data.num_answers, data.visual_feat_dim)
 
 
-def run(cfg, epochs_before_resume: int | None = None):
+def run(cfg, epochs_before_resume: int | None = None, tmp_path=None):
     torch.set_num_threads(1)
     loop = TrialLoop(cfg, log=lambda _m: None)
     states = []
@@ -37,7 +37,10 @@ def run(cfg, epochs_before_resume: int | None = None):
     total = cfg.train.epochs
     loop.cfg.train.epochs = epochs_before_resume  # stop early, as a killed worker would
     loop.fit(lambda metrics, state: states.append(state))
-    saved = states[-1]
+    # Through a file, read back as a resumed worker reads it: torch.load(weights_only=True).
+    path = tmp_path / STATE_FILE
+    torch.save(states[-1], path)
+    saved = load_state(path)
     cfg.train.epochs = total
     fresh = TrialLoop(cfg, log=lambda _m: None)  # a new process: new model, optimizer, data
     fresh.load_state_dict(saved)
@@ -45,13 +48,17 @@ def run(cfg, epochs_before_resume: int | None = None):
     return fresh, states
 
 
-@pytest.mark.parametrize("cell", ["softmax", "layerdrop_955", "span_entmax"])
-def test_resuming_from_a_checkpoint_continues_exactly(cache, cell):
+@pytest.mark.parametrize("cell, extra", [
+    ("softmax", ()), ("layerdrop_955", ()),
+    # the paper's optimizer: Lookahead's slow weights and LAMB's moments in the checkpoint too
+    ("span_entmax", ("train.optimizer=lookahead_lamb", "train.schedule=cyclic", "train.lr_min=1e-5")),
+])
+def test_resuming_from_a_checkpoint_continues_exactly(cache, cell, extra, tmp_path):
     import copy
 
-    cfg = trial_config(cache, cell, "train.epochs=2")
+    cfg = trial_config(cache, cell, "train.epochs=2", *extra)
     straight, _ = run(copy.deepcopy(cfg))
-    resumed, _ = run(copy.deepcopy(cfg), epochs_before_resume=1)
+    resumed, _ = run(copy.deepcopy(cfg), epochs_before_resume=1, tmp_path=tmp_path)
     for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{cell}: {name} differs after resume")
     assert [e for e, _ in resumed.history] == [1, 2]
@@ -78,7 +85,7 @@ def test_predictions_and_examples_cover_the_evaluation_split(cache):
     loop, _ = run(cfg)
     result = loop.evaluate()
     table = loop.predictions_table(result).splitlines()
-    assert table[0] == "question_id,answer,score,answer_type,question_type"
+    assert table[0] == "question_id,answer,score,answer_type,question_type,soft_score"
     assert len(table) - 1 == len(loop.data.eval) == 128
     examples = loop.examples(result, 3)
     assert [e["question_id"] for e in examples] == [int(q) for q in loop.data.eval.question_ids[:3]]

@@ -1,17 +1,29 @@
-"""Fixtures for tasks/ tests: an LXMERT data folder per test, one easy-VQA cache per session."""
+"""Fixtures for tasks/ tests: LXMERT data folders (VQA, GQA, NLVR2) per test, one easy-VQA cache per session."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-from tasks_fixtures import make_lxmert_root
+from tasks_fixtures import make_gqa_root, make_lxmert_root, make_nlvr2_root
 
 
 @pytest.fixture
 def lxmert_root(tmp_path: Path) -> tuple[Path, dict]:
     root = tmp_path / "data"
     return root, make_lxmert_root(root)
+
+
+@pytest.fixture
+def gqa_root(tmp_path: Path) -> tuple[Path, dict]:
+    root = tmp_path / "data"
+    return root, make_gqa_root(root)
+
+
+@pytest.fixture
+def nlvr2_root(tmp_path: Path) -> tuple[Path, dict]:
+    root = tmp_path / "data"
+    return root, make_nlvr2_root(root)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Helpers for tasks/ tests: small VQA v2 files written in LXMERT's formats.
+"""Helpers for tasks/ tests: small VQA v2, GQA and NLVR2 files written in LXMERT's formats.
 
 The LXMERT writer here is deliberately independent of `tasks.vqa.files.format_row`, so the round
 trip checks the reader against the format, not against itself.
@@ -85,3 +85,80 @@ def make_lxmert_root(root: Path, n_images: int = 6, seed: int = 0) -> dict:
         (root / f"vqa/{split}.json").write_text(json.dumps(entries))
         questions[split] = entries
     return {"features": feats, "questions": questions, "ids": ids}
+
+
+# ------------------------------------------------------------------------------ GQA and NLVR2
+def write_json(path: Path, obj: object) -> None:
+    """A JSON file as LXMERT's preprocessing scripts write them (``indent=4, sort_keys=True``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=4, sort_keys=True))
+
+
+# "hair clip" is one of the GQA answers LXMERT's 9,500-answer table lacks.
+GQA_ANSWERS = ["yes", "no", "red", "blue", "cat", "hair clip"]
+
+
+def make_gqa_root(root: Path, n_images: int = 4, seed: int = 0) -> dict:
+    """LXMERT's GQA files: 4 split JSONs, the answer vocabulary, the two feature TSVs.
+
+    ``vg_gqa_obj36.tsv`` holds the train images, then the valid images, then two GQA test images
+    (``n...``) that ``submit`` asks about; ``gqa_testdev_obj36.tsv`` the test-dev images. Question
+    ids are digit strings, some with a leading zero (``"0...``) beside the same digits without it.
+    """
+    rng = np.random.default_rng(seed)
+    write_json(root / "gqa/trainval_label2ans.json", GQA_ANSWERS)
+    write_json(root / "gqa/trainval_ans2label.json", {a: i for i, a in enumerate(GQA_ANSWERS)})
+    ids = {
+        "train": [str(2375429 + i) for i in range(n_images)],
+        "valid": [str(2400000 + i) for i in range(n_images)],
+        "submit": ["n161313", "n235859"],
+        "testdev": [f"n{500000 + i}" for i in range(n_images)],
+    }
+    feats = write_tsv(root / "vg_gqa_imgfeat/vg_gqa_obj36.tsv", ids["train"] + ids["valid"] + ids["submit"], rng)
+    feats.update(write_tsv(root / "vg_gqa_imgfeat/gqa_testdev_obj36.tsv", ids["testdev"], rng))
+    sents = ["Is the cat red?", "What color is the car?", "What is on the white wall?"]
+    answers = ["yes", "blue", "giraffe"]  # "giraffe": outside the vocabulary
+    questions = {}
+    n = 0
+    for split in ("train", "valid", "testdev", "submit"):
+        entries = []
+        for img in ids[split]:
+            for k in range(3):
+                n += 1
+                qid = f"0{7333400 + n}" if k == 0 else str(7333400 + n)  # GQA ids: strings, leading zeros kept
+                e = {"img_id": img, "question_id": qid, "sent": sents[k]}
+                if split != "submit":
+                    e["label"] = {answers[k]: 1.0}
+                entries.append(e)
+        write_json(root / f"gqa/{split}.json", entries)
+        questions[split] = entries
+    return {"features": feats, "questions": questions, "ids": ids}
+
+
+def make_nlvr2_root(root: Path, n_sets: int = 2, seed: int = 0) -> dict:
+    """LXMERT's NLVR2 files: ``nlvr2/{train,valid,test}.json`` and their feature TSVs.
+
+    Per set: 3 image pairs, sentence 0 on all three, sentence 1 on the first two (identifiers
+    ``<split>-<set>-<pair>-<sentence>`` as NLVR2 writes them; ``valid`` is NLVR2's ``dev``, ``test``
+    its ``test1``); labels alternate.
+    """
+    rng = np.random.default_rng(seed)
+    feats, examples = {}, {}
+    for split, official in (("train", "train"), ("valid", "dev"), ("test", "test1")):
+        images, entries = [], []
+        for s in range(n_sets):
+            set_id = 100 + s
+            for pair in range(3):
+                images += [f"{official}-{set_id}-{pair}-img0", f"{official}-{set_id}-{pair}-img1"]
+            for sentence, pairs in ((0, (0, 1, 2)), (1, (0, 1))):
+                for pair in pairs:
+                    stem = f"{official}-{set_id}-{pair}"
+                    entries.append({
+                        "identifier": f"{stem}-{sentence}", "img0": f"{stem}-img0", "img1": f"{stem}-img1",
+                        "label": (pair + sentence + s) % 2, "sent": f"There are {sentence + 2} dogs in set {set_id}.",
+                        "uid": f"nlvr2_{split}_{len(entries)}",
+                    })  # fmt: skip
+        feats.update(write_tsv(root / f"nlvr2_imgfeat/{split}_obj36.tsv", images, rng))
+        write_json(root / f"nlvr2/{split}.json", entries)
+        examples[split] = entries
+    return {"features": feats, "examples": examples}

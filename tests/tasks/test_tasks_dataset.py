@@ -120,3 +120,20 @@ def test_build_once_publishes_atomically_and_loses_races_quietly(tmp_path):
     with pytest.raises(RuntimeError):
         st.build_once(tmp_path / "bad", lambda t: (_ for _ in ()).throw(RuntimeError("boom")))
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("bad") and not p.name.endswith(".lock")] == []
+
+
+def test_epoch_size_walks_through_distinct_questions():
+    from tasks.dataset import epoch_positions, shard_order
+
+    n, size = 10, 4
+    epochs = [epoch_positions(n, size, seed=3, epoch=e) for e in range(5)]
+    assert all(len(e) == size for e in epochs)
+    stream = np.concatenate(epochs)
+    # the first 10 positions of the stream are one permutation: epochs 0-1 and half of 2 are distinct
+    assert sorted(stream[:10].tolist()) == list(range(n))
+    assert sorted(stream[10:20].tolist()) == list(range(n))  # then the next permutation
+    assert not np.array_equal(stream[:10], stream[10:20])
+    assert np.array_equal(epoch_positions(n, size, 3, 2), epochs[2])  # deterministic
+    # ranks split one epoch's positions disjointly
+    shards = [shard_order(n, True, 3, 1, r, 2, epoch_size=size) for r in range(2)]
+    assert sorted(np.concatenate(shards).tolist()) == sorted(epochs[1].tolist())

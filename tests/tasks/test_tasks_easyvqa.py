@@ -47,6 +47,9 @@ def test_labels_types_and_texts_match_the_package(data):
     assert qt["what color is the shape?"] == "what color"
     assert qt["is there not a red shape?"] == "has not color"
     assert qt["does the image contain a circle?"] == "has shape"
+    # the official accuracy's human answers: the package's answer, ten times (all annotators agree)
+    assert ds.human_answers.of([0, 17, 9672]) == [[answers[q]] * 10 for q in (0, 17, 9672)]
+    assert data.train.human_answers is None  # only evaluation is scored
 
 
 def test_features_encode_colour_and_shape(data, easyvqa_cache):

@@ -11,6 +11,7 @@ import pytest
 from tasks_fixtures import write_tsv
 
 from tasks import ConfigError, DataConfig
+from tasks import prepare as prepare_task
 from tasks import store as st
 from tasks.pretrain import Masking, PretrainConfig, active_tasks, load, parse_schedule, prepare, synthetic
 from tasks.pretrain.corpus import ImageStore
@@ -33,7 +34,7 @@ def _arrays(folder: Path) -> dict[str, np.ndarray]:
 
 def test_same_seed_gives_identical_arrays_and_another_seed_does_not(easyvqa_cache, tmp_path):
     data = DataConfig(cache_dir=str(easyvqa_cache)).resolved()
-    features = Path(easyvqa_cache) / "easyvqa" / "features-v3-compact-g2"
+    features = Path(prepare_task(data)["features"])
     runs = {}
     for name, seed in (("a", 5), ("b", 5), ("c", 6)):
         (tmp_path / name).mkdir()

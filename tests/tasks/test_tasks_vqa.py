@@ -218,3 +218,24 @@ def test_concurrent_prepare_builds_each_store_once(lxmert_root, tmp_path):
     assert [o.strip() for o, _ in outs] == ["27", "27"]
     leftovers = [p.name for p in cache.rglob("*") if ".tmp-" in p.name or p.name.endswith(".partial")]
     assert leftovers == []
+
+
+def test_official_annotations_found_under_root_or_configured(lxmert_root, tmp_path):
+    root, truth = lxmert_root
+    assert load(cfg_for(root, tmp_path / "cache")).eval.human_answers is None  # LXMERT's files only
+    minival = truth["questions"]["minival"]
+    anns = [{"question_id": e["question_id"], "question_type": e["question_type"], "answer_type": e["answer_type"],
+             "answers": [{"answer": f"answer {e['question_id']}", "answer_confidence": "yes", "answer_id": j + 1}
+                         for j in range(10)]} for e in minival]  # fmt: skip
+    (root / "vqa/v2_mscoco_val2014_annotations.json").write_text(json.dumps({"annotations": anns}))
+    data = load(cfg_for(root, tmp_path / "cache"))
+    qids = [e["question_id"] for e in minival]
+    assert data.eval.human_answers.of(qids) == [[f"answer {q}"] * 10 for q in qids]
+    assert load(cfg_for(root, tmp_path / "cache", annotations="none")).eval.human_answers is None
+    # the same file named explicitly (relative to root) reuses the converted store
+    stores = sorted((tmp_path / "cache" / "vqa" / "annotations-v1").iterdir())
+    data = load(cfg_for(root, tmp_path / "cache", annotations="vqa/v2_mscoco_val2014_annotations.json"))
+    assert data.eval.human_answers.of(qids[:1]) == [[f"answer {qids[0]}"] * 10]
+    assert sorted((tmp_path / "cache" / "vqa" / "annotations-v1").iterdir()) == stores
+    # the training splits' file is not what scores minival
+    assert load(cfg_for(root, tmp_path / "cache", eval_split="test")).eval.human_answers is None
