@@ -444,18 +444,15 @@ def _run(args: argparse.Namespace, plan: Plan, name: str, runs_dir: Path, lock, 
         label = "UNFINISHED" if t.status == "UNFINISHED" else "FAILED"
         print(f"  {label} {t.key}: {t.error.splitlines()[0] if t.error else t.status}")
     total_wall = time.time() - t_start
-    if timing.ideal_s > 0:
-        print(f"wall time {total_wall:.0f} s (trials phase {timing.wall_s:.0f} s); ideal {timing.ideal_s:.0f} s "
-              f"(sum of {timing.n_ran} trial times / {min(timing.concurrency, timing.n_ran)} at once); "
-              f"overhead ratio {timing.overhead_ratio:.3f} (trials phase), "
-              f"{total_wall / timing.ideal_s:.3f} (whole command)")
+    for line in timing_lines(timing, total_wall):
+        print(line)
     if interrupted:  # trials Tune stopped may not have closed their runs: nothing of this sweep runs now
         sweeper.close_orphans("the sweep was interrupted (Ctrl-C / SIGTERM) while it ran")
     sweeper.finish(
         "KILLED" if interrupted else "FINISHED" if not failed else "FAILED",
         {"sweep/wall_s": total_wall, "sweep/trials_wall_s": timing.wall_s, "sweep/ideal_s": timing.ideal_s,
          "sweep/overhead_ratio": timing.overhead_ratio if timing.ideal_s > 0 else 0.0,
-         "sweep/concurrency": float(timing.concurrency)},
+         "sweep/concurrency": float(timing.concurrency), **timing.timing_metrics()},
         {"sweep.status": status,
          "sweep.failed": json.dumps({t.key: t.error[:500] for t in failed if t.status != "UNFINISHED"})},
     )
@@ -467,6 +464,30 @@ def _run(args: argparse.Namespace, plan: Plan, name: str, runs_dir: Path, lock, 
         if report_path:
             print(f"report: {report_path}")
     return 0 if not failed else 1
+
+
+def timing_lines(timing, total_wall: float) -> list[str]:
+    """The sweep's closing lines on time: where the trials' time went (their time accounts:
+    start-up, training, evaluation, checkpoints, the rest), goodput and wall / ideal with ideal
+    counting step time only; then the older overhead ratio, whose ideal counts each trial's whole
+    time (start-up included) as useful."""
+    lines = []
+    n, slots = timing.n_ran, min(timing.concurrency, timing.n_ran)
+    if timing.step_s > 0:
+        parts = ", ".join(f"{name} {timing.time_sum(part):.0f} s" for name, part in (
+            ("start-up", "startup_s"), ("train", "train_s"), ("eval", "eval_s"), ("checkpoint", "checkpoint_s"),
+            ("other", "other_s")))  # fmt: skip
+        lines.append(f"time in {n} trial(s): {parts} (sum of trial wall times {timing.time_sum('wall_s'):.0f} s)")
+        lines.append(f"goodput {timing.goodput:.3f} (train + eval steps / trial wall times); wall / ideal "
+                     f"{timing.wall_over_ideal:.3f} (trials phase {timing.wall_s:.0f} s / step time "
+                     f"{timing.step_s:.0f} s over {slots} slot(s)), {total_wall / timing.step_ideal_s:.3f} "
+                     "(whole command)")
+    if timing.ideal_s > 0:
+        lines.append(f"wall time {total_wall:.0f} s (trials phase {timing.wall_s:.0f} s); overhead ratio, start-up "
+                     f"counted as trial time: {timing.overhead_ratio:.3f} (trials phase), "
+                     f"{total_wall / timing.ideal_s:.3f} (whole command); its ideal {timing.ideal_s:.0f} s = "
+                     f"sum of {n} trial times / {slots} at once")
+    return lines
 
 
 def search_settings(args: argparse.Namespace) -> dict:

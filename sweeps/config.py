@@ -35,6 +35,7 @@ from tasks.pretrain.config import PretrainConfig
 OPTIMIZERS = ("adamw", "lookahead_lamb")
 SCHEDULES = ("linear", "cyclic", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
+EXECUTORS = ("auto", "in_process", "train")
 
 
 @dataclass
@@ -114,6 +115,11 @@ class ResourcesConfig:
 
     ``gpus_per_worker`` may be fractional (several trials share one GPU). ``threads_per_worker``
     0 means one torch thread per CPU the worker holds.
+
+    ``executor`` says how a trial runs (``sweeps/executor.py``): ``in_process`` runs the training
+    loop inside the Tune trial's own process (one worker; it starts in seconds), ``train`` builds a
+    Ray Train ``TorchTrainer`` worker group (DDP over ``num_workers``), ``auto`` picks
+    ``in_process`` for one worker without a GPU and ``train`` otherwise.
     """
 
     num_workers: int = 1
@@ -122,8 +128,12 @@ class ResourcesConfig:
     threads_per_worker: int = 0
     #: Trials run at once; 0 means as many as the cluster's CPUs/GPUs allow.
     max_concurrent: int = 0
-    #: Worker-group restarts per trial (from the last checkpoint) before the trial fails.
+    #: Restarts per trial (from the last checkpoint) before the trial fails: Ray Train restarts a
+    #: worker group this many times (and Tune retries the trial once more); an in-process trial is
+    #: restarted by Tune ``max_failures + 1`` times, the same number of second chances.
     max_failures: int = 2
+    #: ``auto`` | ``in_process`` | ``train``: see the class docstring.
+    executor: str = "auto"
 
     def validate(self) -> None:
         _positive("resources.num_workers", self.num_workers)
@@ -138,6 +148,12 @@ class ResourcesConfig:
         for name in ("threads_per_worker", "max_concurrent", "max_failures"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"resources.{name} must be >= 0, got {getattr(self, name)}")
+        _choice("resources.executor", self.executor, EXECUTORS)
+        if self.executor == "in_process" and self.num_workers != 1:
+            raise ConfigError(
+                f"resources.executor=in_process runs the loop in the trial's own process, one worker; "
+                f"got resources.num_workers={self.num_workers}: use executor=train (or auto) for DDP"
+            )
 
 
 @dataclass

@@ -1,10 +1,11 @@
-"""The loop one Ray Train worker runs for one trial: ``train_fn_per_worker``.
+"""The loop that trains one trial: :class:`TrialLoop`.
 
-The loop itself (:class:`TrialLoop`) knows nothing about Ray: it takes a rank, a world size, a
-device, a way to wrap the model (DDP or not), a checkpoint to resume from and a ``report``
-callback. ``train_fn_per_worker`` binds those to Ray Train (``ray.train.get_context``,
-``prepare_model``, ``get_checkpoint``, ``report``), so the same loop runs in unit tests without a
-cluster and on GPU nodes under DDP.
+The loop knows nothing about Ray: it takes a rank, a world size, a device, a way to wrap the model
+(DDP or not), a checkpoint to resume from and a ``report`` callback. ``sweeps/executor.py`` binds
+those to Ray, in the Tune trial's own process (one-worker CPU trials) or on every worker of a Ray
+Train worker group (``train_fn_per_worker``, DDP), so the same loop runs in unit tests without a
+cluster, in a Tune trial, and on GPU nodes under DDP. Its :class:`TimeAccount` says where the
+trial's time went (start-up, training, evaluation, checkpoints, the rest).
 
 With ``pretrain.enabled`` the trial first pretrains (:class:`sweeps.pretrain.PretrainStage`: one
 checkpoint and one MLflow step per pretraining epoch, under ``pretrain/*`` with its own epoch
@@ -22,10 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import math
-import os
 import random
-import tempfile
 import time
 import zlib
 from collections.abc import Callable
@@ -40,15 +38,8 @@ from torch import nn
 
 import models.hooks as hooks
 from models.layerdrop import set_step as set_layerdrop_step
-from sweeps.config import ExperimentConfig, unflatten
-from sweeps.failures import (
-    CheckpointRefused,
-    FiniteGuard,
-    classify,
-    failure_result,
-    grad_norm,
-    record_failure,
-)
+from sweeps.config import ExperimentConfig
+from sweeps.failures import CheckpointRefused, FiniteGuard, classify, grad_norm, record_failure
 from sweeps.optim import build_optimizer, build_schedule, total_steps
 
 STATE_FILE = "state.pt"
@@ -180,6 +171,60 @@ def stats_summary(stats: dict[str, list[float]]) -> dict[str, float]:
     return out
 
 
+#: The parts of a trial's wall-clock time (seconds), logged as ``time/<part>`` (docs/tracking.md).
+TIME_PARTS = ("startup_s", "train_s", "eval_s", "checkpoint_s", "other_s")
+
+
+class TimeAccount:
+    """Where one trial's wall-clock time goes, summed over its attempts.
+
+    An attempt starts when the process that runs it begins (``started``, a ``time.time()``: the
+    Tune trainable's first line, or for a restarted Train worker group its worker's start); its
+    ``startup_s`` ends at its first training step. ``train_s``, ``eval_s`` and ``checkpoint_s``
+    are the time inside :meth:`TrialLoop.train_epoch`, :meth:`TrialLoop.evaluate` (pretraining:
+    its training epochs and its held-out scoring) and the ``report`` callback; ``other_s`` is the
+    rest of the trial's wall time (MLflow, statistics, building the model and data after start-up).
+    The account travels in the checkpoint, so an attempt adds to what earlier ones spent up to
+    their last checkpoint (as of when it was built, before it was persisted); what a killed
+    attempt spent after that is lost with it.
+    """
+
+    def __init__(self, started: float | None = None):
+        self.started = time.time() if started is None else float(started)
+        self.before = {"wall_s": 0.0, **{k: 0.0 for k in TIME_PARTS if k != "other_s"}}
+        self.now = {k: 0.0 for k in self.before if k != "wall_s"}
+        self.first_step_at: float | None = None
+
+    def first_step(self) -> None:
+        """Called as training starts (every epoch); the first call of an attempt ends its start-up."""
+        if self.first_step_at is None:
+            self.first_step_at = time.time()
+            self.now["startup_s"] = max(0.0, self.first_step_at - self.started)
+
+    def add(self, part: str, seconds: float) -> None:
+        self.now[part] += seconds
+
+    def total(self, part: str) -> float:
+        return self.before[part] + self.now[part]
+
+    def wall_s(self) -> float:
+        return self.before["wall_s"] + max(0.0, time.time() - self.started)
+
+    def metrics(self) -> dict[str, float]:
+        """``time/<part>`` for every part and ``time/wall_s``; the parts sum to the wall time."""
+        wall = self.wall_s()
+        out = {f"time/{k}": self.total(k) for k in self.now}
+        out["time/other_s"] = max(0.0, wall - sum(out.values()))
+        out["time/wall_s"] = wall
+        return out
+
+    def state_dict(self) -> dict[str, float]:
+        return {"wall_s": self.wall_s(), **{k: self.total(k) for k in self.now}}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.before = {k: float(state.get(k, 0.0)) for k in self.before}
+
+
 class TrialLoop:
     """Train and evaluate one model for one trial.
 
@@ -189,12 +234,14 @@ class TrialLoop:
         rank, world_size: this worker's place in the group.
         device: where the model runs.
         wrap_model: turns the plain model into what trains (e.g. DDP); identity by default.
+        started: when this attempt of the trial began (``time.time()``; default: now), the
+            start of its :class:`TimeAccount`.
     """
 
     def __init__(self, cfg: ExperimentConfig, rank: int = 0, world_size: int = 1,
                  device: torch.device | None = None,
                  wrap_model: Callable[[nn.Module], nn.Module] | None = None,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, started: float | None = None):
         import models
         import tasks
 
@@ -203,6 +250,7 @@ class TrialLoop:
         self.world_size = world_size
         self.device = device or torch.device("cpu")
         self.log = log if rank == 0 else (lambda _msg: None)
+        self.times = TimeAccount(started)
         seed_everything(cfg.train.seed)
         self.data = tasks.load(cfg.data)
         for key, have in (("num_answers", self.data.num_answers), ("visual_feat_dim", self.data.visual_feat_dim)):
@@ -267,6 +315,7 @@ class TrialLoop:
             "head_rows": self.head_rows,
             "best": self.best,
             "elapsed_s": self.elapsed_s,
+            "times": self.times.state_dict(),
             "steps_dropping": self.steps_dropping,
             "mechanisms": hooks.mechanism_state(unwrap(self.model)),
             "nonfinite_steps": self.guard.count,
@@ -293,6 +342,7 @@ class TrialLoop:
         self.head_rows = list(state["head_rows"])
         self.best = dict(state["best"])
         self.elapsed_s = float(state["elapsed_s"])
+        self.times.load_state_dict(state.get("times", {}))  # absent in checkpoints older than the account
         self.steps_dropping = int(state.get("steps_dropping", 0))
         hooks.load_mechanism_state(unwrap(self.model), state.get("mechanisms", {}))
         self.guard.count = int(state.get("nonfinite_steps", 0))
@@ -318,6 +368,7 @@ class TrialLoop:
         losses, aux_losses, n_samples = 0.0, 0.0, 0
         layer_counts: dict[str, float] = {}
         drop_trace = 0  # checksum of the layers each step ran
+        self.times.first_step()  # start-up ends where training time begins: no second counted twice
         start = time.perf_counter()
         batches = self.data.train.batches(cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=self.epoch,
                                           rank=self.rank, world_size=self.world_size)
@@ -356,6 +407,7 @@ class TrialLoop:
             self.steps_dropping += any(len(ran[s]) < self.depths[s] for s in ran)
             drop_trace = zlib.crc32(repr(sorted(ran.items())).encode(), drop_trace)
         seconds = time.perf_counter() - start
+        self.times.add("train_s", seconds)
         self._check_same_layers_on_every_rank(drop_trace)
         metrics = {
             "train/loss": losses / max(1, n_samples),
@@ -554,10 +606,14 @@ class TrialLoop:
                               "pretrain.corpus": pcfg.corpus})  # fmt: skip
         while not stage.done:
             before = stage.elapsed_s
+            self.times.first_step()  # its first batch follows at once
             metrics = stage.run_epoch()
             self.elapsed_s += stage.elapsed_s - before
+            # Its training epoch counts as training, the rest of the epoch (held-out scoring) as evaluation.
+            self.times.add("train_s", metrics["pretrain/epoch_s"])
+            self.times.add("eval_s", max(0.0, stage.elapsed_s - before - metrics["pretrain/epoch_s"]))
             metrics["time/elapsed_s"] = self.elapsed_s
-            self._reported(report(metrics, self.state_dict() if self.rank == 0 else None))
+            self._report(report, metrics)
             if self.rank == 0:
                 losses = " ".join(f"{t} {metrics[f'pretrain/loss_{t}']:.3f}" for t in stage.tasks
                                   if f"pretrain/loss_{t}" in metrics)  # fmt: skip
@@ -651,7 +707,9 @@ class TrialLoop:
         while self.epoch < cfg.train.epochs:
             t0 = time.perf_counter()
             metrics = self.train_epoch()
+            t_eval = time.perf_counter()
             result = self.evaluate()
+            self.times.add("eval_s", time.perf_counter() - t_eval)
             self.epoch += 1
             stats = hooks.collect_stats(core)
             if self.rank == 0:
@@ -668,7 +726,7 @@ class TrialLoop:
             metrics["epoch"] = float(self.epoch)
             if self.rank == 0:
                 self.history.append((self.epoch, dict(metrics)))
-            self._reported(report(metrics, self.state_dict() if self.rank == 0 else None))
+            self._report(report, metrics)
             if self.rank == 0:
                 self.log(
                     f"epoch {self.epoch}/{cfg.train.epochs}: loss {metrics['train/loss']:.4f} "
@@ -693,9 +751,20 @@ class TrialLoop:
         final = dict(self.history[-1][1]) if self.history else {}
         if tracker is not None:
             tracker.log_metrics({"time/trial_s": self.elapsed_s, "best/acc": self.best["acc"],
-                                 "best/epoch": float(self.best["epoch"])}, step=self.epoch)
+                                 "best/epoch": float(self.best["epoch"]), **self.times.metrics()},
+                                step=self.epoch)  # fmt: skip
             tracker.finish("FINISHED")
+        final.update(self.times.metrics())  # after the last MLflow call: the whole trial
         return final
+
+    def _report(self, report: Callable[[dict[str, float], dict[str, Any] | None], Any],
+                metrics: dict[str, float]) -> None:
+        """``report`` (the checkpoint) with its time, state building included, in ``time/checkpoint_s``;
+        where it put the checkpoint is remembered (:meth:`_reported`)."""
+        t0 = time.perf_counter()
+        where = report(metrics, self.state_dict() if self.rank == 0 else None)
+        self.times.add("checkpoint_s", time.perf_counter() - t0)
+        self._reported(where)
 
 
 def _slug(text: str) -> str:
@@ -705,108 +774,6 @@ def _slug(text: str) -> str:
 def _csv(text: str) -> str:
     text = str(text)
     return f'"{text.replace(chr(34), chr(34) * 2)}"' if any(c in text for c in ',"\n') else text
-
-
-# ----------------------------------------------------------------------------------------------
-# Ray Train glue
-# ----------------------------------------------------------------------------------------------
-
-
-def train_fn_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
-    """Entry point of every Ray Train worker of a trial.
-
-    ``loop_config``: ``{"trial_key", "config" (flat ExperimentConfig), "context" (tracking)}``.
-
-    Returns:
-        ``None``, or for a failure no retry can fix (:func:`sweeps.failures.classify`), its cause
-        (:func:`sweeps.failures.failure_result`) instead of raising it.
-    """
-    import ray.train
-    import ray.train.torch
-
-    from sweeps.tracking import TrialTracker, quiet_mlflow
-
-    cfg = unflatten(ExperimentConfig, loop_config["config"], source="trial config")
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    if device.type == "cpu":
-        threads = cfg.resources.threads_per_worker or max(1, int(math.floor(cfg.resources.cpus_per_worker)))
-        torch.set_num_threads(threads)
-
-    def wrap(model: nn.Module) -> nn.Module:
-        if world == 1:
-            return model
-        # Some parameters get no gradient in a step, the same ones on every rank: the dropped
-        # layers under LayerDrop, and always (as in LXMERT) the last cross layer's vision branch,
-        # which never reaches the VQA logits. DDP must be told.
-        return ray.train.torch.prepare_model(
-            model, move_to_device=False, parallel_strategy_kwargs={"find_unused_parameters": True}
-        )
-
-    def log(msg: str) -> None:
-        print(f"[{loop_config['trial_key']}] {msg}", flush=True)
-
-    def report(metrics: dict[str, float], state: dict[str, Any] | None) -> str | None:
-        if state is None:
-            ray.train.report(metrics, checkpoint=None)
-            return None
-        with tempfile.TemporaryDirectory() as folder:
-            torch.save(state, os.path.join(folder, STATE_FILE))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
-        persisted = ray.train.get_checkpoint()  # the copy just persisted (reports are synchronous)
-        return persisted.path if persisted is not None else None
-
-    tracker = None
-    with quiet_mlflow():
-        if rank == 0:
-            tracker = TrialTracker(loop_config["context"], loop_config["trial_key"])
-            tracker.start(tags={**loop_config.get("tags", {}), **placement_tags()}, params=loop_config["config"])
-        try:
-            loop = TrialLoop(cfg, rank=rank, world_size=world, device=device, wrap_model=wrap, log=log)
-            checkpoint = ray.train.get_checkpoint()
-            if checkpoint is not None:
-                with checkpoint.as_directory() as folder:
-                    state = load_state(Path(folder) / STATE_FILE)
-                loop.load_state_dict(state)
-                loop.last_checkpoint = checkpoint.path
-                log(f"resumed from checkpoint after epoch {loop.epoch}")
-            loop.fit(report, tracker)
-        except Exception as err:
-            failure = classify(err)
-            if failure is None:
-                _close_failed(tracker)
-                raise
-            # Every retry would fail the same way: end the trial with its cause instead of raising
-            # (Ray Train and Tune retry whatever is raised; see sweeps/failures.py).
-            record_failure(tracker, *failure)
-            log(f"FAILED, not retried ({failure[0]}): {failure[1]}")
-            return failure_result(*failure)  # rank 0's is the Train result's return_value
-        except BaseException:
-            _close_failed(tracker)
-            raise
-
-
-def _close_failed(tracker) -> None:
-    """Close the run as FAILED on an error that may be retried (a retry reopens it as RUNNING)."""
-    if tracker is not None and tracker.run_id:
-        try:
-            tracker.finish("FAILED")
-        except Exception:
-            pass
-
-
-def placement_tags() -> dict[str, str]:
-    """Where this Ray worker runs: ``trial.node_id`` (the Ray node), ``trial.node_ip``,
-    ``trial.hostname``. Rank 0 tags its trial's run with them when it (re)opens it, so after a
-    restart on another node they say where the trial ran last."""
-    import socket
-
-    import ray
-
-    return {"trial.node_id": ray.get_runtime_context().get_node_id(),
-            "trial.node_ip": ray.util.get_node_ip_address(),
-            "trial.hostname": socket.gethostname()}
 
 
 def config_dims(cfg: ExperimentConfig, num_answers: int, visual_feat_dim: int) -> ExperimentConfig:

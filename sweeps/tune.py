@@ -1,14 +1,17 @@
-"""The Tune driver: a validated plan -> one Tune trial per grid point -> one TorchTrainer each.
+"""The Tune driver: a validated plan -> one Tune trial per grid point, run by the trial's executor.
 
-Ray Train V2 runs inside Ray Tune as a *function trainable* that builds a ``TorchTrainer`` and
-calls ``.fit()`` (``Tuner(trainer)`` is the V1 API and fails under V2). Each trial's Train run is
-named after the trial key and stored under ``<runs>/ray/<sweep>/train/<key>``, so a restarted
-trial (Tune retry, restored sweep) finds its latest checkpoint and resumes from it. The Tune
-experiment is stored under ``<runs>/ray/<sweep>``, with a ledger of the trials that ended
-(:data:`LEDGER`, JSON): rerunning the same command after the driver died runs a new Tuner over
-the trials the ledger lacks, which resume from their checkpoints; ended trials are not rerun.
-(Not ``Tuner.restore``: it unpickles Tune's saved state, and nothing unpickled from the runs dir
-is trusted.)
+Every trial is a Tune *function trainable* (:func:`run_trial`). What it does depends on the
+trial's executor (``resources.executor``, ``sweeps/executor.py``): a one-worker CPU trial runs the
+training loop in the trainable's own process and reports its checkpoints to Tune, which keeps them
+under ``<runs>/ray/<sweep>/<key>``; any other trial builds a Ray Train V2 ``TorchTrainer`` and
+calls ``.fit()`` (``Tuner(trainer)`` is the V1 API and fails under V2), its Train run named after
+the trial key and stored under ``<runs>/ray/<sweep>/train/<key>``. Either way a restarted trial
+(Tune retry, Train worker-group restart, rerun sweep) finds its latest checkpoint and resumes
+from it. The Tune experiment is stored under ``<runs>/ray/<sweep>``, with a ledger of the trials
+that ended (:data:`LEDGER`, JSON): rerunning the same command after the driver died runs a new
+Tuner over the trials the ledger lacks, which resume from their checkpoints; ended trials are not
+rerun. (Not ``Tuner.restore``: it unpickles Tune's saved state, and nothing unpickled from the
+runs dir is trusted.)
 """
 
 from __future__ import annotations
@@ -25,21 +28,28 @@ from typing import Any
 
 from ray.tune import Callback
 
+from sweeps import executor as executors
 from sweeps.config import ConfigError, flatten
 from sweeps.failures import failure_of
 from sweeps.grid import Plan, Trial
 
-#: What a trial's own process (the function trainable, the Train driver) reserves: memory only, no
-#: CPU. It only waits on its TorchTrainer; the Train workers hold the CPUs. Even a small CPU fraction
-#: breaks packing: on nodes whose CPUs are a whole number of trial workers (two 1-CPU nodes, two
-#: 1-CPU trials) Tune spreads the trainables over the nodes, no node then has a whole worker's CPUs
-#: free, and every trial waits forever for its worker group. Tune needs a non-empty bundle, hence
-#: memory: a floor (the trainable and its Train controller, which Ray puts on the same node, hold
-#: about 0.4 GB RSS each, mostly shared torch libraries) that does not cut concurrency on small hosts.
+#: What a trial's own process (the function trainable, the Train driver) reserves on the ``train``
+#: path: memory only, no CPU. It only waits on its TorchTrainer; the Train workers hold the CPUs.
+#: Even a small CPU fraction breaks packing: on nodes whose CPUs are a whole number of trial
+#: workers (two 1-CPU nodes, two 1-CPU trials) Tune spreads the trainables over the nodes, no node
+#: then has a whole worker's CPUs free, and every trial waits forever for its worker group. Tune
+#: needs a non-empty bundle, hence memory: a floor (the trainable and its Train controller, which
+#: Ray puts on the same node, hold about 0.4 GB RSS each, mostly shared torch libraries) that does
+#: not cut concurrency on small hosts. On the ``in_process`` path the trainable is the worker, so it
+#: reserves the worker's CPUs (and GPU) instead (:func:`trainable_resources`); the same packing
+#: then holds trivially: one 1-CPU trainable per 1-CPU node.
 TRAINABLE_RESOURCES = {"cpu": 0, "memory": 256 * 1024**2}
 
-#: Environment of every trial's Train controller and workers (set explicitly so that it holds
-#: whether the sweep was started locally, with RAY_ADDRESS, or by `ray job submit`).
+#: Checkpoints kept per trial (Ray Train's on the Train path, Tune's on the in-process path).
+NUM_TO_KEEP = 2
+
+#: Environment of every trial's process, Train controller and workers (set explicitly so that it
+#: holds whether the sweep was started locally, with RAY_ADDRESS, or by `ray job submit`).
 TRIAL_ENV = {
     # Trials are short: notice finished or failed workers promptly (Ray's default polls every 2 s).
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
@@ -85,6 +95,11 @@ class TrialOutcome:
     duration_s: float = 0.0
     ran_now: bool = False
 
+    def time(self, part: str) -> float:
+        """``time/<part>`` of the trial's time account (0 when the trial did not report it)."""
+        value = self.metrics.get(f"time/{part}", 0.0)
+        return float(value) if isinstance(value, (int, float)) else 0.0
+
 
 @dataclass
 class SweepOutcome:
@@ -103,7 +118,45 @@ class SweepOutcome:
 
     @property
     def overhead_ratio(self) -> float:
+        """Wall time over :attr:`ideal_s`, which counts each trial's whole time (start-up
+        included) as useful: it cannot see start-up costs."""
         return self.wall_s / self.ideal_s if self.ideal_s > 0 else float("nan")
+
+    def time_sum(self, part: str) -> float:
+        """``time/<part>`` summed over the trials this run finished (parts: ``TIME_PARTS``, ``wall_s``)."""
+        return sum(t.time(part) for t in self.trials if t.ran_now)
+
+    @property
+    def step_s(self) -> float:
+        """Time in training and evaluation steps, summed over the trials this run finished."""
+        return self.time_sum("train_s") + self.time_sum("eval_s")
+
+    @property
+    def goodput(self) -> float:
+        """:attr:`step_s` over the trials' summed wall times (their time accounts)."""
+        wall = self.time_sum("wall_s")
+        return self.step_s / wall if wall > 0 else float("nan")
+
+    @property
+    def step_ideal_s(self) -> float:
+        """The sweep's wall time if its slots did nothing but training and evaluation steps."""
+        return self.step_s / max(1, min(self.concurrency, self.n_ran))
+
+    @property
+    def wall_over_ideal(self) -> float:
+        return self.wall_s / self.step_ideal_s if self.step_ideal_s > 0 else float("nan")
+
+    def timing_metrics(self, prefix: str = "sweep/") -> dict[str, float]:
+        """The time account of the sweep: per part sums, goodput, wall / ideal (for MLflow)."""
+        from sweeps.train import TIME_PARTS
+
+        out = {f"{prefix}{part}": self.time_sum(part) for part in (*TIME_PARTS, "wall_s")}
+        out[f"{prefix}trials_sum_s"] = out.pop(f"{prefix}wall_s")  # the parent's wall_s is the command's
+        if self.step_s > 0:
+            out[f"{prefix}goodput"] = self.goodput
+            out[f"{prefix}step_ideal_s"] = self.step_ideal_s
+            out[f"{prefix}wall_over_ideal"] = self.wall_over_ideal
+        return out
 
     @property
     def failed(self) -> list[TrialOutcome]:
@@ -116,13 +169,8 @@ class SweepOutcome:
 
 
 def run_trial(param: dict[str, Any]) -> dict[str, Any]:
-    """Tune function trainable: one TorchTrainer for one trial, resumed from its last checkpoint."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from sweeps.train import train_fn_per_worker
-
+    """Tune function trainable: one trial, resumed from its last checkpoint, by its executor."""
+    started = time.time()  # the trial's start, as its time account counts it (time/startup_s)
     spec = dict(param["trial"])
     if param.get("search"):
         # An Optuna trial: this point of the search space, under a name of its own.
@@ -131,10 +179,23 @@ def run_trial(param: dict[str, Any]) -> dict[str, Any]:
         spec["config"] = {**spec["config"], **param["search"]}
         spec["trial_key"] = f"{spec['trial_key']}-opt-{tune.get_context().get_trial_id()}"
         spec["tags"] = {**spec["tags"], "search.params": json.dumps(param["search"], sort_keys=True)}
-    res = spec["resources"]
-    start = time.time()
     env = {k: os.environ.get(k, v) for k, v in TRIAL_ENV.items()}
     os.environ.update(env)  # the Train controller inherits RAY_TRAIN_* from this process
+    if spec.get("executor", executors.TRAIN) == executors.IN_PROCESS:
+        metrics = executors.run_in_process(spec, started)
+    else:
+        metrics = _run_train(spec, env, started)
+    metrics["trial_wall_s"] = time.time() - started
+    return metrics
+
+
+def _run_train(spec: dict[str, Any], env: dict[str, str], started: float) -> dict[str, Any]:
+    """The Train path: a TorchTrainer over ``num_workers`` workers, each running the loop."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    res = spec["resources"]
     scaling = ray.train.ScalingConfig(
         num_workers=int(res["num_workers"]),
         use_gpu=res["gpus_per_worker"] > 0,
@@ -142,14 +203,14 @@ def run_trial(param: dict[str, Any]) -> dict[str, Any]:
                               **({"GPU": res["gpus_per_worker"]} if res["gpus_per_worker"] > 0 else {})},
     )
     trainer = TorchTrainer(
-        train_fn_per_worker,
-        train_loop_config={k: spec[k] for k in ("trial_key", "config", "context", "tags")},
+        executors.train_fn_per_worker,
+        train_loop_config={**{k: spec[k] for k in ("trial_key", "config", "context", "tags")}, "started": started},
         scaling_config=scaling,
         run_config=ray.train.RunConfig(
             name=spec["trial_key"],
             storage_path=spec["train_dir"],
             failure_config=ray.train.FailureConfig(max_failures=int(res["max_failures"])),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=NUM_TO_KEEP),
             callbacks=[TuneReportCallback()],
             worker_runtime_env={"env_vars": env},
             logging_config=ray.train.LoggingConfig(log_level=os.environ.get("ABLATION_TRAIN_LOG_LEVEL", "WARNING")),
@@ -157,22 +218,59 @@ def run_trial(param: dict[str, Any]) -> dict[str, Any]:
     )
     result = trainer.fit()
     prune_unregistered_checkpoints(result, spec["trial_key"])
-    # A trial that ended without a retry returns its cause (rank 0's return value), not its last
-    # checkpoint's metrics.
     returned = result.return_value if isinstance(result.return_value, dict) else {}
-    metrics = dict(returned) if failure_of(returned) else dict(result.metrics or {})
-    metrics["trial_wall_s"] = time.time() - start
+    if failure_of(returned):
+        # A trial that ended without a retry returns its cause (rank 0's return value), not its
+        # last checkpoint's metrics.
+        return dict(returned)
+    metrics = dict(result.metrics or {})
+    metrics.update(returned)  # rank 0's: the last epoch's metrics and the time account up to its last line
     return metrics
 
 
+def trainable_resources(config: dict[str, Any]):
+    """Tune's resource request for one trial (``tune.with_resources``): the worker's CPUs (and GPU)
+    on the in-process path, :data:`TRAINABLE_RESOURCES` on the Train path."""
+    from ray.tune import PlacementGroupFactory
+
+    spec = config["trial"]
+    res = spec["resources"]
+    if spec.get("executor") == executors.IN_PROCESS:
+        bundle = {"CPU": float(res["cpus_per_worker"])}
+        if float(res["gpus_per_worker"]) > 0:
+            bundle["GPU"] = float(res["gpus_per_worker"])
+        return PlacementGroupFactory([bundle])
+    return PlacementGroupFactory([{"CPU": TRAINABLE_RESOURCES["cpu"], "memory": TRAINABLE_RESOURCES["memory"]}])
+
+
+def reuse_trial_processes(specs: list[dict[str, Any]]) -> bool:
+    """Whether a finished trial's process runs the next trial (Tune's ``reuse_actors``): when every
+    trial runs in-process. That process has already imported torch, torch._dynamo (which the first
+    optimizer pulls in) and MLflow, a few seconds each trial would otherwise spend starting. Every
+    trial seeds all generators and builds its own model, data view, optimizer and MLflow client, so
+    nothing carries over; a failed trial's process is never reused. Train-path trials keep a fresh
+    process each (their trainable only waits on the worker group)."""
+    return bool(specs) and all(s.get("executor") == executors.IN_PROCESS for s in specs)
+
+
+def tune_max_failures(specs: list[dict[str, Any]]) -> int:
+    """Tune's retries per trial (one number for the whole experiment): once on the Train path
+    (Ray Train restarts the worker group itself, ``resources.max_failures`` times); on the
+    in-process path Tune alone restarts a trial, ``max_failures + 1`` times."""
+    need = [int(s["resources"]["max_failures"]) + 1 if s.get("executor") == executors.IN_PROCESS else 1
+            for s in specs]
+    return max(need, default=1)
+
+
 def prune_unregistered_checkpoints(result, trial_key: str) -> list[Path]:
-    """Remove the trial's checkpoint folders that Ray Train never registered.
+    """Remove the trial's checkpoint folders that Ray Train (or Tune) never registered.
 
     A worker persists its checkpoint folder first and reports it to the Train controller after; a
     worker lost in between (its node gone) leaves a folder that ``num_to_keep`` never counts nor
     deletes. Once the run has finished, every ``checkpoint_*`` folder in its run directory that is
-    not among the kept checkpoints is such an orphan. Local or shared-filesystem storage only;
-    returns the folders removed.
+    not among the kept checkpoints is such an orphan. The same holds for an in-process trial's
+    Tune directory (``result`` from Tune's ``ResultGrid``). Local or shared-filesystem storage
+    only; returns the folders removed.
     """
     import pyarrow.fs
 
@@ -228,6 +326,7 @@ def trial_spec(trial: Trial, paths: SweepPaths, context: dict[str, Any]) -> dict
         "context": context,
         "tags": tags,
         "train_dir": str(paths.train_dir),
+        "executor": executors.choose(trial.config.resources),
     }
 
 
@@ -366,7 +465,8 @@ SEARCH_SPACE = {
 
 
 def _fit(name: str, paths: SweepPaths, param_space: dict[str, Any] | None, n_at_once: int,
-         progress: Callback, search_alg=None, num_samples: int = 1):
+         progress: Callback, search_alg=None, num_samples: int = 1, max_failures: int = 1,
+         reuse_actors: bool = False):
     """Run one Tune experiment over ``param_space`` (the trials not finished yet); returns
     (results, wall_s).
 
@@ -374,30 +474,45 @@ def _fit(name: str, paths: SweepPaths, param_space: dict[str, Any] | None, n_at_
     ``Tuner.restore``: Tune's saved experiment state is pickled Python objects, and unpickling a
     file from the runs dir (shared storage on a cluster) could run any code. What a restore needs
     is elsewhere, in plain data: which trials finished (:func:`read_ledger`, JSON) and each
-    unfinished trial's last checkpoint (Ray Train's JSON snapshot and ``state.pt``, read with
-    ``weights_only=True``).
+    unfinished trial's last checkpoint (Ray Train's JSON snapshot on the Train path, the
+    executor's JSON pointer on the in-process path, :func:`sweeps.executor.find_resume`; both
+    ``state.pt`` read with ``weights_only=True``).
+
+    ``max_failures``: Tune's retries per trial (:func:`tune_max_failures`); ``reuse_actors``: see
+    :func:`reuse_trial_processes`.
     """
     from ray import tune
 
-    trainable = tune.with_resources(run_trial, TRAINABLE_RESOURCES)
+    trainable = tune.with_resources(run_trial, trainable_resources)
     tuner = tune.Tuner(
         trainable,
         param_space=param_space,
         tune_config=tune.TuneConfig(
-            max_concurrent_trials=n_at_once, reuse_actors=False, search_alg=search_alg,
+            max_concurrent_trials=n_at_once, reuse_actors=reuse_actors, search_alg=search_alg,
             num_samples=num_samples, trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
         ),
         run_config=tune.RunConfig(
             name=name,
             storage_path=str(paths.ray_dir),
-            failure_config=tune.FailureConfig(max_failures=1),
+            failure_config=tune.FailureConfig(max_failures=max_failures),
+            # In-process trials' checkpoints (Train-path trials report metrics only to Tune).
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=NUM_TO_KEEP),
             callbacks=[progress],
             verbose=0,
         ),
     )
     start = time.time()
     results = tuner.fit()
-    return results, time.time() - start
+    wall = time.time() - start
+    for result in results:
+        if result.config["trial"].get("executor") == executors.IN_PROCESS and not result.error:
+            prune_unregistered_checkpoints(result, _result_name(result))
+    return results, wall
+
+
+def _result_name(result) -> str:
+    """The trial name of a Tune result (its folder's name: :func:`_trial_name`)."""
+    return Path(result.path).name
 
 
 #: In each Tune experiment's folder: the trials that ended (finished, or failed without a retry).
@@ -487,7 +602,8 @@ def run(plan: Plan, paths: SweepPaths, context: dict[str, Any], max_concurrent: 
     wall = 0.0
     if todo:
         results, wall = _fit(paths.sweep_id, paths, {"trial": tune.grid_search(todo)}, n_at_once,
-                             Progress(len(todo), ledger))
+                             Progress(len(todo), ledger), max_failures=tune_max_failures(todo),
+                             reuse_actors=reuse_trial_processes(todo))
         outcomes += _outcomes(results)
     order = {t.key: i for i, t in enumerate(plan.trials)}
     outcomes = sorted(outcomes, key=lambda o: order.get(o.key, len(order)))
@@ -538,7 +654,8 @@ def search(plan: Plan, paths: SweepPaths, context: dict[str, Any], n_trials: int
             results, seconds = _fit(
                 name, paths, {"trial": spec, "search": space}, n_at_once, Progress(remaining, ledger),
                 search_alg=OptunaSearch(metric="best/acc", mode="max", seed=trial.seed + len(ended)),
-                num_samples=remaining,
+                num_samples=remaining, max_failures=tune_max_failures([spec]),
+                reuse_actors=reuse_trial_processes([spec]),
             )
             wall += seconds
             outcomes.extend(_outcomes(results))

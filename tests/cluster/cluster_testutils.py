@@ -175,11 +175,24 @@ def listening_addresses(port: int) -> set[str]:
     return found
 
 
+#: Both executors, for the tests that must hold for each (``resources.executor=``).
+EXECUTORS = ("in_process", "train")
+
+#: The Ray process that runs a trial's loop, per executor, as Ray names it in a log line's prefix
+#: (``(run_trial pid=123)``) and in its state API (``class_name``).
+TRIAL_PROCESS = {"in_process": ("run_trial", "ImplicitFunc"), "train": ("RayTrainWorker", "RayTrainWorker")}
+
+
 def checkpoint_states(runs: Path, sweep_id: str, trial_key: str) -> list[dict]:
-    """The training states of a trial's checkpoints in the runs dir, oldest first."""
-    files = sorted((runs / "ray" / sweep_id / "train" / trial_key).glob(f"checkpoint_*/{STATE_FILE}"),
-                   key=lambda p: p.stat().st_mtime)
-    return [load_state(f) for f in files]  # as a resuming worker reads them: weights_only=True
+    """The training states of a trial's checkpoints in the runs dir, oldest first: Ray Train's
+    (``ray/<sweep>/train/<key>``) or, for an in-process trial, Tune's (``ray/<sweep>/<key>``) and
+    the one a rerun sweep resumed from (``ray/<sweep>/train/<key>/resumed_checkpoint``), read as a
+    resuming trial reads them: ``weights_only=True``."""
+    sweep = runs / "ray" / sweep_id
+    files = [*(sweep / "train" / trial_key).glob(f"checkpoint_*/{STATE_FILE}"),
+             *(sweep / trial_key).glob(f"checkpoint_*/{STATE_FILE}"),
+             *(sweep / "train" / trial_key).glob(f"resumed_checkpoint/{STATE_FILE}")]
+    return [load_state(f) for f in sorted(files, key=lambda p: p.stat().st_mtime)]
 
 
 def sweep_runs(uri: str, sweep_id: str, experiment: str = "adaptive-ablation"):

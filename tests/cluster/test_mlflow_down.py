@@ -4,9 +4,10 @@ The trial fails with a TrackingError that names the server and what it was doing
 output and in the parent run's ``sweep.failed``), and nothing is lost: the epoch MLflow missed is
 in the trial's checkpoint, and rerunning the same command with the server back logs it, once.
 
-Its own one-node cluster: the trials' retry budget (MLFLOW_RETRY_SECONDS, read by the workers from
-their node's environment) is a few seconds here, while the driver keeps the default (120 s), long
-enough for the test to bring the server back before the driver records the failure.
+Its own one-node cluster (one for both executors, whose tests run one after the other): the
+trials' retry budget (MLFLOW_RETRY_SECONDS, read by the workers from their node's environment) is a
+few seconds here, while the driver keeps the default (120 s), long enough for the test to bring the
+server back before the driver records the failure.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 
 import pytest
 from cluster_testutils import (
+    EXECUTORS,
     MLFLOW_CLIENT_ENV,
     Driver,
     MlflowServer,
@@ -32,15 +34,28 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 RETRY_S = 4
 
 
-def test_mlflow_down_for_good_fails_the_trial_clearly_and_a_rerun_catches_up(tmp_path, cluster_data_cache,
-                                                                             monkeypatch):
+@pytest.fixture(scope="module")
+def short_retry_head(tmp_path_factory):
+    """A one-CPU Ray head whose trials give MLflow RETRY_S seconds."""
+    head = start_ray_head(tmp_path_factory.mktemp("mlflow-down-head"), num_cpus=1,
+                          env={"MLFLOW_RETRY_SECONDS": str(RETRY_S), **MLFLOW_CLIENT_ENV})
+    try:
+        yield head
+    finally:
+        stop_process_group(head.proc)
+
+
+@pytest.mark.parametrize("executor", EXECUTORS)
+def test_mlflow_down_for_good_fails_the_trial_clearly_and_a_rerun_catches_up(executor, short_retry_head, tmp_path,
+                                                                             cluster_data_cache, monkeypatch):
     for key, value in MLFLOW_CLIENT_ENV.items():
         monkeypatch.setenv(key, value)
     runs = tmp_path / "runs"
-    # max_failures=0: one Ray Train attempt per Tune attempt (Tune itself retries a trial once).
+    # max_failures=0: one attempt per Tune attempt (Train path: one worker group; Tune itself
+    # retries a trial once; in-process: Tune's one retry is max_failures + 1).
     args = sweep_args("mlflow-down", runs, cluster_data_cache, "--cells", "softmax", "--verbose",
-                      "train.epochs=2", "resources.max_failures=0")
-    head = start_ray_head(tmp_path, num_cpus=1, env={"MLFLOW_RETRY_SECONDS": str(RETRY_S), **MLFLOW_CLIENT_ENV})
+                      "train.epochs=2", "resources.max_failures=0", f"resources.executor={executor}")
+    head = short_retry_head
     server = MlflowServer(tmp_path / "mlflow", free_port())
     first = second = None
     try:
@@ -81,6 +96,7 @@ def test_mlflow_down_for_good_fails_the_trial_clearly_and_a_rerun_catches_up(tmp
         client, parents, children = sweep_runs(server.url, "mlflow-down")
         assert parents[0].data.tags["sweep.status"] == "complete"
         assert [r.info.run_id for r in children] == [run_id] and children[0].info.status == "FINISHED"
+        assert children[0].data.tags["trial.executor"] == executor
         for metric in ("epoch", "train/loss", "eval/acc"):
             assert steps(client, run_id, metric) == [1, 2], metric
         logged = {m.step: m.value for m in client.get_metric_history(run_id, "train/loss")}
@@ -90,7 +106,6 @@ def test_mlflow_down_for_good_fails_the_trial_clearly_and_a_rerun_catches_up(tmp
             if driver is not None:
                 driver.stop()
         server.stop()
-        stop_process_group(head.proc)
 
 
 def _wait_until_epoch_1_logged(uri: str, driver: Driver, timeout_s: float = 120) -> None:

@@ -1,13 +1,17 @@
 """A real two-node Ray cluster on this machine, and faults while a sweep runs on it.
 
-The cluster (module fixture ``two_nodes``): a head started with ``ray start --head`` and a second
-node started with ``ray start --address=<head>``, each its own process tree with 1 CPU, so two
-concurrent 1-CPU trials can only run one on each node. Both see the same runs dir (shared storage:
-one file system). The nodes' environment is where trial settings go on a cluster (the driver's
-shell does not reach the workers): MLflow retries for 60 s, without MLflow's own HTTP retries.
+The cluster (module fixture ``two_nodes``, once per executor): a head started with ``ray start
+--head`` and a second node started with ``ray start --address=<head>``, each its own process tree
+with 1 CPU, so two concurrent 1-CPU trials can only run one on each node. Both see the same runs
+dir (shared storage: one file system). The nodes' environment is where trial settings go on a
+cluster (the driver's shell does not reach the workers): MLflow retries for 60 s, without MLflow's
+own HTTP retries. Every test runs for both executors (``resources.executor``): ``in_process``,
+where the Tune trial's own process trains and Tune keeps and restores the checkpoints, and
+``train``, a Ray Train worker group.
 
-* SIGKILL of a trial's Ray Train worker after its first checkpoint: the trial resumes from that
-  checkpoint, the sweep finishes, MLflow has each epoch once; the recovery time is measured;
+* SIGKILL of the process that trains a trial (the Tune trial process, or the Ray Train worker)
+  after its first checkpoint: the trial resumes from that checkpoint, the sweep finishes, MLflow
+  has each epoch once; the recovery time is measured;
 * the MLflow server is killed after a first epoch is logged and restarted on the same port and
   store a few seconds later: the trials wait (retry), then log everything, each epoch once;
 * the smoke sweep (two cells) runs one trial on each node, then the second node is lost (SIGKILL
@@ -29,7 +33,9 @@ from pathlib import Path
 
 import pytest
 from cluster_testutils import (
+    EXECUTORS,
     MLFLOW_CLIENT_ENV,
+    TRIAL_PROCESS,
     Driver,
     MlflowServer,
     assert_every_epoch_once,
@@ -54,6 +60,7 @@ class TwoNodes:
     node: subprocess.Popen
     node_id: str
     cache: Path
+    executor: str
 
     def driver_env(self, **extra: str) -> dict[str, str]:
         # RAY_DEDUP_LOGS=0: Ray folds similar lines from different workers into one, which would
@@ -61,12 +68,22 @@ class TwoNodes:
         return {**self.head.env(RAY_DEDUP_LOGS="0", **MLFLOW_CLIENT_ENV), **extra}
 
     def sweep_args(self, name: str, runs: Path, *extra: str) -> list[str]:
-        return sweep_args(name, runs, self.cache, *extra)
+        return sweep_args(name, runs, self.cache, *extra, f"resources.executor={self.executor}")
+
+    @property
+    def log_name(self) -> str:
+        """How the trial's training process prefixes its log lines (``run_trial``, ``RayTrainWorker``)."""
+        return TRIAL_PROCESS[self.executor][0]
+
+    def trial_processes(self, node_id: str | None = None) -> list[dict]:
+        """The live Ray actors that train trials (Ray's state API), on ``node_id`` if given."""
+        actors = self.head.state("actors", class_name=TRIAL_PROCESS[self.executor][1], state="ALIVE")
+        return [a for a in actors if node_id is None or a["node_id"] == node_id]
 
 
-@pytest.fixture(scope="module")
-def two_nodes(tmp_path_factory, cluster_data_cache):
-    tmp = tmp_path_factory.mktemp("two-nodes")
+@pytest.fixture(scope="module", params=EXECUTORS)
+def two_nodes(request, tmp_path_factory, cluster_data_cache):
+    tmp = tmp_path_factory.mktemp(f"two-nodes-{request.param}")
     with contextlib.ExitStack() as stop:
         head = start_ray_head(tmp, num_cpus=1, env=NODE_ENV)
         stop.callback(stop_process_group, head.proc)
@@ -75,25 +92,26 @@ def two_nodes(tmp_path_factory, cluster_data_cache):
         nodes = head.state("nodes", state="ALIVE")
         assert len(nodes) == 2 and all(n["resources_total"].get("CPU") == 1 for n in nodes), nodes
         head_id = next(n["node_id"] for n in nodes if n["is_head_node"])
-        yield TwoNodes(head=head, head_node_id=head_id, node=node, node_id=node_id, cache=cluster_data_cache)
+        yield TwoNodes(head=head, head_node_id=head_id, node=node, node_id=node_id, cache=cluster_data_cache,
+                       executor=request.param)
 
 
-def test_killed_train_worker_resumes_from_its_last_checkpoint(two_nodes, tmp_path, record_property):
+def test_killed_trial_process_resumes_from_its_last_checkpoint(two_nodes, tmp_path, record_property):
     runs = tmp_path / "runs"
-    epochs = 3
+    epochs = 3  # room to kill it after epoch 1 and still have an epoch to resume into on a slow machine
     driver = Driver(two_nodes.sweep_args("kill-worker", runs, "--cells", "softmax", "--verbose",
                                          f"train.epochs={epochs}"),
                     two_nodes.driver_env(), tmp_path / "sweep.log", tmp_path)
     try:
-        # Tune has epoch 1's report, so Ray Train has registered its checkpoint.
+        # Tune has epoch 1's report, so its checkpoint is registered (by Ray Train, or by Tune).
         driver.wait_for(r"\] softmax-s0 +epoch 1: acc", 300)
-        alive = two_nodes.head.state("actors", class_name="RayTrainWorker", state="ALIVE")
+        alive = two_nodes.trial_processes()
         assert len(alive) == 1, alive
         victim = alive[0]
         t_kill = time.time()
         os.kill(victim["pid"], signal.SIGKILL)
         t_resumed, resumed, i = driver.wait_for(
-            r"RayTrainWorker pid=(\d+).*\[softmax-s0\] resumed from checkpoint after epoch (\d+)", 300)
+            rf"{two_nodes.log_name} pid=(\d+).*\[softmax-s0\] resumed from checkpoint after epoch (\d+)", 300)
         after = int(resumed.group(2))
         t_next, _, _ = driver.wait_for(rf"\] softmax-s0 +epoch {after + 1}: acc", 300, start=i)
         code = driver.wait(300)
@@ -102,18 +120,21 @@ def test_killed_train_worker_resumes_from_its_last_checkpoint(two_nodes, tmp_pat
     assert code == 0, driver.tail()
     assert after >= 1 and int(resumed.group(1)) != victim["pid"], resumed.group(0)
 
-    recovery = {"killed_pid": victim["pid"], "node": victim["node_id"], "resumed_after_epoch": after,
-                "kill_to_resumed_s": round(t_resumed - t_kill, 2),
+    recovery = {"executor": two_nodes.executor, "killed_pid": victim["pid"], "node": victim["node_id"],
+                "resumed_after_epoch": after, "kill_to_resumed_s": round(t_resumed - t_kill, 2),
                 "kill_to_next_epoch_s": round(t_next - t_kill, 2)}
     (tmp_path / "recovery.json").write_text(json.dumps(recovery, indent=1))
     record_property("recovery", recovery)
-    print(f"\nrecovery after SIGKILL of the Train worker: {recovery}")
+    print(f"\nrecovery after SIGKILL of the trial's process: {recovery}")
 
     client, parents, children = sweep_runs(f"sqlite:///{runs / 'mlflow.db'}", "kill-worker")
     assert len(parents) == 1 and parents[0].data.tags["sweep.status"] == "complete"
     assert [r.data.tags["trial.key"] for r in children] == ["softmax-s0"]
     assert children[0].info.status == "FINISHED"
+    assert children[0].data.tags["trial.executor"] == two_nodes.executor
     assert_every_epoch_once(client, children, epochs)
+    # Two attempts, each with its start-up, in one time account.
+    assert children[0].data.metrics["time/startup_s"] > 0 and children[0].data.metrics["time/train_s"] > 0
 
 
 def _wait_for_logged_epoch(uri: str, sweep: str, epoch: int, driver: Driver, timeout_s: float) -> str:
@@ -157,6 +178,7 @@ def test_mlflow_server_restart_mid_sweep_is_retried_and_caught_up(two_nodes, tmp
         assert len(parents) == 1 and parents[0].data.tags["sweep.status"] == "complete"
         assert sorted(r.data.tags["trial.key"] for r in children) == ["softmax-s0", "span-s0"]
         assert all(r.info.status == "FINISHED" for r in children)
+        assert {r.data.tags["trial.executor"] for r in children} == {two_nodes.executor}
         assert_every_epoch_once(client, children, epochs)
     finally:
         if driver is not None:
@@ -169,16 +191,16 @@ def test_mlflow_server_restart_mid_sweep_is_retried_and_caught_up(two_nodes, tmp
     print(f"\nMLflow down {t_up - t_down:.1f} s (restart took {restart_s:.1f} s); sweep finished")
 
 
-def _wait_for_worker_on(head: RayHead, node_id: str, driver: Driver, timeout_s: float) -> dict:
-    """The live Ray Train worker on ``node_id`` (Ray's state API), once there is one."""
+def _wait_for_trial_process_on(cluster: TwoNodes, node_id: str, driver: Driver, timeout_s: float) -> dict:
+    """The live process training a trial on ``node_id`` (Ray's state API), once there is one."""
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         assert driver.proc.poll() is None, driver.tail()
-        found = [a for a in head.state("actors", class_name="RayTrainWorker", state="ALIVE") if a["node_id"] == node_id]
+        found = cluster.trial_processes(node_id)
         if found:
             return found[0]
         time.sleep(0.5)
-    raise AssertionError(f"no Ray Train worker on node {node_id} in {timeout_s:.0f} s\n{driver.tail()}")
+    raise AssertionError(f"no {cluster.log_name} on node {node_id} in {timeout_s:.0f} s\n{driver.tail()}")
 
 
 def test_sweep_runs_on_both_nodes_and_survives_losing_one(two_nodes, tmp_path, record_property):
@@ -189,17 +211,20 @@ def test_sweep_runs_on_both_nodes_and_survives_losing_one(two_nodes, tmp_path, r
     driver = Driver(two_nodes.sweep_args("two-nodes", runs, "--cells", "softmax,span", "--verbose",
                                          f"train.epochs={epochs}"),
                     two_nodes.driver_env(), tmp_path / "sweep.log", tmp_path)
+    name = two_nodes.log_name
     try:
-        # One trial per node: the one on the second node, once its epoch 1 checkpoint is registered.
-        lost_worker = _wait_for_worker_on(two_nodes.head, node_id, driver, 300)
-        _, m, _ = driver.wait_for(rf"RayTrainWorker pid={lost_worker['pid']}\b.*\[(\S+)\] epoch 1/{epochs}", 300)
+        # One trial per node (for in-process trials too: each Tune trial process holds its node's
+        # one CPU): the one on the second node, once its epoch 1 checkpoint is registered.
+        head_trial = _wait_for_trial_process_on(two_nodes, head_id, driver, 300)
+        lost_worker = _wait_for_trial_process_on(two_nodes, node_id, driver, 300)
+        _, m, _ = driver.wait_for(rf"{name} pid={lost_worker['pid']}\b.*\[(\S+)\] epoch 1/{epochs}", 300)
         moved = m.group(1)
         driver.wait_for(rf"\] {moved} +epoch 1: acc", 120)
         # The node is lost: SIGKILL its raylet, agents and workers at once (no drain, no goodbye).
         t_kill = time.time()
         os.killpg(two_nodes.node.pid, signal.SIGKILL)
         t_resumed, resumed, _ = driver.wait_for(
-            rf"RayTrainWorker pid=(\d+)\b.*\[{moved}\] resumed from checkpoint after epoch (\d+)", 300)
+            rf"{name} pid=(\d+)\b.*\[{moved}\] resumed from checkpoint after epoch (\d+)", 300)
         code = driver.wait(420)
     finally:
         driver.stop()
@@ -207,11 +232,11 @@ def test_sweep_runs_on_both_nodes_and_survives_losing_one(two_nodes, tmp_path, r
     assert "(2 CPU, 0 GPU)" in driver.output, driver.tail()
     assert int(resumed.group(2)) >= 1, resumed.group(0)
     # The checkpoint written on the lost node was read back on the head: shared storage.
-    resumed_by = [a for a in two_nodes.head.state("actors", class_name="RayTrainWorker")
+    resumed_by = [a for a in two_nodes.head.state("actors", class_name=TRIAL_PROCESS[two_nodes.executor][1])
                   if a["pid"] == int(resumed.group(1))]
     assert [a["node_id"] for a in resumed_by] == [head_id], resumed_by
-    recovery = {"lost_node": node_id, "trial": moved, "resumed_after_epoch": int(resumed.group(2)),
-                "kill_to_resumed_s": round(t_resumed - t_kill, 2)}
+    recovery = {"executor": two_nodes.executor, "lost_node": node_id, "trial": moved,
+                "resumed_after_epoch": int(resumed.group(2)), "kill_to_resumed_s": round(t_resumed - t_kill, 2)}
     (tmp_path / "recovery.json").write_text(json.dumps(recovery, indent=1))
     record_property("node_loss_recovery", recovery)
     print(f"\nrecovery after losing the second node: {recovery}")
@@ -224,7 +249,8 @@ def test_sweep_runs_on_both_nodes_and_survives_losing_one(two_nodes, tmp_path, r
     # head; the moved one ended there too, after the second node ran it (Ray's record above).
     ran_on = {r.data.tags["trial.key"]: r.data.tags["trial.node_id"] for r in children}
     assert set(ran_on.values()) == {head_id}, ran_on
-    assert lost_worker["node_id"] == node_id
+    assert lost_worker["node_id"] == node_id and head_trial["node_id"] == head_id  # spread over both
+    assert {r.data.tags["trial.executor"] for r in children} == {two_nodes.executor}
     assert all(r.data.tags["trial.hostname"] and r.data.tags["trial.node_ip"] for r in children)
     assert_every_epoch_once(client, children, epochs)
     # Both nodes' workers checkpointed into the one runs dir: the last two epochs kept per trial,

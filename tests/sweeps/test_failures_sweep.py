@@ -2,10 +2,12 @@
 ``sweeps/ablation.py`` against a real Ray head and a real MLflow store:
 
 * a diverging cell ends FAILED with its cause (step, loss, last checkpoint), is not retried, shows
-  in the report as failed with the reason, and the other trials finish; a second driver on the
-  same sweep is refused meanwhile;
+  in the report as failed with the reason, and the other trials finish, whichever executor runs
+  the trials; a second driver on the same sweep is refused meanwhile;
 * after a SIGKILLed driver, the rerun first closes the runs it left RUNNING as KILLED, and a
-  ``state.pt`` planted in a checkpoint folder is refused without running its code;
+  ``state.pt`` planted in a checkpoint folder is refused without running its code, whichever
+  executor runs the trial (Ray Train's checkpoints or the in-process trial's, found through its
+  pointer);
 * SIGTERM ends a sweep that started its own Ray like Ctrl-C, and none of that Ray's processes
   outlive the driver.
 
@@ -65,8 +67,9 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait(timeout=30)
 
 
+@pytest.mark.parametrize("executor", ["in_process", "train"])
 def test_a_diverged_cell_fails_with_its_cause_while_the_others_finish_and_a_second_driver_is_refused(
-        ray_head, tmp_path, data_cache):
+        executor, ray_head, tmp_path, data_cache):
     grid = tmp_path / "diverge.yaml"
     grid.write_text(
         "name: diverge\n"
@@ -79,7 +82,7 @@ def test_a_diverged_cell_fails_with_its_cause_while_the_others_finish_and_a_seco
     runs = tmp_path / "runs"
     args = [*ABLATION, "--preset", "smoke", "--grid", str(grid), "--name", "div", "--runs-dir", str(runs),
             "--no-report", f"data.cache_dir={data_cache}", "data.train_limit=256", "data.eval_limit=64",
-            "train.epochs=1"]
+            "train.epochs=1", f"resources.executor={executor}"]
     log = tmp_path / "first.log"
     with open(log, "w") as out:
         first = subprocess.Popen(args, cwd=tmp_path, env=ray_head.env(), stdout=out, stderr=subprocess.STDOUT,
@@ -110,6 +113,7 @@ def test_a_diverged_cell_fails_with_its_cause_while_the_others_finish_and_a_seco
     assert reason.startswith("diverged at training epoch 1, step ") and "loss nan" in reason
     assert "no checkpoint was written before it" in reason
     assert bad.data.tags["trial.attempt"] == "1", "the diverged trial was retried"
+    assert bad.data.tags["trial.executor"] == good.data.tags["trial.executor"] == executor
     assert "best/acc" not in bad.data.metrics and "eval/acc" not in bad.data.metrics
     assert json.loads(found["parent"].data.tags["sweep.failed"])["diverge"].startswith("diverged at")
 
@@ -134,11 +138,12 @@ class RunsCode:
         return (Path.touch, (Path(self.marker),))
 
 
+@pytest.mark.parametrize("executor", ["in_process", "train"])
 def test_after_a_killed_driver_its_runs_are_closed_first_and_a_planted_checkpoint_is_refused(
-        ray_head, tmp_path, data_cache):
+        executor, ray_head, tmp_path, data_cache):
     runs = tmp_path / "runs"
     args = [*ABLATION, "--preset", "smoke", "--cells", "softmax", "--name", "kill", "--runs-dir", str(runs),
-            "--no-report", f"data.cache_dir={data_cache}", "train.epochs=20"]
+            "--no-report", f"data.cache_dir={data_cache}", "train.epochs=20", f"resources.executor={executor}"]
     log = tmp_path / "first.log"
     with open(log, "w") as out:
         first = subprocess.Popen(args, cwd=tmp_path, env=ray_head.env(), stdout=out, stderr=subprocess.STDOUT,
@@ -146,12 +151,16 @@ def test_after_a_killed_driver_its_runs_are_closed_first_and_a_planted_checkpoin
     train = runs / "ray" / "kill" / "train"
     uri = f"sqlite:///{runs / 'mlflow.db'}"
 
+    # What a rerun resumes from: Ray Train's own record, or the in-process trial's pointer
     snapshot = train / "softmax-s0" / "checkpoint_manager_snapshot.json"
+    pointer = train / "softmax-s0" / "in_process_checkpoint.json"
 
-    def registered_a_checkpoint() -> bool:  # what a restarted trial resumes from: Ray Train's own record
+    def registered_a_checkpoint() -> bool:
         try:
-            return "checkpoint_dir_name" in snapshot.read_text()
-        except OSError:
+            if executor == "train":
+                return "checkpoint_dir_name" in snapshot.read_text()
+            return (Path(json.loads(pointer.read_text())["checkpoint"]) / "state.pt").is_file()
+        except (OSError, ValueError):
             return False
 
     try:
@@ -163,7 +172,8 @@ def test_after_a_killed_driver_its_runs_are_closed_first_and_a_planted_checkpoin
     assert (runs / "sweeps" / "kill.lock").exists()
 
     marker = tmp_path / "code-ran"
-    planted = sorted(train.glob("*/checkpoint_*/state.pt"))
+    planted = sorted((runs / "ray" / "kill").glob("**/checkpoint_*/state.pt"))  # Train's and Tune's folders
+    assert planted
     for path in planted:
         torch.save({"model": {}, "optimizer": {}, "epoch": 1, "payload": RunsCode(marker)}, path)
     # Tune's own saved state is pickled too: a rerun must not unpickle it either
@@ -185,7 +195,9 @@ def test_after_a_killed_driver_its_runs_are_closed_first_and_a_planted_checkpoin
     run = after["softmax-s0"]
     assert run.info.run_id == before["softmax-s0"].info.run_id
     assert run.info.status == "FAILED" and run.data.tags["failure.kind"] == "checkpoint"
-    assert any(str(p) in run.data.tags["failure.reason"] for p in planted)
+    # the in-process trial moves the checkpoint it resumes from out of Tune's numbering first
+    named = planted if executor == "train" else [train / "softmax-s0" / "resumed_checkpoint" / "state.pt"]
+    assert any(str(p) in run.data.tags["failure.reason"] for p in named), run.data.tags["failure.reason"]
     assert run.data.tags["trial.attempt"] == "2", "opened by the first driver and once on resume, no retry"
 
 
@@ -215,8 +227,8 @@ def test_sigterm_stops_a_sweep_like_ctrl_c_and_no_process_of_its_ray_outlives_it
         driver = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
                                   start_new_session=True)
     try:
-        train = runs / "ray" / "term" / "train"
-        wait_for(lambda: any(train.glob("*/checkpoint_*")), 600, "the trial's first checkpoint", driver, log)
+        tune_dir = runs / "ray" / "term"  # Tune's checkpoints (<key>/) or Ray Train's (train/<key>/)
+        wait_for(lambda: any(tune_dir.glob("**/checkpoint_*")), 600, "the trial's first checkpoint", driver, log)
         assert _marked_processes(mark), "the test cannot see the sweep's Ray processes"
         driver.send_signal(signal.SIGTERM)
         driver.wait(timeout=180)

@@ -3,7 +3,9 @@
 * the smoke preset submitted with ``ray job submit`` (session fixture ``smoke_sweep``): a parent
   run with one finished child per grid cell and seed, params, per-epoch metrics, span / alpha tables;
 * killing the driver mid-sweep, then rerunning the same command: the sweep finishes with no
-  duplicated and no lost child runs or epochs;
+  duplicated and no lost child runs or epochs, for both executors (in the Tune trial's process,
+  and on a Ray Train worker group);
+* the same trials through both executors log the same numbers;
 * bad grids, missing data and an unreachable MLflow server fail before any trial starts.
 """
 
@@ -14,6 +16,7 @@ import io
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,6 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import start_ray_head, stop_process_group
 from mlflow import MlflowClient
 
 from sweeps.grid import expand, load_grid, load_preset
@@ -29,6 +33,13 @@ ROOT = Path(__file__).resolve().parents[2]
 ABLATION = [sys.executable, str(ROOT / "sweeps" / "ablation.py")]
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def data_cache(tmp_path_factory):
+    """One easy-VQA cache (``data.cache_dir=``) for the sweeps of this module after the smoke
+    sweep: the first builds it, the others reuse it instead of extracting features again."""
+    return tmp_path_factory.mktemp("data-cache")
 
 
 def sweep_runs(uri: str, sweep_id: str, experiment: str = "adaptive-ablation"):
@@ -60,6 +71,12 @@ def test_smoke_sweep_logs_parent_and_one_finished_child_per_cell_and_seed(smoke_
     assert json.loads(parent.data.tags["sweep.pending"]) == {}  # grad_std runs (issue 6)
     assert parent.data.metrics["sweep/overhead_ratio"] > 0
     assert client.get_experiment_by_name(experiment).tags["mlflow.experimentKind"] == "custom_model_development"
+    # The time account summed over the trials: step time within the trials' wall time, which is
+    # within the slots' wall time (the trials phase, two at a time).
+    m = parent.data.metrics
+    assert 0 < m["sweep/goodput"] <= 1 and m["sweep/wall_over_ideal"] >= 1
+    assert m["sweep/train_s"] + m["sweep/eval_s"] == pytest.approx(m["sweep/goodput"] * m["sweep/trials_sum_s"])
+    assert m["sweep/trials_sum_s"] <= m["sweep/trials_wall_s"] * m["sweep/concurrency"] + 1
 
     assert sorted(r.data.tags["trial.key"] for r in children) == sorted(expected)
     for run in children:
@@ -83,6 +100,11 @@ def test_smoke_sweep_logs_parent_and_one_finished_child_per_cell_and_seed(smoke_
         for metric in ("model/params", "model/flops_per_sample", "best/acc", "time/trial_s"):
             assert run.data.metrics[metric] > 0, (key, metric)
         assert run.data.metrics["best/acc"] <= 1.0
+        # one worker, no GPU: the loop ran in the Tune trial's own process; its time, accounted
+        assert run.data.tags["trial.executor"] == "in_process", key
+        parts = [run.data.metrics[f"time/{p}"] for p in ("startup_s", "train_s", "eval_s", "checkpoint_s", "other_s")]
+        assert all(p >= 0 for p in parts) and parts[0] > 0 and parts[1] > 0, (key, parts)
+        assert sum(parts) == pytest.approx(run.data.metrics["time/wall_s"], rel=1e-6), key
         # the per-head table: spans for span cells, alphas for entmax cells
         rows = list(csv.DictReader(io.StringIO(artifact_text(client, run.info.run_id, "stats/attention_heads.csv"))))
         stats = {r["stat"] for r in rows}
@@ -136,47 +158,83 @@ def _wait_for(predicate, timeout_s: float, what: str) -> None:
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
-def test_killing_the_driver_mid_sweep_then_rerunning_finishes_without_duplicates(ray_head, tmp_path):
+@pytest.mark.parametrize("executor", ["in_process", "train"])
+def test_killing_the_driver_mid_sweep_then_rerunning_finishes_without_duplicates(executor, tmp_path, data_cache):
+    # Its own Ray head: a driver killed while a Ray Train worker group is starting can leave that
+    # group's placement group behind (Ray Train's cleaner learns of it only once the group has
+    # started), holding a CPU of the head until it stops; the session's head must not lose one.
     runs = tmp_path / "runs"
     args = [*ABLATION, "--preset", "smoke", "--cells", "softmax,span", "--name", "resume", "--runs-dir", str(runs),
-            "--no-report", "train.epochs=4"]
-    env = ray_head.env()
-    log1 = open(tmp_path / "first.log", "w")
-    first = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=log1, stderr=subprocess.STDOUT,
-                             start_new_session=True)
-    train_dir = runs / "ray" / "resume" / "train"
+            "--no-report", "train.epochs=4", f"resources.executor={executor}", f"data.cache_dir={data_cache}"]
+    head = start_ray_head(tmp_path, num_cpus=2)
     try:
-        # Kill once some trial has checkpointed an epoch but before the sweep is done.
-        _wait_for(lambda: any(train_dir.glob("*/checkpoint_*")) or first.poll() is not None, 600,
-                  "a first checkpoint")
-        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait(timeout=30)
-    finally:
-        if first.poll() is None:
-            os.killpg(first.pid, signal.SIGKILL)
-    uri = f"sqlite:///{runs / 'mlflow.db'}"
-    _, _, before = sweep_runs(uri, "resume")
-    assert before and not all(r.info.status == "FINISHED" for r in before), "the kill came too late to test resume"
+        env = head.env()
+        log1 = open(tmp_path / "first.log", "w")
+        first = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=log1, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+        tune_dir = runs / "ray" / "resume"
 
-    with open(tmp_path / "second.log", "w") as log2:
-        second = subprocess.run(args, cwd=tmp_path, env=env, stdout=log2, stderr=subprocess.STDOUT, timeout=900)
-    output = (tmp_path / "second.log").read_text()
-    assert second.returncode == 0, output[-5000:]
-    assert "restoring 'resume'" in output
-    client, parents, children = sweep_runs(uri, "resume")
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    # the report's cells are the ones this sweep ran, not the whole grid
-    assert set(json.loads(parents[0].data.tags["sweep.cells"])) == {"softmax", "span"}
-    assert sorted(r.data.tags["trial.key"] for r in children) == ["softmax-s0", "span-s0"]
-    assert {r.info.run_id for r in before} <= {r.info.run_id for r in children}, "child runs were replaced"
-    for run in children:
-        assert run.info.status == "FINISHED"
-        steps = [m.step for m in client.get_metric_history(run.info.run_id, "epoch")]
-        assert sorted(steps) == [1, 2, 3, 4], (run.data.tags["trial.key"], steps)
-        loss_steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
-        assert sorted(loss_steps) == [1, 2, 3, 4]
-    assert "resumed from checkpoint" in output or "finished" in output
+        def registered() -> list[str]:
+            """Trials with a checkpoint a rerun resumes from: in Ray Train's own record, or named by
+            the in-process trial's pointer (both written just after the checkpoint itself)."""
+            found = []
+            for key in ("softmax-s0", "span-s0"):
+                home = tune_dir / "train" / key
+                try:
+                    if executor == "train":
+                        ok = "checkpoint_dir_name" in (home / "checkpoint_manager_snapshot.json").read_text()
+                    else:
+                        named = json.loads((home / "in_process_checkpoint.json").read_text())["checkpoint"]
+                        ok = (Path(named) / "state.pt").is_file()
+                except (OSError, ValueError):
+                    ok = False
+                if ok:
+                    found.append(key)
+            return found
+
+        try:
+            # Kill once some trial has registered an epoch's checkpoint but before the sweep is done.
+            _wait_for(lambda: registered() or first.poll() is not None, 600, "a first registered checkpoint")
+            resumable = registered()
+            assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait(timeout=30)
+        finally:
+            if first.poll() is None:
+                os.killpg(first.pid, signal.SIGKILL)
+        uri = f"sqlite:///{runs / 'mlflow.db'}"
+        _, _, before = sweep_runs(uri, "resume")
+        assert before and not all(r.info.status == "FINISHED" for r in before), "the kill came too late to test resume"
+
+        with open(tmp_path / "second.log", "w") as log2:
+            second = subprocess.run(args, cwd=tmp_path, env=env, stdout=log2, stderr=subprocess.STDOUT, timeout=900)
+        output = (tmp_path / "second.log").read_text()
+        assert second.returncode == 0, output[-5000:]
+        assert "restoring 'resume'" in output
+        client, parents, children = sweep_runs(uri, "resume")
+        assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+        # the report's cells are the ones this sweep ran, not the whole grid
+        assert set(json.loads(parents[0].data.tags["sweep.cells"])) == {"softmax", "span"}
+        assert sorted(r.data.tags["trial.key"] for r in children) == ["softmax-s0", "span-s0"]
+        assert {r.info.run_id for r in before} <= {r.info.run_id for r in children}, "child runs were replaced"
+        for run in children:
+            assert run.info.status == "FINISHED"
+            assert run.data.tags["trial.executor"] == executor
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, "epoch")]
+            assert sorted(steps) == [1, 2, 3, 4], (run.data.tags["trial.key"], steps)
+            loss_steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+            assert sorted(loss_steps) == [1, 2, 3, 4]
+        # a trial the kill interrupted after its checkpoint went on from it, not from epoch 1
+        for key in resumable:
+            assert not re.search(rf"{key} +epoch 1: acc", output), (key, output[-5000:])
+        # num_to_keep holds after the rerun too: the dead driver's checkpoint folders were cleared
+        for key in ("softmax-s0", "span-s0"):
+            kept = [p for p in (*(tune_dir / key).glob("checkpoint_*"), *(tune_dir / "train" / key).glob("checkpoint_*"))
+                    if p.is_dir()]  # not Ray Train's checkpoint_manager_snapshot.json
+            assert 1 <= len(kept) <= 2, (key, kept)
+            assert not (tune_dir / "train" / key / "resumed_checkpoint").exists()
+    finally:
+        stop_process_group(head.proc)
 
 
 def _run_quick(args, env=None, cwd=ROOT, timeout=120):
@@ -219,10 +277,11 @@ def test_unreachable_mlflow_server_is_one_clear_error_at_start(tmp_path):
     assert "Traceback" not in out and "\nrunning on " not in out
 
 
-def test_optuna_search_gives_every_cell_the_same_budget_then_runs_the_grid_with_the_best(ray_head, tmp_path):
+def test_optuna_search_gives_every_cell_the_same_budget_then_runs_the_grid_with_the_best(ray_head, tmp_path,
+                                                                                          data_cache):
     runs = tmp_path / "runs"
     args = [*ABLATION, "--preset", "smoke", "--cells", "softmax,span", "--name", "opt", "--runs-dir", str(runs),
-            "--no-report", "--search", "optuna", "--trials", "2", "train.epochs=1"]
+            "--no-report", "--search", "optuna", "--trials", "2", "train.epochs=1", f"data.cache_dir={data_cache}"]
     proc = subprocess.run(args, cwd=tmp_path, env=ray_head.env(), capture_output=True, text=True, timeout=900)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-5000:]
@@ -245,19 +304,19 @@ def test_optuna_search_gives_every_cell_the_same_budget_then_runs_the_grid_with_
     assert sorted(r.data.tags["trial.key"] for r in children) == ["softmax-s0", "span-s0"]
 
 
-def test_a_trial_on_two_ddp_workers_drops_the_same_layers_and_logs_once(ray_head, tmp_path):
+def test_a_trial_on_two_ddp_workers_drops_the_same_layers_and_logs_once(ray_head, tmp_path, data_cache):
     """DDP over gloo on CPU: two Ray Train workers, LayerDrop (the same layers on both ranks, or
     the trial fails), evaluation gathered on rank 0 without duplicates, one MLflow run."""
     runs = tmp_path / "runs"
     args = [*ABLATION, "--preset", "smoke", "--cells", "layerdrop_955", "--name", "ddp", "--runs-dir", str(runs),
-            "--no-report", "resources.num_workers=2", "train.epochs=1"]
+            "--no-report", "resources.num_workers=2", "train.epochs=1", f"data.cache_dir={data_cache}"]
     proc = subprocess.run(args, cwd=tmp_path, env=ray_head.env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
     client, _, children = sweep_runs(f"sqlite:///{runs / 'mlflow.db'}", "ddp")
     assert len(children) == 1
     run = children[0]
     assert run.info.status == "FINISHED"
-    assert run.data.tags["trial.world_size"] == "2"
+    assert run.data.tags["trial.world_size"] == "2" and run.data.tags["trial.executor"] == "train"
     plan = expand(load_grid("paper"), load_preset("smoke"), cells=["layerdrop_955"])
     cfg = plan.trials[0].config
     assert run.data.metrics["eval/n"] == cfg.data.eval_limit  # every question once, none twice
@@ -265,12 +324,13 @@ def test_a_trial_on_two_ddp_workers_drops_the_same_layers_and_logs_once(ray_head
     assert [m.step for m in client.get_metric_history(run.info.run_id, "epoch")] == [1]
 
 
-def test_a_pretraining_trial_on_two_ddp_workers_finishes_and_logs_once(ray_head, tmp_path):
+def test_a_pretraining_trial_on_two_ddp_workers_finishes_and_logs_once(ray_head, tmp_path, data_cache):
     """grad_std under DDP: per-task gradients on every rank, their statistics averaged over ranks,
     the pretraining model trained through its head outputs only (DDP must see no unused output)."""
     runs = tmp_path / "runs"
     args = [*ABLATION, "--preset", "smoke", "--cells", "grad_std", "--name", "ddp-pretrain", "--runs-dir",
-            str(runs), "--no-report", "resources.num_workers=2", "train.epochs=1", "pretrain.weight_every=1"]
+            str(runs), "--no-report", "resources.num_workers=2", "train.epochs=1", "pretrain.weight_every=1",
+            f"data.cache_dir={data_cache}"]
     proc = subprocess.run(args, cwd=tmp_path, env=ray_head.env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
     client, _, children = sweep_runs(f"sqlite:///{runs / 'mlflow.db'}", "ddp-pretrain")
@@ -280,3 +340,32 @@ def test_a_pretraining_trial_on_two_ddp_workers_finishes_and_logs_once(ray_head,
     assert [m.step for m in client.get_metric_history(run.info.run_id, "pretrain/epoch")] == [1]
     weights = [run.data.metrics[f"pretrain/weight_{t}"] for t in ("mlm", "mor", "match", "qa")]
     assert sum(weights) == pytest.approx(4.0) and len(set(weights)) > 1
+
+
+def test_both_executors_train_the_same_trials_to_the_same_numbers(ray_head, tmp_path, data_cache):
+    """Two trials in Tune trial processes, one after the other, so that the second runs in the
+    process the first used; then the second on a Ray Train worker group: every logged epoch metric
+    equal (nothing of the first trial leaked into the second, and the executors agree)."""
+    logged = {}
+    for executor, seeds in (("in_process", "0,1"), ("train", "1")):
+        runs = tmp_path / executor
+        args = [*ABLATION, "--preset", "smoke", "--cells", "softmax", "--seeds", seeds, "--name", "parity",
+                "--runs-dir", str(runs), "--no-report", "--verbose", "--max-concurrent", "1", "train.epochs=2",
+                f"resources.executor={executor}", f"data.cache_dir={data_cache}"]
+        proc = subprocess.run(args, cwd=tmp_path, env=ray_head.env(RAY_DEDUP_LOGS="0"), capture_output=True,
+                              text=True, timeout=600)
+        output = proc.stdout + proc.stderr
+        assert proc.returncode == 0, output[-5000:]
+        client, _, children = sweep_runs(f"sqlite:///{runs / 'mlflow.db'}", "parity")
+        assert {r.data.tags["trial.executor"] for r in children} == {executor}
+        logged[executor] = {
+            metric: [(m.step, m.value) for m in sorted(client.get_metric_history(r.info.run_id, metric),
+                                                       key=lambda m: m.step)]
+            for r in children if r.data.tags["trial.key"] == "softmax-s1"
+            for metric in ("train/loss", "eval/acc", "eval/loss", "train/lr")}
+        if executor == "in_process":
+            # Tune reused the first trial's process for the second (reuse_actors).
+            pids = {key: pid for pid, key in re.findall(r"run_trial pid=(\d+)\D.*?\[(softmax-s\d)\] in_process: ready",
+                                                         output)}
+            assert set(pids) == {"softmax-s0", "softmax-s1"} and len(set(pids.values())) == 1, pids
+    assert len(logged["train"]["train/loss"]) == 2 and logged["in_process"] == logged["train"]

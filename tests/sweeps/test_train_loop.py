@@ -90,3 +90,43 @@ def test_predictions_and_examples_cover_the_evaluation_split(cache):
     examples = loop.examples(result, 3)
     assert [e["question_id"] for e in examples] == [int(q) for q in loop.data.eval.question_ids[:3]]
     assert all(len(e["top5"]) == 5 and e["top5"][0]["prob"] >= e["top5"][-1]["prob"] for e in examples)
+
+
+def test_time_account_splits_the_trial_and_carries_over_a_resume(cache):
+    import time
+
+    cfg = trial_config(cache, "softmax", "train.epochs=2")
+    torch.set_num_threads(1)
+    began = time.time() - 2.0  # the trial began 2 s before the loop was built (process start, imports)
+    loop = TrialLoop(cfg, log=lambda _m: None, started=began)
+    states = []
+
+    def slow_report(metrics, state):  # a checkpoint that takes 0.2 s to persist
+        time.sleep(0.2)
+        states.append(state)
+
+    loop.cfg.train.epochs = 1  # killed after epoch 1
+    first = loop.fit(slow_report)
+    t_end = time.time()
+    account = {k: first[f"time/{k}"] for k in ("startup_s", "train_s", "eval_s", "checkpoint_s", "other_s")}
+    assert account["startup_s"] >= 2.0
+    assert account["checkpoint_s"] >= 0.2
+    assert account["train_s"] > 0 and account["eval_s"] > 0
+    # The parts are the whole trial: its wall time from `began` to the end of fit.
+    assert sum(account.values()) == pytest.approx(first["time/wall_s"], abs=1e-6)
+    assert began + first["time/wall_s"] <= t_end
+    # train + eval are the steps that time/elapsed_s (measured around them in fit) also counts.
+    assert account["train_s"] + account["eval_s"] <= first["time/elapsed_s"] + 1e-6
+    saved = states[-1]["times"]
+    assert saved["train_s"] == pytest.approx(account["train_s"])
+
+    cfg.train.epochs = 2
+    t_restart = time.time()
+    resumed = TrialLoop(cfg, log=lambda _m: None, started=t_restart)
+    resumed.load_state_dict(states[-1])
+    final = resumed.fit(slow_report)
+    # The second attempt adds to the first as of its checkpoint (built before it was persisted, so
+    # without that last persist): its start-up, one more epoch, one more checkpoint.
+    assert final["time/train_s"] > saved["train_s"] and final["time/checkpoint_s"] >= 0.2
+    assert final["time/startup_s"] >= account["startup_s"]
+    assert final["time/wall_s"] == pytest.approx(saved["wall_s"] + (time.time() - t_restart), abs=0.5)
