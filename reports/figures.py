@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+import schema
 from reports.store import Sweep
 from reports.tables import STAT_DISPLAY, stat_display, stat_order
 
@@ -227,7 +228,7 @@ def fig_per_head(sweep: Sweep, cell: str, label: str, path: Path, stat: str = "a
 
 
 def _acc_curves(sweep: Sweep, cell: str) -> list[dict[int, float]]:
-    return [t.history["eval/acc"] for t in sweep.usable(cell) if t.history.get("eval/acc")]
+    return [t.history[schema.EVAL_ACC] for t in sweep.usable(cell) if t.history.get(schema.EVAL_ACC)]
 
 
 def fig_layerdrop(sweep: Sweep, tables: dict[str, Any], path: Path) -> dict[str, Any] | None:

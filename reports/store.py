@@ -19,17 +19,19 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import schema
+
 DEFAULT_EXPERIMENT = "adaptive-ablation"
 
 #: Metric histories a report reads for every trial (prefix match); per-layer statistics (span,
 #: alpha, any a normaliser logs) come from the ``stats/attention_heads.csv`` artifact instead (one
 #: download instead of ~60 calls).
-HISTORY_PREFIXES = ("eval/", "train/samples_per_s", "train/loss", "best/", "epoch", "time/", "layers/")
+HISTORY_PREFIXES = schema.HISTORY_PREFIXES
 #: Tag a trial run carries when it failed for a cause the trial knew (docs/tracking.md).
-FAILURE_TAG = "failure.reason"
-HEADS_ARTIFACT = "stats/attention_heads.csv"
-PREDICTIONS_ARTIFACT = "eval/predictions.csv"
-EXAMPLES_ARTIFACT = "eval/examples_top5.json"
+FAILURE_TAG = schema.FAILURE_REASON
+HEADS_ARTIFACT = schema.HEADS_ARTIFACT
+PREDICTIONS_ARTIFACT = schema.PREDICTIONS_ARTIFACT
+EXAMPLES_ARTIFACT = schema.EXAMPLES_ARTIFACT
 
 
 class ReportError(RuntimeError):
@@ -232,9 +234,9 @@ def list_sweeps(client, uri: str, experiment: str) -> list[dict[str, Any]]:
     for run in parents:
         tags = run.data.tags
         out.append({
-            "sweep": tags.get("sweep.id", run.info.run_name),
-            "status": tags.get("sweep.status", run.info.status.lower()),
-            "n_trials": len(_json(tags.get("sweep.trials"), [])),
+            "sweep": tags.get(schema.SWEEP_ID, run.info.run_name),
+            "status": tags.get(schema.SWEEP_STATUS, run.info.status.lower()),
+            "n_trials": len(_json(tags.get(schema.SWEEP_TRIALS), [])),
             "start_time": run.info.start_time,
             "run_id": run.info.run_id,
         })
@@ -305,8 +307,8 @@ def load_sweep(client, uri: str, sweep: str, experiment: str = DEFAULT_EXPERIMEN
         notes.append(f"{len(parents)} parent runs carry sweep.id={sweep}; the most recently started "
                      f"({parent.info.run_id}) is used")
 
-    declared = _json(ptags.get("sweep.cells"), {})
-    pending = _json(ptags.get("sweep.pending"), {})
+    declared = _json(ptags.get(schema.SWEEP_CELLS), {})
+    pending = _json(ptags.get(schema.SWEEP_PENDING), {})
     cells: dict[str, Cell] = {}
     for name, spec in declared.items():
         spec = spec or {}
@@ -317,13 +319,13 @@ def load_sweep(client, uri: str, sweep: str, experiment: str = DEFAULT_EXPERIMEN
         if name not in cells:
             cells[name] = Cell(name=name, label=name, table=None, paper={}, pending=str(reason))
 
-    planned: list[str] = list(_json(ptags.get("sweep.trials"), []))
-    failed: dict[str, str] = _json(ptags.get("sweep.failed"), {})
+    planned: list[str] = list(_json(ptags.get(schema.SWEEP_TRIALS), []))
+    failed: dict[str, str] = _json(ptags.get(schema.SWEEP_FAILED), {})
     children = _search_all(client, [exp_id], f"tags.`sweep.id` = {sweep_literal} and tags.`sweep.role` = 'trial'",
                            order_by=["attributes.start_time DESC"])
     by_key: dict[str, list] = {}
     for run in children:
-        by_key.setdefault(run.data.tags.get("trial.key", run.info.run_name), []).append(run)
+        by_key.setdefault(run.data.tags.get(schema.TRIAL_KEY, run.info.run_name), []).append(run)
 
     trials: list[Trial] = []
     with tempfile.TemporaryDirectory(prefix="report-artifacts-") as tmp, _no_progress_bars():
@@ -346,12 +348,12 @@ def load_sweep(client, uri: str, sweep: str, experiment: str = DEFAULT_EXPERIMEN
         notes.append("the parent run has no sweep.trials tag: every child run is treated as planned")
     for t in trials:
         if t.cell not in cells:
-            cells[t.cell] = Cell(name=t.cell, label=t.tags.get("cell.label", t.cell),
-                                 table=_to_int(t.tags.get("cell.table")),
+            cells[t.cell] = Cell(name=t.cell, label=t.tags.get(schema.CELL_LABEL, t.cell),
+                                 table=_to_int(t.tags.get(schema.CELL_TABLE)),
                                  paper={k: float(t.tags[f"paper.{k}"]) for k in ("test_dev", "test_std")
                                         if _is_number(t.tags.get(f"paper.{k}"))})
-        elif cells[t.cell].table is None and _to_int(t.tags.get("cell.table")) is not None:
-            cells[t.cell].table = _to_int(t.tags.get("cell.table"))
+        elif cells[t.cell].table is None and _to_int(t.tags.get(schema.CELL_TABLE)) is not None:
+            cells[t.cell].table = _to_int(t.tags.get(schema.CELL_TABLE))
     return Sweep(
         sweep_id=sweep, experiment=experiment, parent_run_id=parent.info.run_id,
         parent_status=parent.info.status, tags=ptags, params=dict(parent.data.params),
@@ -368,7 +370,7 @@ def _is_number(value: Any) -> bool:
 
 
 def _missing_reason(ptags: dict[str, str]) -> str:
-    status = ptags.get("sweep.status", "")
+    status = ptags.get(schema.SWEEP_STATUS, "")
     if status == "running":
         return "the sweep is still running (or its driver died) and this trial has not started"
     return f"the trial never started (sweep status: {status or 'unknown'})"
@@ -377,8 +379,10 @@ def _missing_reason(ptags: dict[str, str]) -> str:
 def _read_trial(client, run, key: str, cells: dict[str, Cell], failed: dict[str, str], planned: bool,
                 tmp: Path) -> Trial:
     tags = dict(run.data.tags)
-    cell = tags.get("trial.cell") or tags.get("variant") or _cell_of_key(key, list(cells))
-    seed = _to_int(tags.get("trial.seed", tags.get("seed")))
+    # runs logged before the schema also carry alias tags (``variant``, ``seed``): read them as a fallback
+    cell = (tags.get(schema.TRIAL_CELL) or tags.get(schema.LEGACY_ALIASES[schema.TRIAL_CELL])
+            or _cell_of_key(key, list(cells)))
+    seed = _to_int(tags.get(schema.TRIAL_SEED, tags.get(schema.LEGACY_ALIASES[schema.TRIAL_SEED])))
     if seed is None:
         seed = _seed_of_key(key)
     trial = Trial(key=key, cell=cell, seed=seed, status=run.info.status, run_id=run.info.run_id,
@@ -389,7 +393,7 @@ def _read_trial(client, run, key: str, cells: dict[str, Cell], failed: dict[str,
         # The run's own cause (a divergence names its step, loss and last checkpoint) first.
         why = tags.get(FAILURE_TAG) or failed.get(key)
         trial.reason = f"run status {run.info.status}" + (f": {why}" if why else "")
-    elif "best/acc" not in trial.metrics:
+    elif schema.BEST_ACC not in trial.metrics:
         trial.reason = "run FINISHED but logged no best/acc"
     if trial.reason:
         # An unusable run feeds no table and no figure: skip its histories and artifacts.

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+import schema
 from reports import inference
 from reports.stats import N_RESAMPLES, paired_bootstrap, rng_for, summarize
 from reports.store import Sweep, Trial
@@ -58,7 +59,7 @@ STAT_DISPLAY: dict[str, dict[str, Any]] = {
 #: Stacks of the model in display order (others follow alphabetically).
 STACK_ORDER = ("lang", "visn", "cross")
 #: The per-trial time account (``time/<name>`` metrics, docs/tracking.md), in display order.
-TIME_ACCOUNTS = ("startup_s", "train_s", "eval_s", "checkpoint_s", "other_s")
+TIME_ACCOUNTS = tuple(name.removeprefix("time/") for name in schema.TIME_ACCOUNT)
 
 
 def stat_display(stat: str) -> dict[str, Any]:
@@ -75,7 +76,7 @@ def stat_order(stats: set[str] | list[str]) -> list[str]:
 
 #: The child-run tag that says what a trial's `eval/acc` (and `best/acc`) measures. Runs that lack
 #: it were logged before it existed, when `eval/acc` was always LXMERT's soft score.
-METRIC_TAG = "eval.metric"
+METRIC_TAG = schema.EVAL_METRIC_TAG
 OFFICIAL, SOFT, MIXED = "vqa_official", "soft_score", "mixed"
 #: What the accuracy columns are, by the sweep's metric (`eval_metric`).
 METRIC_DEFINITIONS = {
@@ -185,29 +186,29 @@ def type_order(types: set[str]) -> list[str]:
 def _trial_numbers(trial: Trial) -> dict[str, Any]:
     """What one usable trial contributes to its row."""
     m, h = trial.metrics, trial.history
-    best_epoch = int(round(m.get("best/epoch", 0)))
-    eval_hist = h.get("eval/acc", {})
+    best_epoch = int(round(m.get(schema.BEST_EPOCH, 0)))
+    eval_hist = h.get(schema.EVAL_ACC, {})
     last_epoch = max(eval_hist) if eval_hist else None
     by_type = {}
     for name, hist in h.items():
         if name.startswith("eval/acc_") and best_epoch in hist:
             by_type[name[len("eval/acc_"):]] = hist[best_epoch]
     sps = list(h.get("train/samples_per_s", {}).values())
-    wall = m.get("time/trial_s")
-    if wall is None and h.get("time/elapsed_s"):
-        wall = h["time/elapsed_s"][max(h["time/elapsed_s"])]
+    wall = m.get(schema.TIME_TRIAL)
+    if wall is None and h.get(schema.TIME_ELAPSED):
+        wall = h[schema.TIME_ELAPSED][max(h[schema.TIME_ELAPSED])]
     epochs = sorted(eval_hist)
     last_gain = eval_hist[epochs[-1]] - eval_hist[epochs[-2]] if len(epochs) >= 2 else None
-    engaged = trial.tags.get("mechanism.engaged")
+    engaged = trial.tags.get(schema.MECHANISM_ENGAGED)
     return {
         "seed": trial.seed,
         "key": trial.key,
         "run_id": trial.run_id,
-        "acc": m["best/acc"],
+        "acc": m[schema.BEST_ACC],
         "last_gain": last_gain,
         "still_learning": last_gain is not None and 100.0 * last_gain > STILL_LEARNING_PP,
         "engaged": None if engaged is None else _truthy(engaged),
-        "evidence": trial.tags.get("mechanism.evidence", ""),
+        "evidence": trial.tags.get(schema.MECHANISM_EVIDENCE, ""),
         "best_epoch": best_epoch,
         "last_epoch": last_epoch,
         "acc_last": eval_hist[last_epoch] if last_epoch is not None else None,
@@ -342,7 +343,7 @@ def _paper_effect(rows: dict[str, dict[str, Any]], variant: str, reference: str)
 def seed_accuracies(sweep: Sweep, rows: dict[str, dict[str, Any]],
                     seeds: set[int] | None = None) -> dict[str, dict[int, float]]:
     """``{cell: {seed: best/acc}}`` of the usable trials (of ``seeds`` only, when given)."""
-    return {name: {t.seed: float(t.metrics["best/acc"]) for t in sweep.usable(name)
+    return {name: {t.seed: float(t.metrics[schema.BEST_ACC]) for t in sweep.usable(name)
                    if t.seed is not None and (seeds is None or t.seed in seeds)} for name in rows}
 
 
@@ -506,9 +507,9 @@ def compute(sweep: Sweep, reference: str = REFERENCE_CELL) -> dict[str, Any]:
             "id": sweep.sweep_id,
             "experiment": sweep.experiment,
             "parent_run_id": sweep.parent_run_id,
-            "grid": tags.get("sweep.grid", ""),
-            "preset": tags.get("sweep.preset", ""),
-            "status": tags.get("sweep.status", ""),
+            "grid": tags.get(schema.SWEEP_GRID, ""),
+            "preset": tags.get(schema.SWEEP_PRESET, ""),
+            "status": tags.get(schema.SWEEP_STATUS, ""),
             "parent_run_status": sweep.parent_status,
             "git_commit": tags.get("git.commit", ""),
             "git_dirty": tags.get("git.dirty", ""),

@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python sweeps/ablation.py` puts sweeps/, not the root, on the path
     sys.path.insert(0, str(ROOT))
 
+import schema  # noqa: E402
 from sweeps.config import ConfigError, flatten, parse_cli_overrides  # noqa: E402
 from sweeps.grid import Plan, expand, load_grid, load_preset  # noqa: E402
 
@@ -398,14 +399,14 @@ def _run(args: argparse.Namespace, plan: Plan, name: str, runs_dir: Path, lock, 
         for c in plan.grid.cells.values() if c.name in in_plan
     }
     parent_tags = {
-        "sweep.grid": plan.grid.name,
-        "sweep.preset": plan.preset.name,
-        "sweep.fingerprint": plan.fingerprint,
-        "sweep.trials": json.dumps([t.key for t in plan.trials]),
-        "sweep.cells": json.dumps(cells),
-        "sweep.pending": json.dumps(plan.pending),
-        "sweep.status": "running",
-        "sweep.runs_dir": str(runs_dir),
+        schema.SWEEP_GRID: plan.grid.name,
+        schema.SWEEP_PRESET: plan.preset.name,
+        schema.SWEEP_FINGERPRINT: plan.fingerprint,
+        schema.SWEEP_TRIALS: json.dumps([t.key for t in plan.trials]),
+        schema.SWEEP_CELLS: json.dumps(cells),
+        schema.SWEEP_PENDING: json.dumps(plan.pending),
+        schema.SWEEP_STATUS: "running",
+        schema.SWEEP_RUNS_DIR: str(runs_dir),
         **code,
     }
     parent = sweeper.start(parent_tags, {"preset": plan.preset.name, "grid": plan.grid.name,
@@ -417,7 +418,7 @@ def _run(args: argparse.Namespace, plan: Plan, name: str, runs_dir: Path, lock, 
         "experiment_id": sweeper.experiment_id,
         "parent_run_id": parent,
         "sweep_id": name,
-        "tags": {"sweep.grid": plan.grid.name, "sweep.preset": plan.preset.name, "grid": plan.grid.name,
+        "tags": {schema.SWEEP_GRID: plan.grid.name, schema.SWEEP_PRESET: plan.preset.name, "grid": plan.grid.name,
                  **code},
     }
     max_conc = args.max_concurrent if args.max_concurrent is not None else plan.trials[0].config.resources.max_concurrent
@@ -427,7 +428,7 @@ def _run(args: argparse.Namespace, plan: Plan, name: str, runs_dir: Path, lock, 
         best, search_outcome = search(plan, paths, context, args.trials, max_concurrent=max_conc, restore=restore)
         for trial in plan.trials:
             trial.config = apply_overrides(trial.config, best[trial.cell.name], source="optuna search")
-        sweeper.set_tags({"sweep.search": json.dumps({"method": "optuna", "trials_per_cell": args.trials,
+        sweeper.set_tags({schema.SWEEP_SEARCH: json.dumps({"method": "optuna", "trials_per_cell": args.trials,
                                                       "best": best}, sort_keys=True)})
     outcome = run(plan, paths, context, max_concurrent=max_conc, restore=restore)
 
@@ -453,8 +454,8 @@ def _run(args: argparse.Namespace, plan: Plan, name: str, runs_dir: Path, lock, 
         {"sweep/wall_s": total_wall, "sweep/trials_wall_s": timing.wall_s, "sweep/ideal_s": timing.ideal_s,
          "sweep/overhead_ratio": timing.overhead_ratio if timing.ideal_s > 0 else 0.0,
          "sweep/concurrency": float(timing.concurrency), **timing.timing_metrics()},
-        {"sweep.status": status,
-         "sweep.failed": json.dumps({t.key: t.error[:500] for t in failed if t.status != "UNFINISHED"})},
+        {schema.SWEEP_STATUS: status,
+         schema.SWEEP_FAILED: json.dumps({t.key: t.error[:500] for t in failed if t.status != "UNFINISHED"})},
     )
     if interrupted:
         print(f"sweep '{name}' interrupted; rerun the same command to resume it", file=sys.stderr)

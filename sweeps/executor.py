@@ -42,6 +42,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import schema
+
 IN_PROCESS = "in_process"
 TRAIN = "train"
 
@@ -144,7 +146,7 @@ def run_loop(spec: dict[str, Any], *, report: Callable[[dict[str, float], dict[s
             t_tracked = time.time()
             if rank == 0:
                 tracker = TrialTracker(spec["context"], key)
-                tags = {**spec.get("tags", {}), **placement_tags(), "trial.executor": executor}
+                tags = {**spec.get("tags", {}), **placement_tags(), schema.TRIAL_EXECUTOR: executor}
                 tracker.start(tags=tags, params=spec["config"])
             t_built, t_tracked = time.time(), time.time() - t_tracked
             cfg = unflatten(ExperimentConfig, spec["config"], source="trial config")
@@ -191,9 +193,9 @@ def placement_tags() -> dict[str, str]:
 
     import ray
 
-    return {"trial.node_id": ray.get_runtime_context().get_node_id(),
-            "trial.node_ip": ray.util.get_node_ip_address(),
-            "trial.hostname": socket.gethostname()}
+    return {schema.TRIAL_NODE_ID: ray.get_runtime_context().get_node_id(),
+            schema.TRIAL_NODE_IP: ray.util.get_node_ip_address(),
+            schema.TRIAL_HOSTNAME: socket.gethostname()}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import models.hooks as hooks
+import schema
 from models.layerdrop import set_step as set_layerdrop_step
 from sweeps.config import ExperimentConfig
 from sweeps.failures import CheckpointRefused, FiniteGuard, classify, grad_norm, record_failure
@@ -515,7 +516,7 @@ class TrialLoop:
         acc, soft = self.question_scores(result)
         types = np.asarray(self.data.eval.answer_type_of(result["question_id"]))
         n = len(acc)
-        out = {"eval/acc": float(acc.mean()) if n else 0.0,
+        out = {schema.EVAL_ACC: float(acc.mean()) if n else 0.0,
                "eval/soft_score": float(soft.mean()) if n else 0.0,
                "eval/loss": result["loss_sum"] / max(1, result["n"]),
                "eval/n": float(n)}  # fmt: skip
@@ -577,8 +578,8 @@ class TrialLoop:
             }
         if not found:
             return {}
-        return {"mechanism.engaged": str(all(e["engaged"] for e in found.values())).lower(),
-                "mechanism.evidence": "; ".join(f"{name}: {e['evidence']}" for name, e in sorted(found.items()))}
+        return {schema.MECHANISM_ENGAGED: str(all(e["engaged"] for e in found.values())).lower(),
+                schema.MECHANISM_EVIDENCE: "; ".join(f"{name}: {e['evidence']}" for name, e in sorted(found.items()))}
 
     # -- pretraining ----------------------------------------------------------------------------
 
@@ -612,7 +613,7 @@ class TrialLoop:
             # Its training epoch counts as training, the rest of the epoch (held-out scoring) as evaluation.
             self.times.add("train_s", metrics["pretrain/epoch_s"])
             self.times.add("eval_s", max(0.0, stage.elapsed_s - before - metrics["pretrain/epoch_s"]))
-            metrics["time/elapsed_s"] = self.elapsed_s
+            metrics[schema.TIME_ELAPSED] = self.elapsed_s
             self._report(report, metrics)
             if self.rank == 0:
                 losses = " ".join(f"{t} {metrics[f'pretrain/loss_{t}']:.3f}" for t in stage.tasks
@@ -700,8 +701,8 @@ class TrialLoop:
                 "data/train_questions": float(len(self.data.train)),
                 "data/eval_questions": float(len(self.data.eval)),
             })
-            tracker.set_tags({"trial.precision": self.precision, "trial.device": self.device.type,
-                              "trial.world_size": str(self.world_size), "eval.metric": self.eval_metric})
+            tracker.set_tags({schema.TRIAL_PRECISION: self.precision, schema.TRIAL_DEVICE: self.device.type,
+                              schema.TRIAL_WORLD_SIZE: str(self.world_size), schema.EVAL_METRIC_TAG: self.eval_metric})
         if self.pretrain_pending:
             self.pretrain(report, tracker)
         while self.epoch < cfg.train.epochs:
@@ -716,14 +717,14 @@ class TrialLoop:
                 metrics.update(self.eval_metrics(result))
                 metrics.update(stats_summary(stats))
                 self.head_rows.extend(stats_rows(stats, self.epoch))
-                improved = metrics["eval/acc"] > self.best["acc"]
+                improved = metrics[schema.EVAL_ACC] > self.best["acc"]
                 if improved:
-                    self.best = {"acc": metrics["eval/acc"], "epoch": self.epoch}
-                metrics["best/acc"] = self.best["acc"]
-                metrics["best/epoch"] = float(self.best["epoch"])
+                    self.best = {"acc": metrics[schema.EVAL_ACC], "epoch": self.epoch}
+                metrics[schema.BEST_ACC] = self.best["acc"]
+                metrics[schema.BEST_EPOCH] = float(self.best["epoch"])
             self.elapsed_s += time.perf_counter() - t0
-            metrics["time/elapsed_s"] = self.elapsed_s
-            metrics["epoch"] = float(self.epoch)
+            metrics[schema.TIME_ELAPSED] = self.elapsed_s
+            metrics[schema.EPOCH] = float(self.epoch)
             if self.rank == 0:
                 self.history.append((self.epoch, dict(metrics)))
             self._report(report, metrics)
@@ -740,18 +741,18 @@ class TrialLoop:
                     tracker.set_tags(engaged)
                 from sweeps.tracking import csv_text
 
-                tracker.log_text(csv_text(self.head_rows), "stats/attention_heads.csv")
+                tracker.log_text(csv_text(self.head_rows), schema.HEADS_ARTIFACT)
                 if improved:
-                    tracker.log_text(self.predictions_table(result), "eval/predictions.csv")
-                    tracker.log_dict(self.examples(result, cfg.train.n_examples), "eval/examples_top5.json")
+                    tracker.log_text(self.predictions_table(result), schema.PREDICTIONS_ARTIFACT)
+                    tracker.log_dict(self.examples(result, cfg.train.n_examples), schema.EXAMPLES_ARTIFACT)
                     if cfg.train.log_best_checkpoint:
                         buf = io.BytesIO()
                         torch.save(core.state_dict(), buf)
                         tracker.log_bytes(buf.getvalue(), "checkpoint/best_model.pt")
         final = dict(self.history[-1][1]) if self.history else {}
         if tracker is not None:
-            tracker.log_metrics({"time/trial_s": self.elapsed_s, "best/acc": self.best["acc"],
-                                 "best/epoch": float(self.best["epoch"]), **self.times.metrics()},
+            tracker.log_metrics({schema.TIME_TRIAL: self.elapsed_s, schema.BEST_ACC: self.best["acc"],
+                                 schema.BEST_EPOCH: float(self.best["epoch"]), **self.times.metrics()},
                                 step=self.epoch)  # fmt: skip
             tracker.finish("FINISHED")
         final.update(self.times.metrics())  # after the last MLflow call: the whole trial

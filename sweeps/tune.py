@@ -28,6 +28,7 @@ from typing import Any
 
 from ray.tune import Callback
 
+import schema
 from sweeps import executor as executors
 from sweeps.config import ConfigError, flatten
 from sweeps.failures import failure_of
@@ -309,13 +310,11 @@ def longest_first(trials: list[Trial]) -> list[Trial]:
 def trial_spec(trial: Trial, paths: SweepPaths, context: dict[str, Any]) -> dict[str, Any]:
     cell = trial.cell
     tags = {
-        "trial.cell": cell.name,
-        "trial.seed": str(trial.seed),
-        "trial.axes": json.dumps(trial.axis_values, sort_keys=True),
-        "variant": cell.name,
-        "seed": str(trial.seed),
-        "cell.label": cell.label,
-        "cell.table": str(cell.table),
+        schema.TRIAL_CELL: cell.name,
+        schema.TRIAL_SEED: str(trial.seed),
+        schema.TRIAL_AXES: json.dumps(trial.axis_values, sort_keys=True),
+        schema.CELL_LABEL: cell.label,
+        schema.CELL_TABLE: str(cell.table),
     }
     for key, value in cell.paper.items():
         tags[f"paper.{key}"] = str(value)
@@ -401,7 +400,7 @@ class Progress(Callback):
         return _trial_name(trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if "pretrain/epoch" in result and "eval/acc" not in result:
+        if "pretrain/epoch" in result and schema.EVAL_ACC not in result:
             seen = (self._key(trial), -int(result["pretrain/epoch"]))  # its own epoch counter
             if seen not in self.printed:
                 self.printed.add(seen)
@@ -410,9 +409,9 @@ class Progress(Callback):
                 print(f"{self._stamp()} {self._key(trial):<22} pretrain epoch {int(result['pretrain/epoch'])}: "
                       f"{losses} {result.get('pretrain/samples_per_s', 0):.0f} samples/s", flush=True)
             return
-        if "eval/acc" in result and "epoch" in result:
+        if schema.EVAL_ACC in result and schema.EPOCH in result:
             # The trainable's return value repeats the last epoch's metrics: print each epoch once.
-            seen = (self._key(trial), int(result["epoch"]))
+            seen = (self._key(trial), int(result[schema.EPOCH]))
             if seen in self.printed:
                 return
             self.printed.add(seen)
@@ -431,7 +430,7 @@ class Progress(Callback):
             print(f"{self._stamp()} FAILED {self._key(trial)} ({self.done}/{self.total}), not retried: {failure}",
                   flush=True)
             return
-        acc = (trial.last_result or {}).get("best/acc")
+        acc = (trial.last_result or {}).get(schema.BEST_ACC)
         acc_s = f"best acc {acc:.4f}" if isinstance(acc, (int, float)) else ""
         print(f"{self._stamp()} finished {self._key(trial)} ({self.done}/{self.total}) {acc_s}", flush=True)
 
@@ -544,7 +543,7 @@ def _ledger_outcome(spec: dict[str, Any], record: dict[str, Any], key: str = "")
     """A trial that ended in an earlier run of the sweep, as this run reports it."""
     metrics = dict(record.get("metrics") or {})
     failure = failure_of(metrics)
-    return TrialOutcome(key=key or spec["trial_key"], cell=spec["tags"]["trial.cell"], seed=int(spec["tags"]["trial.seed"]),
+    return TrialOutcome(key=key or spec["trial_key"], cell=spec["tags"][schema.TRIAL_CELL], seed=int(spec["tags"][schema.TRIAL_SEED]),
                         status="FAILED" if failure else "TERMINATED", metrics=metrics, error=failure,
                         duration_s=float(metrics.get("trial_wall_s", 0.0) or 0.0), ran_now=False)
 
@@ -573,8 +572,8 @@ def _outcomes(results) -> list[TrialOutcome]:
                   else "TERMINATED" if state == "TERMINATED" else "UNFINISHED")
         out.append(TrialOutcome(
             key=spec["trial_key"],
-            cell=spec["tags"]["trial.cell"],
-            seed=int(spec["tags"]["trial.seed"]),
+            cell=spec["tags"][schema.TRIAL_CELL],
+            seed=int(spec["tags"][schema.TRIAL_SEED]),
             status=status,
             metrics=metrics,
             error=error_summary(result.error) if result.error else failure,
@@ -633,8 +632,8 @@ def search(plan: Plan, paths: SweepPaths, context: dict[str, Any], n_trials: int
     for trial in sorted(plan.trials, key=lambda t: t.seed):
         first_of_cell.setdefault(trial.cell.name, trial)
     for cell, trial in first_of_cell.items():
-        spec = trial_spec(trial, paths, {**context, "tags": {**context.get("tags", {}), "sweep.role": "search"}})
-        spec["tags"] = {**spec["tags"], "sweep.role": "search"}
+        spec = trial_spec(trial, paths, {**context, "tags": {**context.get("tags", {}), schema.SWEEP_ROLE: schema.ROLE_SEARCH}})
+        spec["tags"] = {**spec["tags"], schema.SWEEP_ROLE: schema.ROLE_SEARCH}
         space: dict[str, Any] = {}
         for key, (kind, lo, hi) in SEARCH_SPACE.items():
             if kind == "loguniform":
@@ -653,7 +652,7 @@ def search(plan: Plan, paths: SweepPaths, context: dict[str, Any], n_trials: int
         if remaining > 0:
             results, seconds = _fit(
                 name, paths, {"trial": spec, "search": space}, n_at_once, Progress(remaining, ledger),
-                search_alg=OptunaSearch(metric="best/acc", mode="max", seed=trial.seed + len(ended)),
+                search_alg=OptunaSearch(metric=schema.BEST_ACC, mode="max", seed=trial.seed + len(ended)),
                 num_samples=remaining, max_failures=tune_max_failures([spec]),
                 reuse_actors=reuse_trial_processes([spec]),
             )
@@ -661,10 +660,10 @@ def search(plan: Plan, paths: SweepPaths, context: dict[str, Any], n_trials: int
             outcomes.extend(_outcomes(results))
             points += [(r.config["search"], dict(r.metrics or {})) for r in results if not r.error]
         finished = [(p, m) for p, m in points
-                    if not failure_of(m) and isinstance(m.get("best/acc"), (int, float)) and m["best/acc"] == m["best/acc"]]
+                    if not failure_of(m) and isinstance(m.get(schema.BEST_ACC), (int, float)) and m[schema.BEST_ACC] == m[schema.BEST_ACC]]
         if not finished:
             raise RuntimeError(f"search: every Optuna trial of cell '{cell}' failed; see {paths.ray_dir}")
-        point, metrics = max(finished, key=lambda pm: pm[1]["best/acc"])
+        point, metrics = max(finished, key=lambda pm: pm[1][schema.BEST_ACC])
         best[cell] = {k: float(v) for k, v in point.items()}
         print(f"search: {cell}: best {best[cell]} (acc {metrics['best/acc']:.4f})", flush=True)
     return best, SweepOutcome(trials=outcomes, wall_s=wall, concurrency=n_at_once)
