@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+import schema
 from sweeps.tracking import SweepTracker, TrialTracker, csv_text
 
 HEADS = 2
@@ -106,6 +107,7 @@ class SweepSpec:
     finish_sweep: bool = True  # False: the parent stays RUNNING with sweep.status=running
     n_examples: int = 4
     time_account: bool = False  # log issue 12's time/* accounts per trial and sweep/* on the parent
+    legacy_aliases: bool = False  # tag trials as runs before the schema did: `variant` / `seed` only
 
 
 def _answer_types(n: int) -> list[str]:
@@ -195,8 +197,10 @@ def fill_sweep(uri: str, runs_dir: Path, sweep_id: str = "smoke-paper", experime
             failed[key] = "RayActorError: the worker died before the trial started"
             continue
         tracker = TrialTracker(context, key)
-        tags = {"trial.cell": cell, "trial.seed": seed, "trial.axes": json.dumps({"cell": cell, "train.seed": seed_i}),
-                "variant": cell, "seed": seed, "cell.label": cs.label, "cell.table": str(cs.table),
+        who = ({schema.LEGACY_ALIASES[schema.TRIAL_CELL]: cell, schema.LEGACY_ALIASES[schema.TRIAL_SEED]: seed}
+               if spec.legacy_aliases else {schema.TRIAL_CELL: cell, schema.TRIAL_SEED: seed})
+        tags = {**who, schema.TRIAL_AXES: json.dumps({"cell": cell, "train.seed": seed_i}),
+                schema.CELL_LABEL: cs.label, schema.CELL_TABLE: str(cs.table),
                 **{f"paper.{k}": str(v) for k, v in cs.paper.items()}}
         run_ids[key] = tracker.start(tags, _flat_config(cs, seed_i, spec.epochs))
         n_params = 1e6 * sum(cs.layers)

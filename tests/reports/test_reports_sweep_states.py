@@ -90,6 +90,17 @@ def running_sweep(new_store) -> tuple[str, Path, dict]:
     return uri, runs, info
 
 
+def test_runs_logged_before_the_schema_are_read_through_their_alias_tags(new_store):
+    """Trial runs from before 2026-12-02 carry `variant` / `seed` instead of `trial.cell` / `trial.seed`."""
+    uri, runs = new_store
+    spec = SweepSpec(cells={"softmax": PAPER_LIKE["softmax"]}, seeds=(0, 1), epochs=1, n_questions=40,
+                     failed=(), missing=(), legacy_aliases=True)
+    fill_sweep(uri, runs, sweep_id="old", spec=spec)
+    reports.build(uri, "old")
+    t = json.loads((runs / "reports" / "old" / "tables.json").read_text())
+    assert t["cells"]["softmax"]["seeds"] == [0, 1]
+
+
 def test_running_sweep_without_adaptive_cells(running_sweep):
     uri, runs, info = running_sweep
     html = reports.build(uri, "tiny")  # default out dir and logging
