@@ -2,7 +2,7 @@
 
 import pytest
 
-from models import bench
+from benchmarks import models as bench
 
 
 def test_help(capsys):

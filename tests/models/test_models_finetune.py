@@ -549,7 +549,7 @@ def test_plain_weights_cannot_be_loaded_into_the_wrapped_encoder_by_accident():
 
 
 def test_bench_tiny_run_prints_every_strategy_and_ratios(capsys):
-    from models.finetune import bench
+    from benchmarks import finetune as bench
 
     table = bench.run(bench.parse_args(["--size", "tiny", "--repeats", "1", "--steps", "1",
                                         "--strategies", "frozen,spottune"]))  # fmt: skip

@@ -1,11 +1,11 @@
 """The sweep-efficiency benchmark's command line and its side-by-side table (fast; the benchmark
-itself starts Ray and runs trials: `python -m sweeps.bench`)."""
+itself starts Ray and runs trials: `python -m benchmarks.executors`)."""
 
 from __future__ import annotations
 
 import pytest
 
-from sweeps import bench
+from benchmarks import executors as bench
 from sweeps.tune import SweepOutcome, TrialOutcome
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tasks import bench
+from benchmarks import tasks as bench
 
 
 def test_bench_smoke(tmp_path, capsys):

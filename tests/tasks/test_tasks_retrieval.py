@@ -248,7 +248,7 @@ def test_evaluate_scores_every_pair_with_the_matching_head_and_by_embedding(easy
 
 
 def test_retrieval_benchmark_command_runs(easyvqa_cache, capsys):
-    from tasks.retrieval import bench
+    from benchmarks import retrieval as bench
 
     assert bench.main(["--images", "6", "--per-image", "1", "--hidden", "16", "--heads", "2", "--layers", "0,1,0",
                        "--cache-dir", str(easyvqa_cache)]) == 0  # fmt: skip

@@ -1,9 +1,9 @@
 """Per-step cost of each task weighting in the real pretraining step, measured side by side.
 
-    python -m sweeps.weighting_bench                          # the default preset's model and stage
-    python -m sweeps.weighting_bench --preset smoke --steps 10 --repeats 3
-    python -m sweeps.weighting_bench --variants equal,grad_std@1,grad_std@10,grad_std@10/last_layer
-    python -m sweeps.weighting_bench model.hidden_size=128 pretrain.batch_size=32
+    python -m benchmarks.weighting                          # the default preset's model and stage
+    python -m benchmarks.weighting --preset smoke --steps 10 --repeats 3
+    python -m benchmarks.weighting --variants equal,grad_std@1,grad_std@10,grad_std@10/last_layer
+    python -m benchmarks.weighting model.hidden_size=128 pretrain.batch_size=32
 
 Every variant is a :class:`sweeps.pretrain.PretrainStage` built from the same config and seed
 (only ``pretrain.weighting`` / ``weight_every`` / ``shared`` differ) and runs ``--steps`` training
@@ -66,7 +66,7 @@ def build_stage(preset: str, overrides: dict[str, str], threads: int, cache_dir:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sweeps.weighting_bench", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.weighting", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (every variant)")
     parser.add_argument("--preset", default="default", help="preset whose model and pretraining stage to use")

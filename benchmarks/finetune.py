@@ -12,10 +12,10 @@ every allocation and free of the CPU allocator, in order, during one training st
 step's peak (activations, gradients, temporaries) is added to what lives across steps (parameters,
 frozen copies, the policy, buffers, optimiser state).
 
-    python -m models.finetune.bench                     # small: 9-5-5, hidden 128, batch 32, 1 thread
-    python -m models.finetune.bench --size tiny --repeats 3
-    python -m models.finetune.bench --strategies standard,spottune --batch 64 --set finetune.k=2
-    python -m models.finetune.bench --help
+    python -m benchmarks.finetune                     # small: 9-5-5, hidden 128, batch 32, 1 thread
+    python -m benchmarks.finetune --size tiny --repeats 3
+    python -m benchmarks.finetune --strategies standard,spottune --batch 64 --set finetune.k=2
+    python -m benchmarks.finetune --help
 
 ``benchmarks/`` can call :func:`run` (arguments as :func:`parse_args` builds them; returns the table).
 """
@@ -47,7 +47,7 @@ SIZES: dict[str, dict[str, Any]] = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m models.finetune.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.finetune", description=__doc__.split("\n\n")[0])
     p.add_argument("--size", choices=sorted(SIZES), default="small", help="preset of the numbers below")
     p.add_argument("--hidden", type=int, help="hidden size")
     p.add_argument("--heads", type=int, help="attention heads")

@@ -1,6 +1,6 @@
 """Data pipeline benchmark: batch assembly from the memory-mapped store, and TSV conversion.
 
-``python -m tasks.bench`` builds, in a temporary directory, (1) a store of ``--images`` images at
+``python -m benchmarks.tasks`` builds, in a temporary directory, (1) a store of ``--images`` images at
 LXMERT's sizes (36 regions x 2,048 features) with ``--questions`` questions carrying sparse soft
 labels over 3,129 answers, and times, on ONE thread, ``ArrayDataset.batches`` (vectorised gathers
 from the memory maps) against a plain per-sample ``torch.utils.data.Dataset`` over the same arrays
@@ -167,7 +167,7 @@ def bench_conversion(directory: Path, images: int, regions: int, dim: int) -> tu
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m tasks.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.tasks", description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=4000, help="images in the batch-assembly store (default 4000: 1.2 GB)")
     p.add_argument("--questions", type=int, default=40000, help="questions (default 40000)")
     p.add_argument("--regions", type=int, default=36)

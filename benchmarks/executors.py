@@ -1,8 +1,8 @@
 """Sweep-efficiency benchmark: the same trials through each executor, side by side, in one run.
 
-    python -m sweeps.bench                                  # 6 tiny trials (smoke model, 1 epoch), both paths
-    python -m sweeps.bench --preset default --trials 4 train.epochs=2   # the default preset's trial size
-    python -m sweeps.bench --paths in_process --trials 2    # one path only
+    python -m benchmarks.executors                                  # 6 tiny trials (smoke model, 1 epoch), both paths
+    python -m benchmarks.executors --preset default --trials 4 train.epochs=2   # the default preset's trial size
+    python -m benchmarks.executors --paths in_process --trials 2    # one path only
 
 Starts a local Ray instance with ``--cpus`` CPUs (default 2) and an MLflow store in a temporary
 runs dir, then runs ``--trials`` trials (seeds 0..N-1 of ``--cell``) as a sweep once per path
@@ -30,7 +30,7 @@ PATHS = ("in_process", "train")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m sweeps.bench",
+        prog="python -m benchmarks.executors",
         description="Run the same N trials through the in-process and the Ray Train executors on a local "
                     "Ray instance; print start-up, goodput and wall / ideal for each, and their ratios.",
         epilog="Overrides (key=value) apply to every trial of both paths, after the preset, e.g. "

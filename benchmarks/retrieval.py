@@ -1,6 +1,6 @@
 """Time zero-shot retrieval scoring: every pair through the matching head vs. embedding similarity.
 
-    python -m tasks.retrieval.bench [--images 50 --per-image 2 --hidden 64 --heads 4 --layers 1,2,1
+    python -m benchmarks.retrieval [--images 50 --per-image 2 --hidden 64 --heads 4 --layers 1,2,1
                                      --flow merged --batch 256 --threads 1]
 
 Builds the synthetic caption set (easy-VQA's features, prepared once), a randomly initialised
@@ -19,7 +19,7 @@ import torch
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.retrieval", description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=50)
     parser.add_argument("--per-image", type=int, default=2)
     parser.add_argument("--hidden", type=int, default=64)

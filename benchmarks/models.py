@@ -5,10 +5,10 @@ every model once, in a rotated order) so that load from other processes hits all
 table reports the best and median step time, samples/s (at the median) and the ratios to our softmax
 and to HuggingFace (median of the per-repeat ratios; and of the best times).
 
-    python -m models.bench                        # LXMERT base (9-5-5, 768), batch 8, 1 thread
-    python -m models.bench --size small           # the sweep's small 9-5-5 (hidden 128), batch 128, 1 thread
-    python -m models.bench --size base --device cuda --dtype bf16 --batch 64
-    python -m models.bench --help
+    python -m benchmarks.models                        # LXMERT base (9-5-5, 768), batch 8, 1 thread
+    python -m benchmarks.models --size small           # the sweep's small 9-5-5 (hidden 128), batch 128, 1 thread
+    python -m benchmarks.models --size base --device cuda --dtype bf16 --batch 64
+    python -m benchmarks.models --help
 
 HuggingFace's ``LxmertForQuestionAnswering`` is built from ``transformers`` (offline, random weights;
 its weights are imported into ours, which also checks that our softmax model computes the same).
@@ -40,7 +40,7 @@ SIZES: dict[str, dict] = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m models.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.models", description=__doc__.split("\n\n")[0])
     p.add_argument("--size", choices=sorted(SIZES), default="base", help="preset of the numbers below")
     p.add_argument("--hidden", type=int, help="hidden size")
     p.add_argument("--heads", type=int, help="attention heads")

@@ -1,7 +1,7 @@
 """Does ``torch.compile`` (CPU, inductor) of the training step pay for itself in a trial?
 
-    python -m sweeps.compile_bench                          # default preset's trial: softmax, 1 epoch
-    python -m sweeps.compile_bench --cells softmax,span,entmax,layerdrop_955 --epochs 2
+    python -m benchmarks.torch_compile                          # default preset's trial: softmax, 1 epoch
+    python -m benchmarks.torch_compile --cells softmax,span,entmax,layerdrop_955 --epochs 2
 
 For each cell, three fresh processes run the same trial loop (the preset's model, data, batch
 size and optimiser; :class:`sweeps.train.TrialLoop`, without Ray or MLflow), one after the other:
@@ -83,7 +83,7 @@ def child(args: argparse.Namespace) -> None:
 
 def run_mode(args: argparse.Namespace, cell: str, mode: str, inductor_cache: Path) -> dict:
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(inductor_cache), HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-m", "sweeps.compile_bench", "--child", "--mode", mode, "--cell", cell,
+    cmd = [sys.executable, "-m", "benchmarks.torch_compile", "--child", "--mode", mode, "--cell", cell,
            "--preset", args.preset, "--epochs", str(args.epochs), "--threads", str(args.threads),
            "--cache-dir", args.cache_dir, *args.overrides]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600,
@@ -94,7 +94,7 @@ def run_mode(args: argparse.Namespace, cell: str, mode: str, inductor_cache: Pat
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sweeps.compile_bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.torch_compile", description=__doc__.split("\n\n")[0])
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     parser.add_argument("--cells", default="softmax", help="comma-separated grid cells (default: %(default)s)")
     parser.add_argument("--preset", default="default", help="preset (default: %(default)s)")

@@ -1,6 +1,6 @@
 """Are the region features informative? A quick probe that needs no transformer.
 
-``python -m tasks.probe`` trains two small classifiers on easy-VQA from fixed inputs: the
+``python -m benchmarks.probe`` trains two small classifiers on easy-VQA from fixed inputs: the
 flattened region features of the image concatenated with the question's bag of words, and
 reports test accuracy overall and per question type:
 
@@ -71,7 +71,7 @@ def report(name: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m tasks.probe", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.probe", description=__doc__.split("\n\n")[0])
     p.add_argument("--features", default="compact", choices=("compact", "vqa_like"))
     p.add_argument("--grid", type=int, default=2)
     p.add_argument("--cache-dir", default="")
