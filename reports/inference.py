@@ -29,6 +29,7 @@ Everything is deterministic (no resampling), so a rebuilt report reproduces ever
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -105,12 +106,17 @@ def _solve(paired: bool, **kwargs: float | None) -> float | None:
     """``statsmodels``' power solver for a paired (one-sample t on differences) or a two-sample
     design with equal group sizes; solves for the one argument given as ``None``."""
     from statsmodels.stats.power import TTestIndPower, TTestPower
+    from statsmodels.tools.sm_exceptions import ConvergenceWarning
 
     if not paired:
         kwargs["nobs1"] = kwargs.pop("nobs")
     solver = TTestPower() if paired else TTestIndPower()
     try:
-        value = solver.solve_power(alpha=ALPHA, power=POWER, alternative="two-sided", **kwargs)
+        with warnings.catch_warnings():
+            # No root inside statsmodels' bracket (e.g. an effect beyond 10 sd at 3 seeds): it warns
+            # and returns NaN, which is answered below as "no finite solution" (None), not printed.
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            value = solver.solve_power(alpha=ALPHA, power=POWER, alternative="two-sided", **kwargs)
     except (ValueError, RuntimeError):
         return None
     value = float(np.asarray(value).reshape(-1)[0])
