@@ -98,7 +98,7 @@ def two_nodes(request, tmp_path_factory, cluster_data_cache):
 
 def test_killed_trial_process_resumes_from_its_last_checkpoint(two_nodes, tmp_path, record_property):
     runs = tmp_path / "runs"
-    epochs = 3  # room to kill it after epoch 1 and still have an epoch to resume into on a slow machine
+    epochs = 5  # room to kill it after epoch 1 and still have epochs to resume into, on a fast or a slow machine
     driver = Driver(two_nodes.sweep_args("kill-worker", runs, "--cells", "softmax", "--verbose",
                                          f"train.epochs={epochs}"),
                     two_nodes.driver_env(), tmp_path / "sweep.log", tmp_path)
@@ -211,7 +211,10 @@ def _wait_for_trial_process_on(cluster: TwoNodes, node_id: str, driver: Driver, 
 def test_sweep_runs_on_both_nodes_and_survives_losing_one(two_nodes, tmp_path, record_property):
     """Last in this module: it takes the second node away for good."""
     runs = tmp_path / "runs"
-    epochs = 3
+    # In-process smoke epochs take ~2 s on a quiet machine: with 3, both trials finished before the
+    # node could be taken away (a quiet fresh clone, 2026-12-02). 8 leaves the kill a window of
+    # several epochs after the moved trial's first.
+    epochs = 8
     head_id, node_id = two_nodes.head_node_id, two_nodes.node_id
     driver = Driver(two_nodes.sweep_args("two-nodes", runs, "--cells", "softmax,span", "--verbose",
                                          f"train.epochs={epochs}"),
