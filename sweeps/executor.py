@@ -170,17 +170,26 @@ def run_loop(spec: dict[str, Any], *, report: Callable[[dict[str, float], dict[s
             record_failure(tracker, *failure)
             log(f"FAILED, not retried ({failure[0]}): {failure[1]}")
             return failure_result(*failure)
+        except (SystemExit, KeyboardInterrupt):
+            # Stopped from outside, not failed: Tune ends a stopped function trial with sys.exit(0)
+            # inside its report (a sweep interrupted by Ctrl-C / SIGTERM), so the run is KILLED,
+            # like the runs a dead driver leaves, and a rerun reopens it.
+            _close_failed(tracker, "KILLED")
+            raise
         except BaseException:
             _close_failed(tracker)
             raise
 
 
-def _close_failed(tracker) -> None:
-    """Close the run as FAILED on an error that may be retried (the next attempt, Tune's or Ray
-    Train's, reopens it as RUNNING)."""
+def _close_failed(tracker, status: str = "FAILED") -> None:
+    """Close the run as ``status`` (FAILED: an error that may be retried; KILLED: the trial was
+    stopped); the next attempt, Tune's or Ray Train's, or a rerun, reopens it as RUNNING."""
     if tracker is not None and tracker.run_id:
         try:
-            tracker.finish("FAILED")
+            if status == "KILLED":
+                tracker.set_tags({schema.FAILURE_KIND: "killed",
+                                  schema.FAILURE_REASON: "the trial was stopped (the sweep was interrupted)"})
+            tracker.finish(status)
         except Exception:
             pass
 
