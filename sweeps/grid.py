@@ -288,8 +288,11 @@ def expand(
     Raises:
         ConfigError: naming the grid / preset file, cell and key at fault.
     """
-    # Cells asked for by name run even where the preset's own `cell` axis leaves them out.
-    replace = {**{k: v for k, v in preset.axes.items() if not (cells and k == "cell")}, **(axis_replace or {})}
+    # Cells asked for by name run even where the preset's own `cell` axis leaves them out; and a
+    # preset's `cell` axis names cells of its own grid, so another grid (--grid weighting) keeps its own.
+    own_grid = preset.grid in (grid.name, grid.path.stem, str(grid.path))
+    replace = {**{k: v for k, v in preset.axes.items() if not (k == "cell" and (cells or not own_grid))},
+               **(axis_replace or {})}
     try:
         base = apply_overrides(ExperimentConfig(), preset.overrides, source=f"{preset.path}: set")
         base = apply_overrides(base, grid.fixed, source=f"{grid.path}: fixed")

@@ -99,6 +99,16 @@ def test_paper_grid_expands_cells_times_seeds(preset):
     assert not by_key["softmax-s0"].pretrain.enabled and grid.cells["grad_std"].table == 3
 
 
+def test_a_presets_cell_axis_applies_to_its_own_grid_only():
+    """The default preset lists the paper grid's cells; `--grid weighting` runs the weighting cells."""
+    default = load_preset("default")
+    assert default.axes.get("cell")  # the precondition: the shipped default preset narrows its grid's cells
+    plan = expand(load_grid("weighting"), default)
+    assert sorted({t.cell.name for t in plan.trials}) == ["equal", "grad_std", "gradnorm", "softmax", "uncertainty"]
+    assert len(plan.trials) == 15  # x the preset's 3 seeds
+    assert {t.cell.name for t in expand(load_grid("paper"), default).trials} == set(default.axes["cell"])
+
+
 def test_weighting_grid_runs_the_four_strategies_and_a_from_scratch_reference(preset):
     plan = expand(load_grid("weighting"), preset)
     cells = {t.key: t.config for t in plan.trials}
