@@ -211,10 +211,10 @@ def _wait_for_trial_process_on(cluster: TwoNodes, node_id: str, driver: Driver, 
 def test_sweep_runs_on_both_nodes_and_survives_losing_one(two_nodes, tmp_path, record_property):
     """Last in this module: it takes the second node away for good."""
     runs = tmp_path / "runs"
-    # In-process smoke epochs take ~2 s on a quiet machine: with 3, both trials finished before the
-    # node could be taken away (a quiet fresh clone, 2026-12-02). 8 leaves the kill a window of
-    # several epochs after the moved trial's first.
-    epochs = 8
+    # In-process smoke epochs take ~2 s on a quiet machine, and finding both trial processes through
+    # Ray's state API takes seconds: with 3 or 8 epochs both trials finished before the node could be
+    # taken away (a quiet fresh clone, 2026-12-02). 20 leaves the kill a window of ~40 s.
+    epochs = 20
     head_id, node_id = two_nodes.head_node_id, two_nodes.node_id
     driver = Driver(two_nodes.sweep_args("two-nodes", runs, "--cells", "softmax,span", "--verbose",
                                          f"train.epochs={epochs}"),
