@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks import add_shape_args
 from models.builders import backbone, init_weights
 from models.config import ModelConfig, apply_overrides
 from models.finetune.plan import make_optimizer
@@ -49,14 +50,7 @@ SIZES: dict[str, dict[str, Any]] = {
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.finetune", description=__doc__.split("\n\n")[0])
     p.add_argument("--size", choices=sorted(SIZES), default="small", help="preset of the numbers below")
-    p.add_argument("--hidden", type=int, help="hidden size")
-    p.add_argument("--heads", type=int, help="attention heads")
-    p.add_argument("--intermediate", type=int, help="feed-forward size")
-    p.add_argument("--layers", help="l,x,r layer counts, e.g. 9,5,5")
-    p.add_argument("--tokens", type=int, help="text length T")
-    p.add_argument("--regions", type=int, help="regions R")
-    p.add_argument("--feat-dim", type=int, help="region feature size F")
-    p.add_argument("--answers", type=int, help="answer classes A")
+    add_shape_args(p)
     p.add_argument("--vocab", type=int, help="vocabulary size")
     p.add_argument("--batch", type=int, help="batch size")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")

@@ -25,6 +25,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from benchmarks import add_shape_args
 from models.builders import build_model
 from models.checkpoint import load_pretrained
 from models.config import ModelConfig, apply_overrides
@@ -42,14 +43,7 @@ SIZES: dict[str, dict] = {
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.models", description=__doc__.split("\n\n")[0])
     p.add_argument("--size", choices=sorted(SIZES), default="base", help="preset of the numbers below")
-    p.add_argument("--hidden", type=int, help="hidden size")
-    p.add_argument("--heads", type=int, help="attention heads")
-    p.add_argument("--intermediate", type=int, help="feed-forward size")
-    p.add_argument("--layers", help="l,x,r layer counts, e.g. 9,5,5")
-    p.add_argument("--tokens", type=int, help="text length T")
-    p.add_argument("--regions", type=int, help="regions R")
-    p.add_argument("--feat-dim", type=int, help="region feature size F")
-    p.add_argument("--answers", type=int, help="answer classes A")
+    add_shape_args(p)
     p.add_argument("--batch", type=int, help="batch size")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--variants", default="softmax,span,entmax,span_entmax",

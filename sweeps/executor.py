@@ -164,7 +164,7 @@ def run_loop(spec: dict[str, Any], *, report: Callable[[dict[str, float], dict[s
         except Exception as err:
             failure = classify(err)
             if failure is None:
-                _close_failed(tracker)
+                _close_run(tracker)
                 raise
             # Every retry would fail the same way: end the trial with its cause instead of raising.
             record_failure(tracker, *failure)
@@ -174,14 +174,14 @@ def run_loop(spec: dict[str, Any], *, report: Callable[[dict[str, float], dict[s
             # Stopped from outside, not failed: Tune ends a stopped function trial with sys.exit(0)
             # inside its report (a sweep interrupted by Ctrl-C / SIGTERM), so the run is KILLED,
             # like the runs a dead driver leaves, and a rerun reopens it.
-            _close_failed(tracker, "KILLED")
+            _close_run(tracker, "KILLED")
             raise
         except BaseException:
-            _close_failed(tracker)
+            _close_run(tracker)
             raise
 
 
-def _close_failed(tracker, status: str = "FAILED") -> None:
+def _close_run(tracker, status: str = "FAILED") -> None:
     """Close the run as ``status`` (FAILED: an error that may be retried; KILLED: the trial was
     stopped); the next attempt, Tune's or Ray Train's, or a rerun, reopens it as RUNNING."""
     if tracker is not None and tracker.run_id:
