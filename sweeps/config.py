@@ -21,11 +21,8 @@ from typing import Any
 from models import ModelConfig
 from models.configkit import (  # noqa: F401  (re-exported: the sweep's one config API)
     ConfigError,
-    Scalar,
     apply_overrides,
-    coerce,
     flatten,
-    keys,
     parse_cli_overrides,
     unflatten,
 )
