@@ -4,7 +4,7 @@
     python -m benchmarks.torch_compile --cells softmax,span,entmax,layerdrop_955 --epochs 2
 
 For each cell, three fresh processes run the same trial loop (the preset's model, data, batch
-size and optimiser; :class:`sweeps.train.TrialLoop`, without Ray or MLflow), one after the other:
+size and optimiser; :class:`sweeps.loop.TrialLoop`, without Ray or MLflow), one after the other:
 
 * ``eager``: as the sweep runs it today;
 * ``compile, cold cache``: the model compiled in place (``nn.Module.compile()``, so the state dict
@@ -45,30 +45,27 @@ def child(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     import torch
 
-    import tasks
     from sweeps.ablation import build_plan
-    from sweeps.train import TrialLoop, config_dims
+    from sweeps.loop import TrialLoop, prepared_config
 
     torch.set_num_threads(args.threads)
     ns = argparse.Namespace(preset=args.preset, grid=None, cells=args.cell, seeds="0",
                             overrides=[f"data.cache_dir={args.cache_dir}", f"train.epochs={args.epochs}",
                                        *args.overrides])
     cfg = build_plan(ns).trials[0].config
-    tasks.prepare(cfg.data)
-    data = tasks.load(cfg.data)
-    cfg = config_dims(cfg, data.num_answers, data.visual_feat_dim)
-    loop = TrialLoop(cfg, log=lambda _m: None)
+    loop = TrialLoop(prepared_config(cfg), log=lambda _m: None)
+    stage = loop.final
     if args.mode != "eager":
-        loop.model.compile()  # in place: same module, same state-dict keys
+        stage.model.compile()  # in place: same module, same state-dict keys
     t_built = time.perf_counter()
     epochs = []
     for _ in range(cfg.train.epochs):
-        metrics = loop.train_epoch()
+        metrics, _ = stage.train_epoch()
         t_eval = time.perf_counter()
-        result = loop.evaluate()
-        loop.epoch += 1
+        result = stage.evaluate()
+        stage.epoch += 1
         epochs.append({"train_s": metrics["train/epoch_s"], "eval_s": time.perf_counter() - t_eval,
-                       "loss": metrics["train/loss"], "acc": loop.eval_metrics(result)["eval/acc"]})
+                       "loss": metrics["train/loss"], "acc": result.metrics["acc"]})
     dynamo = {}
     if args.mode != "eager":  # how much Dynamo traced: graphs, graph breaks, recompilations
         from torch._dynamo.utils import counters
@@ -77,7 +74,7 @@ def child(args: argparse.Namespace) -> None:
                   "graph_breaks": sum(counters["graph_break"].values()),
                   "frames_compiled": counters["frames"]["ok"]}
     print(json.dumps({"mode": args.mode, "cell": args.cell, "total_s": time.perf_counter() - t0,
-                      "build_s": t_built - t0, "steps": loop.step, "epochs": epochs, "dynamo": dynamo}),
+                      "build_s": t_built - t0, "steps": stage.step, "epochs": epochs, "dynamo": dynamo}),
           flush=True)
 
 

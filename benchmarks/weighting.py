@@ -5,7 +5,7 @@
     python -m benchmarks.weighting --variants equal,grad_std@1,grad_std@10,grad_std@10/last_layer
     python -m benchmarks.weighting model.hidden_size=128 pretrain.batch_size=32
 
-Every variant is a :class:`sweeps.pretrain.PretrainStage` built from the same config and seed
+Every variant is the pretraining stage of a :class:`sweeps.loop.TrialLoop` built from the same config and seed
 (only ``pretrain.weighting`` / ``weight_every`` / ``shared`` differ) and runs ``--steps`` training
 steps (forward, the strategy's ``update`` and ``combine``, backward, optimizer) on the same
 pre-assembled batches. Variants run back to back in each repeat, in a rotated order; the ratio to
@@ -48,21 +48,17 @@ def parse_variant(text: str) -> dict[str, str]:
 def build_stage(preset: str, overrides: dict[str, str], threads: int, cache_dir: str):
     import torch
 
-    import tasks
     from sweeps.config import apply_overrides
     from sweeps.grid import expand, load_grid, load_preset
-    from sweeps.pretrain import PretrainStage
-    from sweeps.train import config_dims, seed_everything
+    from sweeps.loop import TrialLoop, prepared_config
 
     torch.set_num_threads(threads)
     base = {"data.cache_dir": cache_dir, "pretrain.enabled": "true"} if cache_dir else {"pretrain.enabled": "true"}
     plan = expand(load_grid("paper"), load_preset(preset), cli_overrides=base, cells=["softmax"])
     cfg = apply_overrides(plan.trials[0].config, overrides, source="benchmark")
     cfg.validate()
-    data = tasks.load(cfg.data)
-    cfg = config_dims(cfg, data.num_answers, data.visual_feat_dim)
-    seed_everything(cfg.train.seed)
-    return PretrainStage(cfg, log=lambda _m: None)
+    # The trial's pretraining stage, as the loop runs it (its fine-tuning model is built too, unused).
+    return TrialLoop(prepared_config(cfg), log=lambda _m: None).start_stage(0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,7 +75,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from sweeps.config import parse_cli_overrides
-    from tasks.pretrain import active_tasks
 
     common = parse_cli_overrides(args.overrides)
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -91,15 +86,16 @@ def main(argv: list[str] | None = None) -> int:
     first = stages["equal"]
     n_batches = args.warmup + args.steps
     # a corpus large enough for the timed batches (the preset's corpus is what is timed)
-    it = first.data.train.batches(first.pcfg.batch_size, first.masking, shuffle=True, seed=0, epoch=0)
+    task = first.adapter
+    it = task.data.train.batches(task.pcfg.batch_size, task.masking, shuffle=True, seed=0, epoch=0)
     batches = [b for _, b in zip(range(n_batches), it)]
     if len(batches) < n_batches:
         raise SystemExit(f"the corpus has only {len(batches)} batches; lower --steps/--warmup or raise "
                          "pretrain.corpus_images")  # fmt: skip
-    tasks_all = first.tasks
-    cfg = first.cfg
+    tasks_all = task.tasks
+    cfg = first.loop.cfg
     print(f"model {cfg.model.l_layers}-{cfg.model.x_layers}-{cfg.model.r_layers}, hidden {cfg.model.hidden_size}, "
-          f"batch {first.pcfg.batch_size}, tasks {','.join(tasks_all)}, {sum(p.numel() for p in first.shared)} shared "
+          f"batch {task.pcfg.batch_size}, tasks {','.join(tasks_all)}, {sum(p.numel() for p in task.shared)} shared "
           f"parameters (encoder); {args.threads} thread(s), {args.steps} steps x {args.repeats} repeats")  # fmt: skip
 
     def run(stage, timed: bool) -> tuple[float, float]:
@@ -107,12 +103,12 @@ def main(argv: list[str] | None = None) -> int:
         spent = 0.0
         start = time.perf_counter()
         for b in chosen:
-            stage.train_step(b, active_tasks(tasks_all, stage.rules, 1, stage._lr()))
-            spent += stage.weighting.last_update_s
+            stage.train_step(b)  # the loop's step: active tasks at epoch 1, weighting update, combine, step
+            spent += stage.adapter.weighting.last_update_s
         return time.perf_counter() - start, spent
 
     for stage in stages.values():
-        stage.model.train()
+        stage.trainable.train()
         run(stage, timed=False)
     times: dict[str, list[float]] = {n: [] for n in names}
     update: dict[str, list[float]] = {n: [] for n in names}

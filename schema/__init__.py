@@ -74,6 +74,7 @@ PARAM_SEED = "train.seed"
 
 # ---- metrics ---------------------------------------------------------------------------------------
 EPOCH = "epoch"
+BEST_PREFIX = "best/"  # best/<the task's primary metric>, e.g. best/acc
 BEST_ACC = "best/acc"
 BEST_EPOCH = "best/epoch"
 EVAL_ACC = "eval/acc"

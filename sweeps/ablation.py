@@ -114,44 +114,31 @@ def print_plan(plan: Plan, name: str) -> None:
 
 
 def prepare_data(plan: Plan, runs_dir: Path) -> Plan:
-    """Point empty cache dirs at the runs dir, build data caches once (driver side), and set each
-    trial's ``model.num_answers`` / ``model.visual_feat_dim`` from its data.
+    """Point empty cache dirs at the runs dir, do every stage's one-time task work once per distinct
+    config (driver side: data caches, the pretraining corpus), and set each trial's ``model.*``
+    fields its data fixes (answer count, feature size: ``TaskAdapter.prepare``).
 
     Raises before any trial starts when a data file is missing (the error names it)."""
     import dataclasses
 
-    import tasks
-    from sweeps.train import config_dims
+    from tasks.base import get_task, with_model_fields
 
-    done: dict[str, tuple[int, int]] = {}
+    done: dict[str, dict] = {}
     for trial in plan.trials:
-        data = trial.config.data
-        if not data.cache_dir:
-            data = dataclasses.replace(data, cache_dir=str(runs_dir / "cache"))
-        key = repr(flatten(data))
-        if key not in done:
-            t0 = time.time()
-            tasks.prepare(data)
-            loaded = tasks.load(data)
-            done[key] = (loaded.num_answers, loaded.visual_feat_dim)
-            print(f"data {data.name}: {len(loaded.train)} train / {len(loaded.eval)} eval questions, "
-                  f"{loaded.num_answers} answers, {loaded.num_regions} regions x {loaded.visual_feat_dim} "
-                  f"features ({time.time() - t0:.1f} s)", flush=True)
-        cfg = dataclasses.replace(trial.config, data=data)
-        trial.config = config_dims(cfg, *done[key])
+        cfg = trial.config
+        if not cfg.data.cache_dir:
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, cache_dir=str(runs_dir / "cache")))
+        stages = cfg.stages()
+        for index, (_, task) in enumerate(reversed(stages)):  # the last stage's data first: the others may read it
+            adapter = get_task(task)
+            key = adapter.cache_key(cfg)
+            if key not in done:
+                done[key], line = adapter.prepare(cfg)
+                print(line, flush=True)
+            if index == 0:
+                cfg = with_model_fields(cfg, done[key])  # the model is the last stage's
+        trial.config = cfg
         trial.config.validate()
-        if cfg.pretrain.enabled:
-            # The pretraining corpus too is built here, once, before any trial starts.
-            pkey = key + repr(flatten(cfg.pretrain))
-            if pkey not in done:
-                import tasks.pretrain
-
-                t0 = time.time()
-                corpus = tasks.pretrain.load(cfg.pretrain, data)
-                done[pkey] = (0, 0)
-                print(f"pretraining corpus {cfg.pretrain.corpus}: {len(corpus.train)} sentences "
-                      f"({len(corpus.eval) if corpus.eval is not None else 0} held out), "
-                      f"{len(corpus.answers)} QA answers ({time.time() - t0:.1f} s)", flush=True)
     return plan
 
 

@@ -73,6 +73,9 @@ class TrainConfig:
     init_allow_partial: bool = False
     #: Log the best model's weights as an MLflow artifact at the end of the trial.
     log_best_checkpoint: bool = True
+    #: The task adapter of the trial's last stage (``tasks.base.TASKS``); empty: the one registered
+    #: for ``data.name`` (``vqa`` for easy-VQA and VQA v2).
+    task: str = ""
     #: Optimizer steps with a non-finite loss or gradient a trial may skip (per stage) before it
     #: stops as diverged; 0 stops it at the first one.
     max_nonfinite_steps: int = 0
@@ -164,6 +167,16 @@ class ExperimentConfig:
     #: Multi-task pretraining before fine-tuning (off unless ``pretrain.enabled``).
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
+    def stages(self) -> list[tuple[str, str]]:
+        """The trial's stages in order, each ``(stage name, task adapter name)``: ``("pretrain",
+        "pretrain")`` when ``pretrain.enabled``, then ``("finetune", <train.task or data.name's task>)``.
+        The last stage is what the trial reports (``train/*``, ``eval/*``, ``best/*``); an earlier
+        one logs under ``<stage name>/*`` (sweeps/loop.py)."""
+        from tasks.base import task_for_data
+
+        final = ("finetune", self.train.task or task_for_data(self.data.name))
+        return [("pretrain", "pretrain"), final] if self.pretrain.enabled else [final]
+
     def validate(self) -> None:
         """Validate every section; raises :class:`ConfigError` naming the keys at fault (every
         section's problems, not just the first section's)."""
@@ -180,6 +193,13 @@ class ExperimentConfig:
                 if not message.startswith(f"{section}."):
                     message = f"{section}: {message}"
                 problems.append(message)
+        try:
+            from tasks.base import get_task
+
+            for _, task in self.stages():
+                get_task(task)
+        except ConfigError as err:
+            problems.append(f"train.task: {err}")
         if problems:
             raise ConfigError("; ".join(problems))
         if self.model.finetune.name != "standard":

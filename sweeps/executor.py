@@ -1,7 +1,7 @@
 """How a trial runs on Ray: the training loop inside the Tune trial's process, or on a Ray Train
 worker group.
 
-Two executors run the same :class:`sweeps.train.TrialLoop` with the same MLflow tracking, the
+Two executors run the same :class:`sweeps.loop.TrialLoop` with the same MLflow tracking, the
 same checkpoint file and the same resume rule; they differ in who runs the loop and who keeps the
 checkpoints:
 
@@ -24,7 +24,7 @@ keeps a reported checkpoint in memory only (``LocalTrainFnUtils.report``) and st
 so a retried or resumed trial would start over.
 
 Both paths call :func:`run_loop`: "run this loop with this report callback, resumed from this
-checkpoint". It reads the checkpoint with :func:`sweeps.train.load_state` (``weights_only``), and a
+checkpoint". It reads the checkpoint with :func:`sweeps.loop.load_state` (``weights_only``), and a
 failure no retry can fix (divergence, a bad config or checkpoint: :func:`sweeps.failures.classify`)
 ends the trial with its cause (:func:`sweeps.failures.failure_result`) on either path instead of
 raising it, so that neither Tune nor Ray Train retries it.
@@ -71,17 +71,17 @@ def choose(resources: Any) -> str:
 def save_state(state: dict[str, Any], folder: str | Path) -> None:
     import torch
 
-    from sweeps.train import STATE_FILE
+    from sweeps.loop import STATE_FILE
 
     torch.save(state, os.path.join(folder, STATE_FILE))
 
 
 def load_state(folder: str | Path) -> dict[str, Any]:
     """The training state in a checkpoint folder (``state.pt``), read without executing anything
-    (:func:`sweeps.train.load_state`: ``weights_only=True``; a refused file raises
+    (:func:`sweeps.loop.load_state`: ``weights_only=True``; a refused file raises
     :class:`sweeps.failures.CheckpointRefused`, which no retry can fix)."""
-    from sweeps.train import STATE_FILE
-    from sweeps.train import load_state as load_trial_state
+    from sweeps.loop import STATE_FILE
+    from sweeps.loop import load_state as load_trial_state
 
     return load_trial_state(Path(folder) / STATE_FILE)
 
@@ -131,8 +131,8 @@ def run_loop(spec: dict[str, Any], *, report: Callable[[dict[str, float], dict[s
     """
     from sweeps.config import ExperimentConfig, unflatten
     from sweeps.failures import classify, failure_result, record_failure
+    from sweeps.loop import TrialLoop
     from sweeps.tracking import TrialTracker, quiet_mlflow
-    from sweeps.train import TrialLoop
 
     key = spec["trial_key"]
 
@@ -242,7 +242,7 @@ def find_resume(home: Path) -> Resume | None:
     Returns:
         A :data:`Resume` of that folder, or ``None`` when the trial has no checkpoint (a fresh start).
     """
-    from sweeps.train import STATE_FILE
+    from sweeps.loop import STATE_FILE
 
     try:
         named = Path(json.loads((home / POINTER).read_text())["checkpoint"])

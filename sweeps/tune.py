@@ -149,7 +149,7 @@ class SweepOutcome:
 
     def timing_metrics(self, prefix: str = "sweep/") -> dict[str, float]:
         """The time account of the sweep: per part sums, goodput, wall / ideal (for MLflow)."""
-        from sweeps.train import TIME_PARTS
+        from sweeps.loop import TIME_PARTS
 
         out = {f"{prefix}{part}": self.time_sum(part) for part in (*TIME_PARTS, "wall_s")}
         out[f"{prefix}trials_sum_s"] = out.pop(f"{prefix}wall_s")  # the parent's wall_s is the command's

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from helpers import BIN, ROOT, stop_process_group
 
-from sweeps.train import STATE_FILE, load_state
+from sweeps.loop import STATE_FILE, load_state
 
 ABLATION = [sys.executable, str(ROOT / "sweeps" / "ablation.py")]
 

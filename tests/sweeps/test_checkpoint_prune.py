@@ -6,7 +6,7 @@ from pathlib import Path
 import pyarrow.fs
 from ray.train import Checkpoint, Result
 
-from sweeps.train import STATE_FILE
+from sweeps.loop import STATE_FILE
 from sweeps.tune import prune_unregistered_checkpoints
 
 

@@ -20,8 +20,8 @@ import pytest
 import tasks
 from sweeps.config import parse_cli_overrides
 from sweeps.grid import expand, load_grid, load_preset
+from sweeps.loop import TrialLoop, prepared_config
 from sweeps.tracking import SweepTracker, TrialTracker
-from sweeps.train import TrialLoop, config_dims
 from tasks import easyvqa
 from tasks.metrics import official_accuracy
 from tasks.vqa import synthetic
@@ -44,8 +44,7 @@ def store(tmp_path_factory):
 def config(*overrides: str):
     over = parse_cli_overrides(["train.epochs=1", "train.batch_size=16", *overrides])
     cfg = expand(load_grid("paper"), load_preset("smoke"), cli_overrides=over, cells=["softmax"]).trials[0].config
-    data = tasks.load(cfg.data)
-    return config_dims(cfg, data.num_answers, data.visual_feat_dim)
+    return prepared_config(cfg)
 
 
 def logged_trial(store, cfg, key: str) -> tuple[TrialLoop, dict[str, float], dict[str, str], list[dict]]:
@@ -115,7 +114,7 @@ def vqa_config(root: Path, cache: Path, *extra: str):
 def test_vqa_without_annotations_reports_the_soft_score(store, vqa_root, tmp_path):
     root, truth = vqa_root
     loop, metrics, tags, rows = logged_trial(store, vqa_config(root, tmp_path), "vqa-soft")
-    assert loop.data.eval.human_answers is None
+    assert loop.final.adapter.data.eval.human_answers is None
     assert tags["eval.metric"] == "soft_score"
     labels = {e["question_id"]: e["label"] for e in truth["questions"]["minival"]}
     soft = [labels[int(r["question_id"])].get(r["answer"], 0.0) for r in rows]

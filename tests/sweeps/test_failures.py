@@ -19,13 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import tasks
 from models.checkpoint import CheckpointError, load_pretrained
 from sweeps.config import parse_cli_overrides
 from sweeps.failures import CheckpointRefused, TrialDiverged, classify
 from sweeps.grid import expand, load_grid, load_preset
 from sweeps.lock import SweepLock, SweepLocked
-from sweeps.train import STATE_FILE, TrialLoop, config_dims, load_state
+from sweeps.loop import STATE_FILE, TrialLoop, load_state, prepared_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -40,8 +39,7 @@ def trial_config(cache, *overrides: str):
                                 "train.batch_size=32", "train.epochs=2", *overrides])
     plan = expand(load_grid("paper"), load_preset("smoke"), cli_overrides=over, cells=["softmax"])
     cfg = plan.trials[0].config
-    data = tasks.load(cfg.data)
-    return config_dims(cfg, data.num_answers, data.visual_feat_dim)
+    return prepared_config(cfg)
 
 
 class Tracker:
@@ -95,12 +93,12 @@ def test_divergence_after_a_checkpoint_names_it_and_the_allowed_non_finite_steps
     torch.set_num_threads(1)
     cfg = trial_config(cache, "train.max_nonfinite_steps=2")
     loop = TrialLoop(cfg, log=lambda _m: None)
-    steps_per_epoch = loop.data.train.num_batches(cfg.train.batch_size)
+    steps_per_epoch = loop.final.adapter.data.train.num_batches(cfg.train.batch_size)
 
     def report(metrics, state):
         # After the first epoch's checkpoint a weight goes NaN: every later loss is NaN.
         with torch.no_grad():
-            next(loop.model.parameters()).fill_(float("nan"))
+            next(loop.final.model.parameters()).fill_(float("nan"))
         return f"/runs/train/softmax-s0/checkpoint_epoch{int(metrics['epoch'])}"
 
     with pytest.raises(TrialDiverged) as info:
@@ -110,7 +108,7 @@ def test_divergence_after_a_checkpoint_names_it_and_the_allowed_non_finite_steps
     assert (err.epoch, err.step) == (2, steps_per_epoch + 3)
     assert "3 non-finite steps, more than train.max_nonfinite_steps=2" in str(err)
     assert "last finite checkpoint: /runs/train/softmax-s0/checkpoint_epoch1" in str(err)
-    assert loop.guard.count == 3 and loop.state_dict()["nonfinite_steps"] == 3
+    assert loop.final.guard.count == 3 and loop.state_dict()["nonfinite_steps"] == 3
 
 
 class RunsCode:
@@ -161,7 +159,7 @@ def test_a_checkpoint_written_before_the_rng_state_became_tensors_still_loads(tm
 
     import numpy as np
 
-    from sweeps.train import set_rng_state
+    from sweeps.loop import set_rng_state
 
     np.random.seed(3)
     old = {"model": {}, "optimizer": {}, "epoch": 2,

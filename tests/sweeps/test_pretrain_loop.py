@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import tasks
 from sweeps.config import parse_cli_overrides
 from sweeps.grid import expand, load_grid, load_preset
-from sweeps.train import STATE_FILE, TrialLoop, config_dims, load_state, unwrap
+from sweeps.loop import STATE_FILE, TrialLoop, load_state, prepared_config
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +28,7 @@ def trial_config(cache, grid: str, cell: str, *overrides: str):
                                 "pretrain.weight_every=2", *overrides])  # fmt: skip
     plan = expand(load_grid(grid), load_preset("smoke"), cli_overrides=over, cells=[cell])
     cfg = plan.trials[0].config
-    data = tasks.load(cfg.data)
-    return config_dims(cfg, data.num_answers, data.visual_feat_dim)
+    return prepared_config(cfg)
 
 
 class Crash(RuntimeError):
@@ -113,9 +111,9 @@ def test_resuming_in_the_middle_of_pretraining_continues_exactly(cache, grid, ce
     resumed.load_state_dict(saved[-1])
     resumed.fit(lambda metrics, state: None)
 
-    for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
+    for (name, a), (_, b) in zip(straight.final.model.state_dict().items(), resumed.final.model.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{cell}: {name} differs after resume")
-    ha, hb = straight.pretrain_summary["history"], resumed.pretrain_summary["history"]
+    ha, hb = straight.summaries["pretrain"]["history"], resumed.summaries["pretrain"]["history"]
     assert [e for e, _ in hb] == [1, 2]
     for key in ("pretrain/loss_mlm", "pretrain/weight_mor", "pretrain/eval_loss_qa", "pretrain/loss"):
         assert ha[-1][1][key] == hb[-1][1][key], key
@@ -146,14 +144,14 @@ def test_pretraining_logs_per_task_losses_and_weights_then_transfers(cache):
     report = tracker.texts["pretrain/transfer_report.txt"]
     assert "0 missing" in report and "fresh (no counterpart, initialised anew): head" in report
     assert tracker.tags["pretrain.weighting"] == "grad_std" and "6 fresh (head)" in tracker.tags["pretrain.transfer"]
-    n_encoder = sum(1 for n, _ in unwrap(loop.model).named_parameters() if n.startswith("lxmert."))
-    assert loop.pretrain_summary["transfer"]["loaded"] == n_encoder
+    n_encoder = sum(1 for n, _ in loop.final.model.named_parameters() if n.startswith("lxmert."))
+    assert loop.summaries["pretrain"]["transfer"]["loaded"] == n_encoder
     # fine-tuning time includes pretraining's
     assert loop.history[-1][1]["time/elapsed_s"] > pre[2]["pretrain/time_s"]
     # a resume after the transfer does not pretrain again
     again = TrialLoop(copy.deepcopy(cfg), log=lambda _m: None)
     again.load_state_dict(roundtrip(reported[-1][1]))
-    assert not again.pretrain_pending and again.pretrain_stage is None
+    assert "pretrain" in again.summaries and again.running is None
 
 
 def test_schedule_switches_qa_on_in_the_second_epoch(cache):
@@ -161,7 +159,7 @@ def test_schedule_switches_qa_on_in_the_second_epoch(cache):
     cfg = trial_config(cache, "paper", "pretrain_equal", "pretrain.schedule=qa@epoch>=2")
     loop = TrialLoop(cfg, log=lambda _m: None)
     loop.fit(lambda metrics, state: None)
-    first, second = (m for _, m in loop.pretrain_summary["history"])
+    first, second = (m for _, m in loop.summaries["pretrain"]["history"])
     assert first["pretrain/weight_qa"] == 0.0 and "pretrain/loss_qa" not in first
     assert second["pretrain/weight_qa"] == 1.0 and "pretrain/loss_qa" in second
     assert first["pretrain/weight_mlm"] == 1.0
@@ -170,4 +168,4 @@ def test_schedule_switches_qa_on_in_the_second_epoch(cache):
 def test_trials_without_pretraining_checkpoint_no_pretraining_state(cache):
     cfg = trial_config(cache, "paper", "softmax")
     loop = TrialLoop(cfg, log=lambda _m: None)
-    assert not loop.pretrain_pending and "pretrain" not in loop.state_dict()
+    assert loop.specs == [("finetune", "vqa")] and "pretrain" not in loop.state_dict()

@@ -7,10 +7,9 @@ import math
 import pytest
 import torch
 
-import tasks
 from sweeps.config import parse_cli_overrides
 from sweeps.grid import expand, load_grid, load_preset
-from sweeps.train import STATE_FILE, TrialLoop, config_dims, load_state
+from sweeps.loop import STATE_FILE, TrialLoop, load_state, prepared_config
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +22,7 @@ def trial_config(cache, cell: str, *overrides: str):
                                 "train.batch_size=32", *overrides])
     plan = expand(load_grid("paper"), load_preset("smoke"), cli_overrides=over, cells=[cell])
     cfg = plan.trials[0].config
-    data = tasks.load(cfg.data)
-    return config_dims(cfg, data.num_answers, data.visual_feat_dim)
+    return prepared_config(cfg)
 
 
 def run(cfg, epochs_before_resume: int | None = None, tmp_path=None):
@@ -59,7 +57,7 @@ def test_resuming_from_a_checkpoint_continues_exactly(cache, cell, extra, tmp_pa
     cfg = trial_config(cache, cell, "train.epochs=2", *extra)
     straight, _ = run(copy.deepcopy(cfg))
     resumed, _ = run(copy.deepcopy(cfg), epochs_before_resume=1, tmp_path=tmp_path)
-    for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
+    for (name, a), (_, b) in zip(straight.final.model.state_dict().items(), resumed.final.model.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{cell}: {name} differs after resume")
     assert [e for e, _ in resumed.history] == [1, 2]
     for key in ("train/loss", "eval/acc"):
@@ -83,12 +81,12 @@ def test_epoch_metrics_and_hooks(cache):
 def test_predictions_and_examples_cover_the_evaluation_split(cache):
     cfg = trial_config(cache, "softmax", "train.epochs=1", "train.n_examples=3")
     loop, _ = run(cfg)
-    result = loop.evaluate()
-    table = loop.predictions_table(result).splitlines()
+    result = loop.final.adapter.predict(loop.final.trainable, loop.final.context())
+    table = loop.final.adapter.predictions_table(result).splitlines()
     assert table[0] == "question_id,answer,score,answer_type,question_type,soft_score"
-    assert len(table) - 1 == len(loop.data.eval) == 128
-    examples = loop.examples(result, 3)
-    assert [e["question_id"] for e in examples] == [int(q) for q in loop.data.eval.question_ids[:3]]
+    assert len(table) - 1 == len(loop.final.adapter.data.eval) == 128
+    examples = loop.final.adapter.examples(result, 3)
+    assert [e["question_id"] for e in examples] == [int(q) for q in loop.final.adapter.data.eval.question_ids[:3]]
     assert all(len(e["top5"]) == 5 and e["top5"][0]["prob"] >= e["top5"][-1]["prob"] for e in examples)
 
 

@@ -1,0 +1,715 @@
+"""The one training loop: :class:`TrialLoop` runs a trial's stages, each a task adapter's.
+
+A trial is a list of stages (``ExperimentConfig.stages()``: ``pretrain`` then ``finetune`` with
+``pretrain.enabled``, else ``finetune`` alone), each driven by a task adapter (``tasks.base``:
+``vqa``, ``pretrain``, ...) with its own data, model, optimiser, schedule and budget. The loop knows
+no task: per step it asks the adapter for the loss, adds every module's ``aux_loss()`` (the span
+penalty), backpropagates, clips, steps the optimiser (or skips a non-finite step, up to
+``train.max_nonfinite_steps``), steps the schedule and calls every ``post_step()`` (clamping span z
+and alpha); per epoch it evaluates through the adapter, checkpoints the whole state through
+``report`` and logs to MLflow (rank 0; idempotent per epoch, so a resumed trial never logs an epoch
+twice and catches up any it missed). When an earlier stage ends, its encoder is imported into the
+next stage's model (strict: only the next task's heads may stay fresh), and the next stage's
+optimiser starts on the imported weights.
+
+Metric names: the last stage's are ``train/*``, ``eval/*``, ``layers/*`` and ``best/<primary
+metric>`` at ``step`` = its epoch (``epoch``); an earlier stage's are ``<stage>/*``,
+``<stage>/eval_*`` and ``<stage>/layers/*`` at ``step`` = its own epoch (``<stage>/epoch``).
+
+The loop knows nothing about Ray either: it takes a rank, a world size, a device, a way to wrap the
+model (DDP or not), a checkpoint to resume from and a ``report`` callback. ``sweeps/executor.py``
+binds those to Ray, in the Tune trial's own process (one-worker CPU trials) or on every worker of a
+Ray Train worker group (DDP), so the same loop runs in unit tests without a cluster, in a Tune
+trial, and on GPU nodes under DDP. Its :class:`TimeAccount` says where the trial's time went.
+
+The model of the trial's last stage is built first, right after seeding (so its task head starts
+the same with or without earlier stages); an earlier stage's model is built when that stage starts.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import time
+import zlib
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import models.hooks as hooks
+import schema
+from models.layerdrop import set_step as set_layerdrop_step
+from sweeps.config import ExperimentConfig
+from sweeps.failures import CheckpointRefused, FiniteGuard, classify, grad_norm, record_failure
+from sweeps.optim import build_optimizer, build_schedule, total_steps
+from tasks.base import StepContext, TaskAdapter, get_task, with_model_fields
+
+STATE_FILE = "state.pt"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """The three generators' states in types ``torch.load(weights_only=True)`` accepts.
+
+    numpy's state is ``("MT19937", uint32 keys, pos, has_gauss, cached_gaussian)``: its key array
+    becomes an int64 tensor (a numpy array would need numpy's unpickler); Python's is a tuple of
+    ints already.
+    """
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": (str(kind), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` saved."""
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+#: Checkpoints written before the RNG state was stored as tensors hold numpy's uint32 key array.
+#: Rebuilding a plain numpy array runs no code (an object array would need further globals,
+#: which stay refused), so these are allowed on top of torch's own list.
+_NUMPY_ARRAYS = [(getattr(np, "_core", None) or np.core).multiarray._reconstruct, np.ndarray, np.dtype,
+                 type(np.dtype(np.uint32))]
+
+
+def load_state(path: str | Path) -> dict[str, Any]:
+    """Read a trial checkpoint (``state.pt``) without executing anything it holds.
+
+    ``torch.load(weights_only=True)`` rebuilds only tensors and plain containers: a file whose
+    unpickling would call a function (``os.system``, any class) is refused before the call. The
+    runs dir is shared storage on clusters, so nothing read from it is trusted.
+
+    Raises:
+        CheckpointRefused: naming the file and why (missing, empty, truncated, not a torch file,
+            or holding objects other than tensors and plain containers).
+    """
+    import pickle
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointRefused(f"trial checkpoint {path} does not exist")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointRefused(f"trial checkpoint {path} is empty (0 bytes): it was not written completely")
+    try:
+        with torch.serialization.safe_globals(_NUMPY_ARRAYS):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        detail = str(err).split("WeightsUnpickler error:", 1)[-1].strip().splitlines()[0]
+        raise CheckpointRefused(
+            f"trial checkpoint {path} holds more than tensors and plain containers, so it is not loaded "
+            f"(loading it could run code): {detail}. The platform never writes such files: it was replaced or "
+            "written by other code; remove that checkpoint folder to resume from the one before."
+        ) from None
+    except Exception as err:  # truncated / not a torch file: EOFError, RuntimeError, IndexError, ...
+        raise CheckpointRefused(
+            f"trial checkpoint {path} ({size} bytes) cannot be read: {type(err).__name__}: {str(err)[:300]} "
+            "(truncated or not a torch file); remove that checkpoint folder to resume from the one before"
+        ) from None
+    if not isinstance(state, dict) or not {"model", "optimizer", "epoch"} <= set(state):
+        raise CheckpointRefused(f"trial checkpoint {path} is not a trial state (no model / optimizer / epoch entries)")
+    return state
+
+
+def stats_rows(stats: dict[str, list[float]], epoch: int) -> list[dict[str, Any]]:
+    """``{"lang/3/self/span": [per head]}`` -> rows for the per-head table artifact."""
+    rows = []
+    for key, values in stats.items():
+        stack, layer, attention, stat = key.split("/")
+        for head, value in enumerate(values):
+            rows.append(dict(epoch=epoch, stack=stack, layer=int(layer), attention=attention,
+                             stat=stat, head=head, value=float(value)))
+    return rows
+
+
+def stats_summary(stats: dict[str, list[float]]) -> dict[str, float]:
+    """Per-layer summary metrics: ``span/lang/3/self`` = mean span over heads (also ``_max``)."""
+    out: dict[str, float] = {}
+    for key, values in stats.items():
+        stack, layer, attention, stat = key.split("/")
+        name = f"{stat}/{stack}/{layer}/{attention}"
+        out[name] = float(np.mean(values))
+        out[f"{name}_max"] = float(np.max(values))
+    return out
+
+
+#: The parts of a trial's wall-clock time (seconds), logged as ``time/<part>`` (docs/tracking.md).
+TIME_PARTS = ("startup_s", "train_s", "eval_s", "checkpoint_s", "other_s")
+
+
+class TimeAccount:
+    """Where one trial's wall-clock time goes, summed over its attempts.
+
+    An attempt starts when the process that runs it begins (``started``, a ``time.time()``: the
+    Tune trainable's first line, or for a restarted Train worker group its worker's start); its
+    ``startup_s`` ends at its first training step. ``train_s``, ``eval_s`` and ``checkpoint_s``
+    are the time inside :meth:`StageRun.train_epoch` and :meth:`StageRun.evaluate` (of every stage)
+    and the ``report`` callback; ``other_s`` is the
+    rest of the trial's wall time (MLflow, statistics, building the model and data after start-up).
+    The account travels in the checkpoint, so an attempt adds to what earlier ones spent up to
+    their last checkpoint (as of when it was built, before it was persisted); what a killed
+    attempt spent after that is lost with it.
+    """
+
+    def __init__(self, started: float | None = None):
+        self.started = time.time() if started is None else float(started)
+        self.before = {"wall_s": 0.0, **{k: 0.0 for k in TIME_PARTS if k != "other_s"}}
+        self.now = {k: 0.0 for k in self.before if k != "wall_s"}
+        self.first_step_at: float | None = None
+
+    def first_step(self) -> None:
+        """Called as training starts (every epoch); the first call of an attempt ends its start-up."""
+        if self.first_step_at is None:
+            self.first_step_at = time.time()
+            self.now["startup_s"] = max(0.0, self.first_step_at - self.started)
+
+    def add(self, part: str, seconds: float) -> None:
+        self.now[part] += seconds
+
+    def total(self, part: str) -> float:
+        return self.before[part] + self.now[part]
+
+    def wall_s(self) -> float:
+        return self.before["wall_s"] + max(0.0, time.time() - self.started)
+
+    def metrics(self) -> dict[str, float]:
+        """``time/<part>`` for every part and ``time/wall_s``; the parts sum to the wall time."""
+        wall = self.wall_s()
+        out = {f"time/{k}": self.total(k) for k in self.now}
+        out["time/other_s"] = max(0.0, wall - sum(out.values()))
+        out["time/wall_s"] = wall
+        return out
+
+    def state_dict(self) -> dict[str, float]:
+        return {"wall_s": self.wall_s(), **{k: self.total(k) for k in self.now}}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.before = {k: float(state.get(k, 0.0)) for k in self.before}
+
+
+
+
+class StageRun:
+    """One stage of a trial: its adapter, model, what trains, optimiser, schedule and progress.
+
+    Args:
+        loop: The trial's :class:`TrialLoop` (device, rank, time account, wrapping).
+        name: The stage's name (``pretrain``, ``finetune``): its MLflow namespace and state key.
+        adapter: Its task adapter (data loaded).
+        final: Whether it is the trial's last stage (the one the trial reports).
+    """
+
+    def __init__(self, loop: TrialLoop, name: str, adapter: TaskAdapter, final: bool):
+        self.loop, self.name, self.adapter, self.final = loop, name, adapter, final
+        model = adapter.build_model()
+        cfg = loop.cfg
+        if cfg.train.init_checkpoint:
+            from models.checkpoint import load_pretrained
+
+            report = load_pretrained(model, cfg.train.init_checkpoint, strict=not cfg.train.init_allow_partial,
+                                     allow=list(adapter.fresh_on_init), verbose=False)  # fmt: skip
+            loop.log(f"{name} starts from {cfg.train.init_checkpoint}: {report}")
+        model.to(loop.device)
+        #: The plain model (hooks, state dicts); ``trainable`` is what runs (the adapter's view, wrapped).
+        self.model = model
+        trainable = adapter.trainable(model)
+        self.trainable = loop.wrap_model(trainable) if loop.wrap_model else trainable
+        self.reset_optimizer()
+        self.epoch = 0  # epochs completed
+        self.step = 0
+        self.history: list[tuple[int, dict[str, float]]] = []
+        self.elapsed_s = 0.0
+        self.passes = 0  # epochs run, or evaluations of an evaluation-only stage (epochs 0)
+        self.best: dict[str, float] = {adapter.primary_metric or "value": -1.0, "epoch": 0}
+        self.steps_dropping = 0  # training steps in which LayerDrop skipped at least one layer
+        # Steps skipped for a non-finite loss; past train.max_nonfinite_steps the trial stops.
+        self.guard = FiniteGuard(name, cfg.train.max_nonfinite_steps, loop.world_size, loop.device)
+        if final:
+            self.train_ns, self.eval_ns, self.layers_ns, self.counter = "train/", "eval/", "layers/", schema.EPOCH
+        else:
+            self.train_ns, self.eval_ns, self.layers_ns = f"{name}/", f"{name}/eval_", f"{name}/layers/"
+            self.counter = f"{name}/epoch"
+
+    @property
+    def spec(self):
+        """The stage's :class:`tasks.base.OptimSpec` (read from the config each time)."""
+        return self.adapter.optim()
+
+    def reset_optimizer(self) -> None:
+        """A fresh optimiser and schedule on the model's current weights (Lookahead keeps copies)."""
+        s = self.spec
+        self.optimizer = build_optimizer(self.adapter.optimized(self.model), s.optimizer, s.lr, s.weight_decay,
+                                         s.lookahead_k, s.lookahead_alpha, s.mechanism_lr_scale)  # fmt: skip
+        steps = total_steps(self.adapter.train_length(), s.batch_size, self.loop.world_size, s.epochs)
+        self.schedule = build_schedule(self.optimizer, s.schedule, max(1, steps), s.warmup_ratio, s.lr_min,
+                                       s.cycle_steps)  # fmt: skip
+
+    @property
+    def done(self) -> bool:
+        return self.epoch >= self.spec.epochs if self.spec.epochs > 0 else self.passes > 0
+
+    # -- checkpoint state ---------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "epoch": self.epoch,
+            "passes": self.passes,
+            "step": self.step,
+            "history": self.history,
+            "elapsed_s": self.elapsed_s,
+            "best": self.best,
+            "steps_dropping": self.steps_dropping,
+            "nonfinite_steps": self.guard.count,
+            **self.adapter.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.adapter.load_state_dict(state)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.epoch = int(state["epoch"])
+        self.passes = int(state.get("passes", self.epoch))
+        self.step = int(state["step"])
+        self.history = [(int(e), dict(m)) for e, m in state["history"]]
+        self.elapsed_s = float(state.get("elapsed_s", 0.0))
+        self.best = dict(state.get("best", self.best))
+        self.steps_dropping = int(state.get("steps_dropping", 0))
+        self.guard.count = int(state.get("nonfinite_steps", 0))
+        # LayerDrop draws decision k from (seed, k): continue the sequence, not restart it.
+        set_layerdrop_step(self.model, self.step)
+
+    # -- one epoch ------------------------------------------------------------------------------
+
+    def context(self) -> StepContext:
+        loop = self.loop
+        return StepContext(epoch=self.epoch, step=self.step, lr=float(self.optimizer.param_groups[0]["lr"]),
+                           device=loop.device, rank=loop.rank, world_size=loop.world_size,
+                           autocast=loop.autocast)  # fmt: skip
+
+    def train_epoch(self) -> tuple[dict[str, float], dict[str, float]]:
+        """One pass over this rank's shard; returns (the epoch's namespaced metrics, the adapter's bare ones)."""
+        loop, adapter, model = self.loop, self.adapter, self.model
+        adapter.start_epoch(self.epoch)
+        self.trainable.train()
+        samples, n_batches = 0, 0
+        layer_counts: dict[str, float] = {}
+        depths = {"lang": loop.cfg.model.l_layers, "visn": loop.cfg.model.r_layers, "cross": loop.cfg.model.x_layers}
+        drop_trace = 0  # checksum of the layers each step ran
+        loop.times.first_step()  # start-up ends where training time begins: no second counted twice
+        start = time.perf_counter()
+        for batch in adapter.train_batches(self.epoch):
+            done = self.train_step(batch)
+            if done is None:
+                continue
+            out, finite = done
+            n_batches += 1
+            samples += out.n if finite else 0
+            ran = getattr(model, "layers_ran", None)  # {stack: [layer indices]} of this forward (LayerDrop's)
+            if ran:
+                for stack, layers in ran.items():
+                    layer_counts[stack] = layer_counts.get(stack, 0.0) + len(layers)
+                self.steps_dropping += any(len(ran[s]) < depths[s] for s in ran)
+                drop_trace = zlib.crc32(repr(sorted(ran.items())).encode(), drop_trace)
+        seconds = time.perf_counter() - start
+        loop.times.add("train_s", seconds)
+        self._check_same_layers_on_every_rank(drop_trace)
+        bare = adapter.train_metrics()
+        ns = self.train_ns
+        metrics = {f"{ns}{k}": v for k, v in bare.items()}
+        metrics.update({
+            f"{ns}lr": float(self.optimizer.param_groups[0]["lr"]),
+            f"{ns}epoch_s": seconds,
+            # samples/s of the whole group: every rank trains the same number of samples.
+            f"{ns}samples_per_s": samples * loop.world_size / max(seconds, 1e-9),
+            f"{ns}steps": float(self.step),
+            f"{ns}nonfinite_steps": float(self.guard.count),
+        })  # fmt: skip
+        for stack, total_layers in layer_counts.items():
+            metrics[f"{self.layers_ns}{stack}_ran"] = total_layers / max(1, n_batches)
+        return metrics, bare
+
+    def train_step(self, batch: dict[str, torch.Tensor]):
+        """One optimisation step on ``batch``: the adapter's loss plus every module's ``aux_loss()``,
+        backward, clipping, the optimiser step (a non-finite step is skipped, or stops the trial:
+        :class:`sweeps.failures.FiniteGuard`), the schedule, ``post_step()``. Returns the adapter's
+        :class:`tasks.base.StepLoss` and whether the step was applied, or None when the adapter
+        skipped the batch."""
+        ctx = self.context()
+        out = self.adapter.train_loss(self.trainable, batch, ctx)
+        if out is None:
+            return None
+        model = self.model
+        aux = hooks.aux_loss(model)
+        total = out.loss + aux if torch.is_tensor(aux) else out.loss
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        self.adapter.after_backward()
+        norm = grad_norm(model.parameters(), self.spec.grad_clip)
+        total_value = float(total.detach())
+        finite = self.guard.finite(total_value, norm)
+        if finite:
+            self.optimizer.step()
+        else:  # its NaN gradient would poison every weight: skip it, or stop the trial
+            self.guard.skip(self.epoch + 1, self.step + 1, total_value, norm, self.loop.last_checkpoint)
+            self.optimizer.zero_grad(set_to_none=True)
+        self.schedule.step()
+        hooks.post_step(model)
+        self.adapter.after_step(ctx, out, finite, total_value, float(aux.detach()) if torch.is_tensor(aux) else 0.0)
+        self.step += 1
+        return out, finite
+
+    def _check_same_layers_on_every_rank(self, drop_trace: int) -> None:
+        """Under DDP every rank must run the same layers in a step (else gradients of different
+        subnetworks are averaged): compare the epoch's checksums of LayerDrop's choices."""
+        if self.loop.world_size == 1:
+            return
+        import torch.distributed as dist
+
+        traces: list[Any] = [None] * self.loop.world_size
+        dist.all_gather_object(traces, drop_trace)
+        if len(set(traces)) > 1:
+            raise RuntimeError(
+                f"LayerDrop ran different layers on different ranks in {self.name} epoch {self.epoch + 1} "
+                f"(checksums {traces}); decisions must depend only on (layerdrop.seed, step)"
+            )
+
+    def evaluate(self):
+        """The adapter's evaluation (timed as evaluation); returns its :class:`tasks.base.EvalResult`."""
+        t0 = time.perf_counter()
+        result = self.adapter.evaluate(self.trainable, self.context())
+        self.loop.times.add("eval_s", time.perf_counter() - t0)
+        return result
+
+    def track_best(self, metrics: dict[str, float]) -> bool:
+        """Update ``best/<primary metric>`` and ``best/epoch`` in ``metrics``; whether this epoch is the best."""
+        key = self.adapter.primary_metric
+        if key is None:
+            return False
+        improved = metrics[f"{self.eval_ns}{key}"] > self.best[key]
+        if improved:
+            self.best = {key: metrics[f"{self.eval_ns}{key}"], "epoch": self.epoch}
+        metrics[f"{schema.BEST_PREFIX}{key}"] = self.best[key]
+        metrics[schema.BEST_EPOCH] = float(self.best["epoch"])
+        return improved
+
+
+class TrialLoop:
+    """Train and evaluate one trial: its stages in order, one state, one checkpoint.
+
+    Args:
+        cfg: the trial's full config (the ``model.*`` fields the data fixes must match it: the
+            driver sets them, :func:`prepared_config`).
+        rank, world_size: this worker's place in the group.
+        device: where the model runs.
+        wrap_model: turns what trains into what runs (e.g. DDP); identity by default.
+        started: when this attempt of the trial began (``time.time()``; default: now), the
+            start of its :class:`TimeAccount`.
+    """
+
+    def __init__(self, cfg: ExperimentConfig, rank: int = 0, world_size: int = 1,
+                 device: torch.device | None = None,
+                 wrap_model: Callable[[nn.Module], nn.Module] | None = None,
+                 log: Callable[[str], None] = print, started: float | None = None):
+        self.cfg = cfg
+        self.rank = rank
+        self.world_size = world_size
+        self.device = device or torch.device("cpu")
+        self.wrap_model = wrap_model
+        self.log = log if rank == 0 else (lambda _msg: None)
+        self.times = TimeAccount(started)
+        use_bf16 = self.device.type == "cuda" and cfg.train.precision in ("auto", "bf16")
+        if cfg.train.precision == "bf16" and self.device.type != "cuda":
+            use_bf16 = True  # explicitly asked for: CPU autocast supports bf16 too
+        self.autocast = (
+            (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
+        )
+        self.precision = "bf16" if use_bf16 else "fp32"
+        self.specs = cfg.stages()
+        seed_everything(cfg.train.seed)
+        name, task = self.specs[-1]
+        #: The trial's last stage, built now; earlier stages are built when they start.
+        self.final = StageRun(self, name, self._adapter(task), final=True)
+        self.running: StageRun | None = None  # the earlier stage in progress, if any
+        #: Earlier stages that have ended: {name: {history, epochs, steps, elapsed_s, transfer}}.
+        self.summaries: dict[str, dict[str, Any]] = {}
+        self.head_rows: list[dict[str, Any]] = []
+        self.elapsed_s = 0.0
+        #: Where the last checkpoint went (what ``report`` returned, or the one resumed from).
+        self.last_checkpoint = ""
+
+    def _adapter(self, task: str) -> TaskAdapter:
+        return get_task(task)(self.cfg, self.rank, self.world_size, self.device, self.log)
+
+    def start_stage(self, index: int) -> StageRun:
+        """Build stage ``index`` (an earlier one: the last is built with the loop) as the running one."""
+        name, task = self.specs[index]
+        self.running = StageRun(self, name, self._adapter(task), final=False)
+        return self.running
+
+    @property
+    def epoch(self) -> int:
+        """Epochs of the last stage completed."""
+        return self.final.epoch
+
+    @property
+    def history(self) -> list[tuple[int, dict[str, float]]]:
+        return self.final.history
+
+    # -- checkpoint state ---------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The whole trial: the last stage's state at the top level, each earlier stage under its name
+        (``{"done": False, "stage": state}`` while it runs, ``{"done": True, ...summary}`` after)."""
+        state = self.final.state_dict()
+        state.update({
+            "head_rows": self.head_rows,
+            "elapsed_s": self.elapsed_s,  # the trial's (the last stage's own is not needed once it is the last)
+            "times": self.times.state_dict(),
+            "mechanisms": hooks.mechanism_state(self.final.model),
+            "rng": rng_state(),
+        })  # fmt: skip
+        for name, _ in self.specs[:-1]:
+            if name in self.summaries:
+                state[name] = {"done": True, **self.summaries[name]}
+            elif self.running is not None and self.running.name == name:
+                state[name] = {"done": False, "stage": self.running.state_dict()}
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.final.load_state_dict(state)
+        self.head_rows = list(state["head_rows"])
+        self.elapsed_s = float(state["elapsed_s"])
+        self.times.load_state_dict(state.get("times", {}))  # absent in checkpoints older than the account
+        hooks.load_mechanism_state(self.final.model, state.get("mechanisms", {}))
+        for index, (name, _) in enumerate(self.specs[:-1]):
+            entry = state.get(name)
+            if entry is not None and entry["done"]:
+                self.summaries[name] = {k: v for k, v in entry.items() if k != "done"}
+            elif entry is not None:
+                # Before the RNG is restored: building the stage draws its initial weights.
+                self.start_stage(index).load_state_dict(entry["stage"])
+        set_rng_state(state["rng"])
+
+    # -- the whole trial ------------------------------------------------------------------------
+
+    def engagement(self) -> dict[str, str]:
+        """MLflow tags saying whether the cell's adaptive mechanisms ever changed what it computes.
+
+        ``mechanism.engaged`` is ``true`` when every mechanism of the model engaged (a span that
+        fell below the longest distance it could mask, a learned alpha that left its start, a
+        LayerDrop that dropped a layer), ``false`` when one never did (the cell then computes its
+        simpler neighbour: softmax, fixed-alpha entmax, the plain model), with the measured
+        evidence in ``mechanism.evidence``. No tags for a model without adaptive mechanisms.
+        """
+        final = self.final
+        found = hooks.engagement(final.model)
+        if self.cfg.model.layerdrop.mode != "none":
+            found["layerdrop"] = {
+                "engaged": final.steps_dropping > 0,
+                "evidence": f"LayerDrop skipped layers in {final.steps_dropping} of {final.step} training steps",
+            }
+        if not found:
+            return {}
+        return {schema.MECHANISM_ENGAGED: str(all(e["engaged"] for e in found.values())).lower(),
+                schema.MECHANISM_EVIDENCE: "; ".join(f"{name}: {e['evidence']}" for name, e in sorted(found.items()))}
+
+    def fit(self, report: Callable[[dict[str, float], dict[str, Any] | None], Any],
+            tracker=None) -> dict[str, float]:
+        """Run the remaining stages and epochs; after each epoch, ``report(metrics, state)`` then log to MLflow.
+
+        ``report`` receives the checkpoint state on rank 0 (``None`` elsewhere) and must persist
+        it before returning (Ray Train's ``report`` does): MLflow is written after it, so a crash
+        between the two only delays logging to the next resume's catch-up. It may return where it
+        put the checkpoint (a path), which a divergence message then names.
+
+        A failure that no retry can fix (divergence, a config or checkpoint error; see
+        :func:`sweeps.failures.classify`) tags the MLflow run with its cause and closes it as
+        FAILED before it propagates.
+        """
+        try:
+            return self._fit(report, tracker)
+        except Exception as err:
+            failure = classify(err)
+            if failure is not None:
+                record_failure(tracker, *failure)
+            raise
+
+    def _fit(self, report, tracker=None) -> dict[str, float]:
+        cfg, final = self.cfg, self.final
+        if tracker is not None:
+            from models.flops import count_params, flops_per_sample
+
+            caught = tracker.catch_up(final.history)
+            if caught:
+                self.log(f"logged {caught} epoch(s) the checkpoint held but MLflow lacked")
+            n_tokens, n_regions = final.adapter.sequence_shape()
+            tracker.log_metrics({
+                "model/params": float(count_params(cfg.model)),
+                "model/flops_per_sample": float(flops_per_sample(cfg.model, n_tokens=n_tokens, n_regions=n_regions)),
+                **final.adapter.describe(),
+            })  # fmt: skip
+            tracker.set_tags({schema.TRIAL_PRECISION: self.precision, schema.TRIAL_DEVICE: self.device.type,
+                              schema.TRIAL_WORLD_SIZE: str(self.world_size), **final.adapter.tags()})
+        for index, (name, _) in enumerate(self.specs[:-1]):
+            if name in self.summaries:
+                continue
+            stage = self.running if self.running is not None and self.running.name == name else self.start_stage(index)
+            self._run_stage(stage, report, tracker)
+            nxt = self.final if index + 1 == len(self.specs) - 1 else self.start_stage(index + 1)
+            self._hand_over(stage, nxt, tracker)
+        self._run_stage(final, report, tracker)
+        out = dict(final.history[-1][1]) if final.history else {}
+        if tracker is not None:
+            best = {}
+            key = final.adapter.primary_metric
+            if key is not None:
+                best = {f"{schema.BEST_PREFIX}{key}": final.best[key], schema.BEST_EPOCH: float(final.best["epoch"])}
+            tracker.log_metrics({schema.TIME_TRIAL: self.elapsed_s, **best, **self.times.metrics()}, step=final.epoch)
+            tracker.finish("FINISHED")
+        out.update(self.times.metrics())  # after the last MLflow call: the whole trial
+        return out
+
+    def _run_stage(self, stage: StageRun, report, tracker) -> None:
+        """The stage's remaining epochs (an evaluation-only stage, ``epochs`` 0, evaluates once)."""
+        if tracker is not None:
+            if stage.final:
+                caught = 0  # caught up at the start of the trial
+            else:
+                caught = sum(tracker.log_stage_epoch(stage.counter, e, m) for e, m in stage.history)
+            if caught:
+                self.log(f"logged {caught} {stage.name} epoch(s) the checkpoint held but MLflow lacked")
+            if not stage.final:
+                tracker.set_tags(stage.adapter.tags())
+        while not stage.done:
+            t0 = time.perf_counter()
+            if stage.spec.epochs > 0:
+                metrics, bare = stage.train_epoch()
+            else:
+                metrics, bare = {}, {}
+            result = stage.evaluate()
+            stage.passes += 1
+            stage.epoch += 1 if stage.spec.epochs > 0 else 0
+            improved = False
+            if self.rank == 0:
+                metrics.update({f"{stage.eval_ns}{k}": v for k, v in result.metrics.items()})
+                bare.update({f"eval_{k}": v for k, v in result.metrics.items()})
+            if stage.final:
+                stats = hooks.collect_stats(stage.model)
+                if self.rank == 0:
+                    metrics.update(stats_summary(stats))
+                    self.head_rows.extend(stats_rows(stats, stage.epoch))
+                    improved = stage.track_best(metrics)
+            seconds = time.perf_counter() - t0
+            stage.elapsed_s += seconds
+            self.elapsed_s += seconds
+            metrics[schema.TIME_ELAPSED] = self.elapsed_s
+            if not stage.final:
+                metrics[f"{stage.name}/time_s"] = stage.elapsed_s
+            metrics[stage.counter] = float(stage.epoch)
+            if self.rank == 0:
+                stage.history.append((stage.epoch, dict(metrics)))
+            self._report(report, metrics)
+            if self.rank == 0:
+                label = "epoch" if stage.final else f"{stage.name} epoch"
+                speed = (f" ({metrics[f'{stage.train_ns}samples_per_s']:.0f} samples/s, "
+                         f"{metrics[f'{stage.train_ns}epoch_s']:.1f} s)") if stage.spec.epochs else ""  # fmt: skip
+                self.log(f"{label} {stage.epoch}/{stage.spec.epochs}: {stage.adapter.progress(bare)}{speed}")
+            if tracker is not None:
+                self._log_epoch(stage, metrics, result, improved, tracker)
+
+    def _log_epoch(self, stage: StageRun, metrics: dict[str, float], result, improved: bool, tracker) -> None:
+        from sweeps.tracking import csv_text
+
+        folder = "" if stage.final else f"{stage.name}/"
+        if stage.final:
+            tracker.log_epoch(stage.epoch, metrics)
+            engaged = self.engagement()
+            if engaged:
+                tracker.set_tags(engaged)
+            tracker.log_text(csv_text(self.head_rows), schema.HEADS_ARTIFACT)
+        else:
+            tracker.log_stage_epoch(stage.counter, stage.epoch, metrics)
+        for name, content in stage.adapter.epoch_artifacts().items():
+            _log_artifact(tracker, f"{folder}{name}", content)
+        if improved:
+            for name, content in stage.adapter.artifacts(result).items():
+                _log_artifact(tracker, f"{folder}{name}", content)
+            if stage.final and self.cfg.train.log_best_checkpoint:
+                buf = io.BytesIO()
+                torch.save(stage.model.state_dict(), buf)
+                tracker.log_bytes(buf.getvalue(), "checkpoint/best_model.pt")
+
+    def _hand_over(self, stage: StageRun, nxt: StageRun, tracker) -> None:
+        """Import ``stage``'s encoder into ``nxt``'s model (every encoder parameter must load; only
+        ``nxt``'s task heads may stay fresh), restart ``nxt``'s optimiser, keep ``stage``'s summary."""
+        from models.checkpoint import load_pretrained
+
+        load = load_pretrained(nxt.model, stage.model.state_dict(), strict=True,
+                               allow=list(nxt.adapter.fresh_on_transfer), verbose=False)  # fmt: skip
+        self.log(f"{stage.name} encoder -> {nxt.name} model: {load}")
+        nxt.reset_optimizer()
+        self.summaries[stage.name] = {
+            "history": stage.history,
+            "epochs": stage.epoch,
+            "steps": stage.step,
+            "elapsed_s": stage.elapsed_s,
+            "transfer": {"loaded": len(load.loaded), "fresh": len(load.fresh), "ignored": len(load.ignored),
+                         "kernel": len(load.kernel)},
+        }  # fmt: skip
+        self.running = None  # frees the stage's model and its optimizer state
+        if tracker is not None:
+            tracker.log_text(str(load) + "\n", f"{stage.name}/transfer_report.txt")
+            tracker.set_tags({f"{stage.name}.transfer": f"{len(load.loaded)} loaded, {len(load.fresh)} fresh "
+                                                        f"({', '.join(load.fresh_components()) or 'none'}), "
+                                                        f"{len(load.ignored)} ignored"})  # fmt: skip
+            tracker.log_metrics({f"{stage.name}/total_s": stage.elapsed_s,
+                                 f"{stage.name}/total_steps": float(stage.step)}, step=stage.epoch)  # fmt: skip
+
+    def _report(self, report, metrics: dict[str, float]) -> None:
+        """``report`` (the checkpoint) with its time, state building included, in ``time/checkpoint_s``;
+        where it put the checkpoint is remembered for the message a diverged trial ends with."""
+        t0 = time.perf_counter()
+        where = report(metrics, self.state_dict() if self.rank == 0 else None)
+        self.times.add("checkpoint_s", time.perf_counter() - t0)
+        if isinstance(where, str) and where:
+            self.last_checkpoint = where
+
+
+def _log_artifact(tracker, name: str, content: Any) -> None:
+    if isinstance(content, str):
+        tracker.log_text(content, name)
+    else:
+        tracker.log_dict(content, name)
+
+
+def prepared_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Prepare every stage's task (caches; driver side, before any trial) and set the ``model.*``
+    fields the last stage's data fixes (answer count, feature size). For tests and one-off runs;
+    the sweep driver does the same once per distinct data config (``sweeps/ablation.py``)."""
+    stages = cfg.stages()
+    fields, _line = get_task(stages[-1][1]).prepare(cfg)
+    cfg = with_model_fields(cfg, fields)
+    for _, task in stages[:-1]:
+        get_task(task).prepare(cfg)
+    return cfg

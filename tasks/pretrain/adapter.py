@@ -1,0 +1,307 @@
+"""The pretraining task adapter (``pretrain``): LXMERT's multi-task pretraining with a task weighting.
+
+Model: :func:`models.lxmert_pretraining` with the heads of ``pretrain.tasks``. Data: the corpus of
+:mod:`tasks.pretrain` (offline synthetic, or LXMERT's files). Per step::
+
+    active = tasks the schedule switches on at this epoch / learning rate   (none: the batch is skipped)
+    out = model(batch, heads=active)                   # one forward, every active head
+    losses = {t: objective_t(out, batch)}               # means over each task's terms
+    strategy.update(step, losses, shared, counts)       # grad_std / gradnorm: per-task gradients
+    loss = strategy.combine(losses)                     # the loop adds aux, steps, clips, ...
+
+After every epoch the held-out split is scored with fixed masks (seeded by the trial seed, so cells
+with the same seed see identical evaluation batches). Metrics (bare; the loop puts them under
+``pretrain/``): ``loss``, ``loss_<task>``, ``acc_<task>``, ``weight_<task>``, the strategy's signals,
+``weighting_s`` / ``weighting_frac``; evaluation ``loss_<task>`` / ``acc_<task>`` (logged as
+``pretrain/eval_*``). Artifact every epoch: ``weights.csv`` (the weights over steps).
+"""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import nn
+
+from tasks.base import MODEL_INPUTS, EvalResult, OptimSpec, StepContext, StepLoss, TaskAdapter
+
+#: Seed offset of the evaluation batches' masks (never equal to a training epoch).
+EVAL_EPOCH = 1_000_000
+
+
+class HeadOutputs(nn.Module):
+    """What trains: the pretraining model's head outputs alone (a dict of tensors).
+
+    DDP finds the parameters a step did not use by walking back from the forward's outputs. With
+    ``lang`` / ``visn`` / ``pooled`` among them, parameters that only feed a head that did not run
+    (the last cross layer's vision branch without ``mor``, the pooler without ``match`` / ``qa``)
+    would look used but get no gradient, and DDP would fail.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, **inputs: Any) -> dict[str, Any]:
+        from models import PRETRAIN_HEADS
+
+        out = self.model(**inputs)
+        return {k: getattr(out, k) for k in PRETRAIN_HEADS if getattr(out, k) is not None}
+
+
+def shared_parameters(model: nn.Module, which: str) -> list[torch.Tensor]:
+    """The parameters every task trains, whose per-task gradients grad_std / gradnorm read.
+
+    Args:
+        model: An :class:`models.LxmertForPretraining`.
+        which: ``encoder``: every encoder parameter but the word embeddings (they double as the MLM
+            decoder, so under MLM their gradient is mostly an output layer's); ``last_layer``: the
+            last cross-modality layer (GradNorm's "last shared layer"; the extra backward passes
+            then stop there).
+    """
+    lxmert = model.lxmert
+    if which == "encoder":
+        return [p for n, p in lxmert.named_parameters() if n != "embeddings.word.weight" and p.requires_grad]
+    if which == "last_layer":
+        layers = lxmert.encoder.cross_layers
+        if not len(layers):
+            raise ValueError("pretrain.shared=last_layer needs model.x_layers >= 1")
+        return [p for p in layers[-1].parameters() if p.requires_grad]
+    raise ValueError(f"pretrain.shared={which!r}: expected encoder or last_layer")
+
+
+class PretrainAdapter(TaskAdapter):
+    """LXMERT's pretraining objectives (``pretrain.tasks``) under a task weighting (``pretrain.weighting``)."""
+
+    name = "pretrain"
+    data_names = ()  # never a trial's last stage by data.name: it runs when pretrain.enabled
+    primary_metric = None
+    fresh_on_init = ("heads.*",)  # pretraining continues from given weights; heads they lack start fresh
+    fresh_on_transfer = ("heads.*",)
+
+    def __init__(self, cfg, rank: int = 0, world_size: int = 1, device: torch.device | None = None, log=print):
+        import tasks.pretrain as tp
+        from tasks.pretrain import objectives
+        from tasks.pretrain import weighting as wt
+
+        super().__init__(cfg, rank, world_size, device, log)
+        self.pcfg = pcfg = cfg.pretrain
+        self.data = tp.load(pcfg, cfg.data)
+        self.tasks = pcfg.task_list
+        self.rules = pcfg.rules
+        if self.data.visual_feat_dim != cfg.model.visual_feat_dim:
+            raise ValueError(f"model.visual_feat_dim={cfg.model.visual_feat_dim} but the pretraining corpus has "
+                             f"{self.data.visual_feat_dim}-d region features")  # fmt: skip
+        if int(self.data.meta["vocab_size"]) > cfg.model.vocab_size:
+            raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the corpus tokenizer's "
+                             f"{self.data.meta['vocab_size']} words")  # fmt: skip
+        sizes = {"vocab_size": cfg.model.vocab_size, "num_object_labels": self.data.num_object_labels,
+                 "num_attr_labels": self.data.num_attr_labels, "visual_feat_dim": self.data.visual_feat_dim,
+                 "num_qa_answers": len(self.data.answers)}  # fmt: skip
+        self.scales = objectives.chance_scales(self.tasks, sizes)
+        self.objectives = {t: objectives.get(t) for t in self.tasks}
+        self.weighting = wt.build(pcfg.weighting, self.tasks, self.scales, pcfg).to(self.device)
+        self.masking = tp.Masking(tuple(self.tasks), pcfg.mlm_prob, pcfg.mor_prob,
+                                  pcfg.mismatch_prob if "match" in self.tasks else 0.0)  # fmt: skip
+        self.weight_rows: list[dict[str, Any]] = []
+        self.shared: list[torch.Tensor] = []
+
+    @classmethod
+    def prepare(cls, cfg) -> tuple[dict[str, Any], str]:
+        import tasks.pretrain
+
+        t0 = time.time()
+        corpus = tasks.pretrain.load(cfg.pretrain, cfg.data)
+        return {}, (f"pretraining corpus {cfg.pretrain.corpus}: {len(corpus.train)} sentences "
+                    f"({len(corpus.eval) if corpus.eval is not None else 0} held out), "
+                    f"{len(corpus.answers)} QA answers ({time.time() - t0:.1f} s)")  # fmt: skip
+
+    @classmethod
+    def cache_key(cls, cfg) -> str:
+        from models.configkit import flatten
+
+        return f"{cls.name}:{flatten(cfg.data)!r}{flatten(cfg.pretrain)!r}"
+
+    # -- the stage -------------------------------------------------------------------------------
+
+    def optim(self) -> OptimSpec:
+        p = self.pcfg
+        return OptimSpec(epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, optimizer="adamw",
+                         weight_decay=p.weight_decay, schedule="linear", warmup_ratio=p.warmup_ratio,
+                         grad_clip=p.grad_clip)  # fmt: skip
+
+    def build_model(self) -> nn.Module:
+        import models
+
+        model = models.lxmert_pretraining(
+            self.cfg.model, tuple(self.tasks), num_object_labels=self.data.num_object_labels,
+            num_attr_labels=self.data.num_attr_labels, num_qa_answers=len(self.data.answers),
+        )  # fmt: skip
+        self.shared = shared_parameters(model, self.pcfg.shared)
+        return model
+
+    def trainable(self, model: nn.Module) -> nn.Module:
+        return HeadOutputs(model)
+
+    def optimized(self, model: nn.Module) -> nn.Module:
+        # The strategy's learned parameters (uncertainty's log-variances) train with the model.
+        return nn.ModuleDict({"model": model, "weighting": self.weighting})
+
+    def train_length(self) -> int:
+        return len(self.data.train)
+
+    def train_batches(self, epoch: int):
+        return self.data.train.batches(self.pcfg.batch_size, self.masking, shuffle=True, seed=self.cfg.train.seed,
+                                       epoch=epoch, rank=self.rank, world_size=self.world_size)  # fmt: skip
+
+    def sequence_shape(self) -> tuple[int, int]:
+        return int(self.data.meta.get("max_seq_len", 0)), int(self.data.meta.get("num_regions", 0))
+
+    def tags(self) -> dict[str, str]:
+        return {"pretrain.weighting": self.pcfg.weighting, "pretrain.tasks": ",".join(self.tasks),
+                "pretrain.corpus": self.pcfg.corpus}  # fmt: skip
+
+    # -- training --------------------------------------------------------------------------------
+
+    def _forward(self, model: nn.Module, batch: dict[str, torch.Tensor], active: list[str], ctx: StepContext):
+        kwargs: dict[str, Any] = {"heads": tuple(active)}
+        if "mlm" in active:
+            kwargs["mlm_mask"] = batch["mlm_labels"] >= 0
+        if "mor" in active:
+            kwargs["region_mask"] = batch["region_mask"]
+        with ctx.autocast():
+            # The objectives read the heads as attributes (out.mlm, out.mor["feat"], ...).
+            return SimpleNamespace(**model(**{k: batch[k] for k in MODEL_INPUTS}, **kwargs))
+
+    def start_epoch(self, epoch: int) -> None:
+        self._sums = {t: {"loss": 0.0, "n": 0, "correct": 0.0, "weight": 0.0} for t in self.tasks}
+        self._parts: dict[str, list[float]] = {}
+        self._total, self._steps, self._weighting_s, self._t0 = 0.0, 0, 0.0, time.perf_counter()
+
+    def train_loss(self, model: nn.Module, batch: dict[str, torch.Tensor], ctx: StepContext) -> StepLoss | None:
+        from tasks.pretrain import active_tasks
+
+        active = active_tasks(self.tasks, self.rules, ctx.epoch + 1, ctx.lr)
+        if not active:
+            return None  # the schedule has every task off at this point: nothing to train
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        out = self._forward(model, batch, active, ctx)
+        results = {t: self.objectives[t].loss(out, batch) for t in active}
+        losses = {t: r.loss for t, r in results.items()}
+        weights = self.weighting.update(ctx.step, losses, self.shared, {t: r.n for t, r in results.items()})
+        return StepLoss(self.weighting.combine(losses), batch["input_ids"].shape[0], (results, weights, active))
+
+    def after_backward(self) -> None:
+        """The strategy's parameters live outside DDP: average their gradients by hand."""
+        if self.world_size <= 1:
+            return
+        import torch.distributed as dist
+
+        for p in self.weighting.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= self.world_size
+
+    def after_step(self, ctx: StepContext, out: StepLoss, finite: bool, total: float, aux: float) -> None:
+        results, weights, active = out.extra
+        if ctx.step % self.pcfg.weight_every == 0:
+            signals = self.weighting.signals()
+            for t in self.tasks:
+                self.weight_rows.append({"step": ctx.step, "epoch": ctx.epoch + 1, "task": t,
+                                         "weight": weights.get(t, 0.0), "active": int(t in active),
+                                         "signal": _signal_of(signals, t)})  # fmt: skip
+        self._weighting_s += self.weighting.last_update_s
+        if not finite:
+            return  # a skipped step: its losses would make the epoch's means NaN
+        self._steps += 1
+        self._total += total
+        for t, r in results.items():
+            s = self._sums[t]
+            s["loss"] += float(r.loss.detach()) * r.n
+            s["n"] += r.n
+            s["correct"] += r.correct or 0.0
+            for k, v in r.parts.items():
+                self._parts.setdefault(k, [0.0, 0.0])
+                self._parts[k][0] += v * r.n
+                self._parts[k][1] += r.n
+        for t in self.tasks:
+            self._sums[t]["weight"] += weights.get(t, 0.0)
+
+    def train_metrics(self) -> dict[str, float]:
+        seconds = time.perf_counter() - self._t0
+        metrics = {"loss": self._total / max(1, self._steps), "weighting_s": self._weighting_s,
+                   "weighting_frac": self._weighting_s / max(seconds, 1e-9)}  # fmt: skip
+        for t, s in self._sums.items():
+            if s["n"]:
+                metrics[f"loss_{t}"] = s["loss"] / s["n"]
+                metrics[f"acc_{t}"] = s["correct"] / s["n"]
+            # The weight the task had, averaged over the epoch's steps (0 while the schedule had it off).
+            metrics[f"weight_{t}"] = s["weight"] / max(1, self._steps)
+        for k, (v, n) in self._parts.items():
+            if n:
+                metrics[f"loss_{k}"] = v / n
+        metrics.update(self.weighting.signals())
+        return metrics
+
+    # -- evaluation ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, ctx: StepContext) -> EvalResult:
+        """Every task's loss and accuracy on the held-out split, with fixed masks (this rank's shard)."""
+        if self.data.eval is None:
+            return EvalResult({})
+        model.eval()
+        sums = {t: [0.0, 0, 0.0] for t in self.tasks}
+        for batch in self.data.eval.batches(self.pcfg.eval_batch_size, self.masking, shuffle=False,
+                                            seed=self.cfg.train.seed, epoch=EVAL_EPOCH, rank=self.rank,
+                                            world_size=self.world_size):  # fmt: skip
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            out = self._forward(model, batch, self.tasks, ctx)
+            for t in self.tasks:
+                r = self.objectives[t].loss(out, batch)
+                sums[t][0] += float(r.loss) * r.n
+                sums[t][1] += r.n
+                sums[t][2] += r.correct or 0.0
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            buf = torch.tensor([v for t in self.tasks for v in sums[t]], dtype=torch.float64,
+                               device=self.device if self.device.type == "cuda" else None)  # fmt: skip
+            dist.all_reduce(buf)
+            values = buf.cpu().tolist()
+            sums = {t: values[3 * i : 3 * i + 3] for i, t in enumerate(self.tasks)}
+        out = {}
+        for t, (loss, n, correct) in sums.items():
+            if n:
+                out[f"loss_{t}"] = loss / n
+                out[f"acc_{t}"] = correct / n
+        return EvalResult(out)
+
+    def epoch_artifacts(self) -> dict[str, Any]:
+        from sweeps.tracking import csv_text  # only ever called where the loop logs to MLflow
+
+        return {"weights.csv": csv_text(self.weight_rows)}
+
+    def progress(self, metrics: dict[str, float]) -> str:
+        losses = " ".join(f"{t} {metrics[f'loss_{t}']:.3f}" for t in self.tasks if f"loss_{t}" in metrics)
+        weights = " ".join(f"{t} {metrics[f'weight_{t}']:.2f}" for t in self.tasks)
+        return f"({self.pcfg.weighting}) losses {losses}; weights {weights}"
+
+    # -- checkpoint ------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"weighting": self.weighting.state_dict(), "weight_rows": self.weight_rows}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.weighting.load_state_dict(state["weighting"])
+        self.weight_rows = list(state["weight_rows"])
+
+
+def _signal_of(signals: dict[str, float], task: str) -> float:
+    """The statistic behind a task's weight (s_t, GradNorm's gradient norm, the log-variance)."""
+    for prefix in ("s_", "grad_norm_", "log_var_"):
+        if f"{prefix}{task}" in signals:
+            return signals[f"{prefix}{task}"]
+    return float("nan")
