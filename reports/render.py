@@ -396,7 +396,8 @@ def comparisons_table(tables: dict[str, Any]) -> Table:
 
 
 def flags_table(tables: dict[str, Any]) -> Table | None:
-    """Cells whose mechanism never engaged, and cells still learning at their last epoch."""
+    """Cells whose mechanism never engaged, cells still learning at their last epoch, trials whose
+    best model answers some question types no better than the blind prior."""
     rows = []
     for r in tables["cells"].values():
         for d in r["degenerate"]:
@@ -406,11 +407,14 @@ def flags_table(tables: dict[str, Any]) -> Table | None:
             rows.append([r["label"], ", ".join(str(s) for s in r["still_learning"]), "still learning",
                          f"accuracy rose by {100 * gain['mean']:.2f} pp (mean over seeds) in the last epoch"
                          if gain and gain["n"] else ""])
+        for d in r.get("at_prior", []):
+            rows.append([r["label"], str(d["seed"]), f"at the blind prior on {100 * d['share']:.1f}% of questions",
+                         _one_line(d["types"], 400)])
     if not rows:
         return None
     return _table("flags", "Cells whose numbers do not measure what their name says", ["Variant", "Seed(s)",
                  "Flag", "Evidence"], rows, ["l", "r", "l", "l"],
-                 [DEFINITIONS["degenerate"], DEFINITIONS["learning"]])
+                 [DEFINITIONS["degenerate"], DEFINITIONS["learning"], DEFINITIONS["prior"]])
 
 
 def attention_table(tables: dict[str, Any]) -> Table:

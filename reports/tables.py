@@ -144,6 +144,16 @@ DEFINITIONS = {
         f"{STILL_LEARNING_PP:g} pp over its last epoch; comparisons of cells whose trials were still learning compare points "
         "on the steep part of their learning curves, and are marked so."
     ),
+    "prior": (
+        "A trial is flagged when, at its best epoch, some question types are answered no better than the "
+        "blind prior: the answer a model reading only the question would give (the most frequent training "
+        "answer of the same question text, else of its question type), scored like the model. A type counts "
+        "when the model's accuracy on it is at most 1 pp above the prior's (types with fewer than 20 "
+        "evaluation questions, or whose prior already scores 99%, are skipped): MLflow metric "
+        "`eval/at_prior_share` (share of evaluation questions in such types) and tag `eval.at_prior` (the "
+        "types, with both accuracies). Such a model has not learned those questions; a comparison of two "
+        "such cells compares what they learned elsewhere."
+    ),
     "throughput": "Training samples/s: per trial, the mean over epochs of `train/samples_per_s`; then over seeds.",
     "wall_time": (
         "Train + eval time per trial: `time/trial_s`, the time the trial spent training and "
@@ -200,6 +210,7 @@ def _trial_numbers(trial: Trial) -> dict[str, Any]:
     epochs = sorted(eval_hist)
     last_gain = eval_hist[epochs[-1]] - eval_hist[epochs[-2]] if len(epochs) >= 2 else None
     engaged = trial.tags.get(schema.MECHANISM_ENGAGED)
+    at_prior = h.get(schema.EVAL_AT_PRIOR_SHARE, {}).get(best_epoch)
     return {
         "seed": trial.seed,
         "key": trial.key,
@@ -209,6 +220,8 @@ def _trial_numbers(trial: Trial) -> dict[str, Any]:
         "still_learning": last_gain is not None and 100.0 * last_gain > STILL_LEARNING_PP,
         "engaged": None if engaged is None else _truthy(engaged),
         "evidence": trial.tags.get(schema.MECHANISM_EVIDENCE, ""),
+        "at_prior_share": at_prior,
+        "at_prior_types": trial.tags.get(schema.EVAL_AT_PRIOR, ""),
         "best_epoch": best_epoch,
         "last_epoch": last_epoch,
         "acc_last": eval_hist[last_epoch] if last_epoch is not None else None,
@@ -398,6 +411,10 @@ def _caveats(rows: dict[str, dict[str, Any]], comp: dict[str, Any]) -> list[str]
         if row["still_learning"]:
             out.append(f"{name}: still learning at its last epoch (seed "
                        f"{', '.join(str(s) for s in row['still_learning'])})")
+        if row.get("at_prior"):
+            shares = [d["share"] for d in row["at_prior"]]
+            out.append(f"{name}: no better than the blind prior on {100 * min(shares):.0f}-{100 * max(shares):.0f}% "
+                       f"of questions (seed {', '.join(str(d['seed']) for d in row['at_prior'])})")
     return out
 
 
@@ -458,6 +475,8 @@ def compute(sweep: Sweep, reference: str = REFERENCE_CELL) -> dict[str, Any]:
             "degenerate": [{"seed": p["seed"], "evidence": p["evidence"]} for p in per if p["engaged"] is False],
             "engaged_seeds": [p["seed"] for p in per if p["engaged"] is True],
             "still_learning": [p["seed"] for p in per if p["still_learning"]],
+            "at_prior": [{"seed": p["seed"], "share": p["at_prior_share"], "types": p["at_prior_types"]}
+                         for p in per if p["at_prior_share"]],
             "last_gain": _summary([p["last_gain"] for p in per if p["last_gain"] is not None]),
         }
         rows[name]["_per"] = per

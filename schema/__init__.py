@@ -60,6 +60,9 @@ TRIAL_NODE_ID = "trial.node_id"
 CELL_LABEL = "cell.label"
 CELL_TABLE = "cell.table"
 EVAL_METRIC_TAG = "eval.metric"  # official | soft_score: what eval/acc is
+#: The question types on which the best epoch's model is no better than the question-type prior
+#: (with its accuracy and the prior's), or ``none``; beside the metric ``eval/at_prior_share``.
+EVAL_AT_PRIOR = "eval.at_prior"
 FAILURE_REASON = "failure.reason"
 FAILURE_KIND = "failure.kind"  # diverged | config | checkpoint | killed | error
 MECHANISM_ENGAGED = "mechanism.engaged"  # JSON {mechanism: bool}
@@ -79,6 +82,8 @@ BEST_ACC = "best/acc"
 BEST_EPOCH = "best/epoch"
 EVAL_ACC = "eval/acc"
 EVAL_ACC_PREFIX = "eval/acc_"  # per answer type: eval/acc_yes_no, ...
+EVAL_PRIOR_ACC = "eval/prior_acc"  # the question-type prior's accuracy on the evaluation split
+EVAL_AT_PRIOR_SHARE = "eval/at_prior_share"  # share of evaluation questions in types at their prior
 EVAL_SOFT_SCORE = "eval/soft_score"
 EVAL_LOSS = "eval/loss"
 EVAL_N = "eval/n"

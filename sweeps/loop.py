@@ -653,6 +653,8 @@ class TrialLoop:
         for name, content in stage.adapter.epoch_artifacts().items():
             _log_artifact(tracker, f"{folder}{name}", content)
         if improved:
+            if result.tags:
+                tracker.set_tags(result.tags)
             for name, content in stage.adapter.artifacts(result).items():
                 _log_artifact(tracker, f"{folder}{name}", content)
             if stage.final and self.cfg.train.log_best_checkpoint:

@@ -86,6 +86,8 @@ class EvalResult:
 
     metrics: dict[str, float]
     payload: Any = None
+    #: MLflow tags describing this evaluation, set on the run when it is the best so far.
+    tags: dict[str, str] = field(default_factory=dict)
 
 
 class TaskAdapter:

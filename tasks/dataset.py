@@ -404,11 +404,15 @@ class ArrayDataset:
         codes = self.arrays["question_type"][self.positions(question_ids)]
         return [self.question_type_names[c] for c in codes]
 
-    def question_text(self, question_id: int) -> str:
-        """The question as written in its source file."""
+    def question_texts(self) -> list[str]:
+        """Every question as written in its source file, in dataset order."""
         if self._texts is None:
             self._texts = [t for p in self.parts for t in p.texts()[: self._part_len(p)]]
-        return self._texts[int(self.positions([question_id])[0])]
+        return self._texts
+
+    def question_text(self, question_id: int) -> str:
+        """The question as written in its source file."""
+        return self.question_texts()[int(self.positions([question_id])[0])]
 
     def labels(self, question_id: int) -> dict[str, float]:
         """In-vocabulary soft labels ``{answer: score}`` of one question (what ``targets`` holds)."""

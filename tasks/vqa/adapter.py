@@ -23,6 +23,13 @@ from tasks.base import MODEL_INPUTS, EvalResult, OptimSpec, StepContext, StepLos
 #: Values of the MLflow tag ``eval.metric``: what a trial's ``eval/acc`` (and ``best/acc``) is.
 EVAL_OFFICIAL = "vqa_official"
 EVAL_SOFT = "soft_score"
+#: A question type is "at its prior" when the model's accuracy on it is at most this many points
+#: above the blind prior's (:meth:`VQAAdapter.prior`: answers from the question text alone; types of fewer than
+#: PRIOR_MIN_QUESTIONS evaluation questions, or whose prior already scores PRIOR_CEILING, carry no
+#: evidence either way and are skipped).
+PRIOR_MARGIN = 0.01
+PRIOR_MIN_QUESTIONS = 20
+PRIOR_CEILING = 0.99
 _PER_QUESTION = ("question_id", "pred", "score", "top_ids", "top_probs")
 
 
@@ -186,10 +193,6 @@ class VQAAdapter(TaskAdapter):
             local[k] = local[k][np.sort(first)]
         return local
 
-    def evaluate(self, model: nn.Module, ctx: StepContext) -> EvalResult:
-        result = self.predict(model, ctx)
-        return EvalResult(self.eval_metrics(result) if self.rank == 0 else {}, result)
-
     def question_scores(self, result: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
         """Per-question ``(acc, soft_score)`` of a :meth:`predict` result (rank 0), each (N,) in [0, 1].
 
@@ -208,7 +211,8 @@ class VQAAdapter(TaskAdapter):
         return result["acc"], soft
 
     def eval_metrics(self, result: dict[str, Any]) -> dict[str, float]:
-        """Bare names: ``acc``, ``soft_score``, ``loss``, ``n`` and ``acc_<answer type>``, ``soft_score_<type>``."""
+        """Bare names: ``acc``, ``soft_score``, ``loss``, ``n``, ``acc_<answer type>``, ``soft_score_<type>``,
+        and against the question-type prior (:meth:`prior`): ``prior_acc`` and ``at_prior_share``."""
         acc, soft = self.question_scores(result)
         types = np.asarray(self.data.eval.answer_type_of(result["question_id"]))
         n = len(acc)
@@ -218,7 +222,82 @@ class VQAAdapter(TaskAdapter):
             mask = types == group
             out[f"acc_{_slug(group)}"] = float(acc[mask].mean())
             out[f"soft_score_{_slug(group)}"] = float(soft[mask].mean())
+        if n:
+            at_prior, prior = self.at_prior(result)
+            out["prior_acc"] = prior
+            out["at_prior_share"] = sum(k for _, _, _, k in at_prior) / n
         return out
+
+    def prior(self) -> tuple[np.ndarray, dict[str, float], dict[str, int], float]:
+        """The blind prior: what a model that reads only the question would answer, the training
+        answer with the highest summed soft score among questions of the same text (lower-cased),
+        or of the same question type for a text training never asked; scored on the evaluation
+        split like the model (:meth:`question_scores`).
+
+        Returns:
+            (per evaluation question its prior score (N,), in dataset order; prior accuracy per
+            question type; evaluation questions per type; overall prior accuracy). Computed once.
+        """
+        if getattr(self, "_prior", None) is None:
+            import pandas as pd
+
+            train, ev = self.data.train, self.data.eval
+            idx = np.asarray(train.arrays["label_idx"])
+            score = np.asarray(train.arrays["label_score"], np.float64)
+            text_codes, texts = pd.factorize(pd.Series([t.lower().strip() for t in train.question_texts()]))
+            type_codes = np.asarray(train.arrays["question_type"])
+
+            def best_answer(codes: np.ndarray) -> dict[int, int]:
+                """{code: answer index with the highest summed soft score} (ties: the lower index)."""
+                table = pd.DataFrame({"code": np.repeat(codes, idx.shape[1]), "answer": idx.ravel(),
+                                      "score": score.ravel()})  # fmt: skip
+                sums = table[table.answer >= 0].groupby(["code", "answer"], sort=True).score.sum().reset_index()
+                sums = sums.sort_values(["code", "score"], ascending=[True, False], kind="mergesort")
+                first = sums.drop_duplicates("code")
+                return dict(zip(first.code.tolist(), first.answer.tolist()))
+
+            by_text, by_type = best_answer(text_codes), best_answer(type_codes)
+            text_index = {t: i for i, t in enumerate(texts)}
+            type_index = {t: i for i, t in enumerate(train.question_type_names)}
+            qtypes = ev.question_type_of(ev.question_ids)
+            guess = np.array([
+                by_text.get(text_index.get(text.lower().strip(), -1), by_type.get(type_index.get(qt, -1), -1))
+                for text, qt in zip(ev.question_texts(), qtypes)
+            ], np.int64)  # fmt: skip
+            li, ls = np.asarray(ev.arrays["label_idx"]), np.asarray(ev.arrays["label_score"])
+            soft = np.where(li == guess[:, None], ls, 0.0).sum(1)
+            scores, _ = self.question_scores({"question_id": ev.question_ids, "pred": np.maximum(guess, 0),
+                                              "score": soft})  # fmt: skip
+            scores = np.where(guess >= 0, scores, 0.0)  # no training question of its text or type: no answer
+            qtypes_arr = np.asarray(qtypes)
+            per_type = {t: float(scores[qtypes_arr == t].mean()) for t in sorted(set(qtypes))}
+            counts = {t: int((qtypes_arr == t).sum()) for t in per_type}
+            self._prior = (scores, per_type, counts, float(scores.mean()) if len(scores) else 0.0)
+        return self._prior
+
+    def at_prior(self, result: dict[str, Any]) -> tuple[list[tuple[str, float, float, int]], float]:
+        """The question types on which the model is no better than the prior (:data:`PRIOR_MARGIN`):
+        ``[(type, model accuracy, prior accuracy, questions)]``, and the overall prior accuracy."""
+        _, per_type, counts, overall = self.prior()
+        acc, _ = self.question_scores(result)
+        qtypes = np.asarray(self.data.eval.question_type_of(result["question_id"]))
+        out = []
+        for t, p in per_type.items():
+            mask = qtypes == t
+            if counts[t] < PRIOR_MIN_QUESTIONS or p >= PRIOR_CEILING or not mask.any():
+                continue
+            a = float(acc[mask].mean())
+            if a <= p + PRIOR_MARGIN:
+                out.append((t, a, p, int(mask.sum())))
+        return out, overall
+
+    def evaluate(self, model: nn.Module, ctx: StepContext) -> EvalResult:
+        result = self.predict(model, ctx)
+        if self.rank != 0:
+            return EvalResult({}, result)
+        at_prior, _ = self.at_prior(result)
+        words = "; ".join(f"{t}: {100 * a:.1f}% vs prior {100 * p:.1f}% ({k} questions)" for t, a, p, k in at_prior)
+        return EvalResult(self.eval_metrics(result), result, {schema.EVAL_AT_PRIOR: words or "none"})
 
     def artifacts(self, result: EvalResult) -> dict[str, Any]:
         return {schema.PREDICTIONS_ARTIFACT: self.predictions_table(result.payload),

@@ -42,6 +42,7 @@ class CellSpec:
     redraw: float = 0.1  # share of questions whose difficulty this cell draws on its own
     engaged: bool | None = None  # the mechanism.engaged tag the trial writes (None: no tag)
     extra_stats: tuple[str, ...] = ()  # per-head statistics of a normaliser the report has never heard of
+    at_prior: float = 0.0  # share of evaluation questions in types answered no better than the blind prior
 
 
 #: Mirrors sweeps/grids/paper.yaml at a tiny size. entmax is softmax plus a hair (no
@@ -244,6 +245,10 @@ def fill_sweep(uri: str, runs_dir: Path, sweep_id: str = "smoke-paper", experime
                 best = {"acc": acc, "epoch": epoch}
             elapsed += 12.0 + seed_i
             metrics.update({"best/acc": best["acc"], "best/epoch": float(best["epoch"]), "time/elapsed_s": elapsed})
+            if cs.at_prior:
+                metrics[schema.EVAL_AT_PRIOR_SHARE] = cs.at_prior
+                if improved:
+                    tracker.set_tags({schema.EVAL_AT_PRIOR: "has color: 88.2% vs prior 88.2% (3246 questions)"})
             tracker.log_epoch(epoch, metrics)
             if head_rows:
                 tracker.log_text(csv_text(head_rows), "stats/attention_heads.csv")

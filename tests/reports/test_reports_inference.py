@@ -164,6 +164,19 @@ def test_cells_still_learning_are_flagged(new_store, tmp_path):
     assert "still learning" in out["md"]
 
 
+def test_trials_at_the_blind_prior_are_flagged_with_their_question_types(new_store, tmp_path):
+    flat = CellSpec("LXMERT softmax", 1, [0.80, 0.72], redraw=0.0)
+    blind = CellSpec("Adaptive span", 1, [0.80, 0.72], redraw=0.0, at_prior=0.34)
+    out = _report(new_store, {"softmax": flat, "span": blind}, tmp_path)
+    cells = out["tables"]["cells"]
+    assert cells["softmax"]["at_prior"] == []
+    assert [(d["seed"], d["share"]) for d in cells["span"]["at_prior"]] == [(0, 0.34), (1, 0.34), (2, 0.34)]
+    assert "has color" in cells["span"]["at_prior"][0]["types"]
+    (comp,) = out["tables"]["comparisons"]
+    assert any("no better than the blind prior on 34-34% of questions" in c for c in comp["caveats"])
+    assert "at the blind prior on 34.0% of questions" in out["md"] and "most frequent training answer" in out["md"]
+
+
 def test_calibrate_recomputes_verdicts_on_three_seed_subsets(new_store, tmp_path, capsys):
     from reports import calibrate
 
