@@ -59,7 +59,7 @@ STAT_DISPLAY: dict[str, dict[str, Any]] = {
 #: Stacks of the model in display order (others follow alphabetically).
 STACK_ORDER = ("lang", "visn", "cross")
 #: The per-trial time account (``time/<name>`` metrics, docs/tracking.md), in display order.
-TIME_ACCOUNTS = tuple(name.removeprefix("time/") for name in schema.TIME_ACCOUNT)
+TIME_ACCOUNTS = tuple(name.removeprefix(schema.TIME_NS) for name in schema.TIME_ACCOUNT)
 
 
 def stat_display(stat: str) -> dict[str, Any]:
@@ -201,9 +201,9 @@ def _trial_numbers(trial: Trial) -> dict[str, Any]:
     last_epoch = max(eval_hist) if eval_hist else None
     by_type = {}
     for name, hist in h.items():
-        if name.startswith("eval/acc_") and best_epoch in hist:
-            by_type[name[len("eval/acc_"):]] = hist[best_epoch]
-    sps = list(h.get("train/samples_per_s", {}).values())
+        if name.startswith(schema.EVAL_ACC_PREFIX) and best_epoch in hist:
+            by_type[name[len(schema.EVAL_ACC_PREFIX):]] = hist[best_epoch]
+    sps = list(h.get(schema.TRAIN_SAMPLES_PER_S, {}).values())
     wall = m.get(schema.TIME_TRIAL)
     if wall is None and h.get(schema.TIME_ELAPSED):
         wall = h[schema.TIME_ELAPSED][max(h[schema.TIME_ELAPSED])]
@@ -228,9 +228,9 @@ def _trial_numbers(trial: Trial) -> dict[str, Any]:
         "by_type": by_type,
         "samples_per_s": float(np.mean(sps)) if sps else None,
         "wall_s": wall,
-        "params": m.get("model/params"),
-        "flops_per_sample": m.get("model/flops_per_sample"),
-        "time": {a: m[f"time/{a}"] for a in TIME_ACCOUNTS if f"time/{a}" in m},
+        "params": m.get(schema.MODEL_PARAMS),
+        "flops_per_sample": m.get(schema.MODEL_FLOPS),
+        "time": {a: m[f"{schema.TIME_NS}{a}"] for a in TIME_ACCOUNTS if f"{schema.TIME_NS}{a}" in m},
         "pretrain": _pretrain_numbers(trial),
     }
 
@@ -248,12 +248,12 @@ def _pretrain_numbers(trial: Trial) -> dict[str, Any] | None:
     p, m = trial.params, trial.metrics
     if not _truthy(p.get("pretrain.enabled")):
         return None
-    out: dict[str, Any] = {"weighting": p.get("pretrain.weighting", "?"), "epochs": int(m.get("pretrain/epoch", 0)),
-                           "loss": {}, "eval_loss": {}, "weight": {}, "time_s": m.get("pretrain/time_s"),
-                           "weighting_frac": m.get("pretrain/weighting_frac")}  # fmt: skip
+    out: dict[str, Any] = {"weighting": p.get("pretrain.weighting", "?"), "epochs": int(m.get(schema.PRETRAIN_EPOCH, 0)),
+                           "loss": {}, "eval_loss": {}, "weight": {}, "time_s": m.get(schema.PRETRAIN_TIME),
+                           "weighting_frac": m.get(schema.PRETRAIN_WEIGHTING_FRAC)}  # fmt: skip
     for name, value in m.items():
         for kind in ("eval_loss", "loss", "weight"):
-            prefix = f"pretrain/{kind}_"
+            prefix = f"{schema.PRETRAIN_STAGE}/{kind}_"
             task = name[len(prefix):] if name.startswith(prefix) else ""
             if task and "_" not in task:  # loss_mor_feat etc. are components of a task's loss
                 out[kind][task] = value

@@ -76,7 +76,25 @@ PARAM_CELL = "cell"
 PARAM_SEED = "train.seed"
 
 # ---- metrics ---------------------------------------------------------------------------------------
+#: Namespaces of the trial's last stage (sweeps/loop.py); an earlier stage <s> logs under ``<s>/``,
+#: ``<s>/eval_`` and ``<s>/layers/`` with its epoch counter :func:`stage_epoch` instead.
+TRAIN_NS, EVAL_NS, LAYERS_NS = "train/", "eval/", "layers/"
+TIME_NS = "time/"
 EPOCH = "epoch"
+#: The pretraining stage's name (its metrics are ``pretrain/*``).
+PRETRAIN_STAGE = "pretrain"
+
+
+def stage_epoch(stage: str) -> str:
+    """The epoch counter of an earlier stage (``pretrain/epoch``): its history says which epochs are logged."""
+    return f"{stage}/epoch"
+
+
+PRETRAIN_EPOCH = stage_epoch(PRETRAIN_STAGE)
+PRETRAIN_TIME = f"{PRETRAIN_STAGE}/time_s"
+PRETRAIN_WEIGHTING_FRAC = f"{PRETRAIN_STAGE}/weighting_frac"
+MODEL_PARAMS = "model/params"
+MODEL_FLOPS = "model/flops_per_sample"
 BEST_PREFIX = "best/"  # best/<the task's primary metric>, e.g. best/acc
 BEST_ACC = "best/acc"
 BEST_EPOCH = "best/epoch"
@@ -93,7 +111,8 @@ TRAIN_SAMPLES_PER_S = "train/samples_per_s"
 TIME_ELAPSED = "time/elapsed_s"
 TIME_TRIAL = "time/trial_s"
 #: Per-trial time account (docs/tracking.md): start-up, training and evaluation steps, checkpoints, the rest.
-TIME_ACCOUNT = ("time/startup_s", "time/train_s", "time/eval_s", "time/checkpoint_s", "time/other_s")
+TIME_ACCOUNT = tuple(f"{TIME_NS}{part}" for part in ("startup_s", "train_s", "eval_s", "checkpoint_s", "other_s"))
+TIME_WALL = "time/wall_s"
 #: Result keys (never MLflow metrics) a failed trial reports to Tune.
 RESULT_FAILURE = "trial/failure"
 RESULT_FAILURE_KIND = "trial/failure_kind"
@@ -104,3 +123,4 @@ HISTORY_PREFIXES = ("eval/", "train/samples_per_s", "train/loss", "best/", EPOCH
 PREDICTIONS_ARTIFACT = "eval/predictions.csv"
 EXAMPLES_ARTIFACT = "eval/examples_top5.json"
 HEADS_ARTIFACT = "stats/attention_heads.csv"
+BEST_CHECKPOINT_ARTIFACT = "checkpoint/best_model.pt"

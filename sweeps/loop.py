@@ -151,7 +151,7 @@ def stats_summary(stats: dict[str, list[float]]) -> dict[str, float]:
 
 
 #: The parts of a trial's wall-clock time (seconds), logged as ``time/<part>`` (docs/tracking.md).
-TIME_PARTS = ("startup_s", "train_s", "eval_s", "checkpoint_s", "other_s")
+TIME_PARTS = tuple(name.removeprefix(schema.TIME_NS) for name in schema.TIME_ACCOUNT)
 
 
 class TimeAccount:
@@ -192,9 +192,9 @@ class TimeAccount:
     def metrics(self) -> dict[str, float]:
         """``time/<part>`` for every part and ``time/wall_s``; the parts sum to the wall time."""
         wall = self.wall_s()
-        out = {f"time/{k}": self.total(k) for k in self.now}
-        out["time/other_s"] = max(0.0, wall - sum(out.values()))
-        out["time/wall_s"] = wall
+        out = {f"{schema.TIME_NS}{k}": self.total(k) for k in self.now}
+        out[f"{schema.TIME_NS}other_s"] = max(0.0, wall - sum(out.values()))
+        out[schema.TIME_WALL] = wall
         return out
 
     def state_dict(self) -> dict[str, float]:
@@ -242,10 +242,11 @@ class StageRun:
         # Steps skipped for a non-finite loss; past train.max_nonfinite_steps the trial stops.
         self.guard = FiniteGuard(name, cfg.train.max_nonfinite_steps, loop.world_size, loop.device)
         if final:
-            self.train_ns, self.eval_ns, self.layers_ns, self.counter = "train/", "eval/", "layers/", schema.EPOCH
+            self.train_ns, self.eval_ns, self.layers_ns = schema.TRAIN_NS, schema.EVAL_NS, schema.LAYERS_NS
+            self.counter = schema.EPOCH
         else:
             self.train_ns, self.eval_ns, self.layers_ns = f"{name}/", f"{name}/eval_", f"{name}/layers/"
-            self.counter = f"{name}/epoch"
+            self.counter = schema.stage_epoch(name)
 
     @property
     def spec(self):
@@ -565,8 +566,8 @@ class TrialLoop:
                 self.log(f"logged {caught} epoch(s) the checkpoint held but MLflow lacked")
             n_tokens, n_regions = final.adapter.sequence_shape()
             tracker.log_metrics({
-                "model/params": float(count_params(cfg.model)),
-                "model/flops_per_sample": float(flops_per_sample(cfg.model, n_tokens=n_tokens, n_regions=n_regions)),
+                schema.MODEL_PARAMS: float(count_params(cfg.model)),
+                schema.MODEL_FLOPS: float(flops_per_sample(cfg.model, n_tokens=n_tokens, n_regions=n_regions)),
                 **final.adapter.describe(),
             })  # fmt: skip
             tracker.set_tags({schema.TRIAL_PRECISION: self.precision, schema.TRIAL_DEVICE: self.device.type,
@@ -660,7 +661,7 @@ class TrialLoop:
             if stage.final and self.cfg.train.log_best_checkpoint:
                 buf = io.BytesIO()
                 torch.save(stage.model.state_dict(), buf)
-                tracker.log_bytes(buf.getvalue(), "checkpoint/best_model.pt")
+                tracker.log_bytes(buf.getvalue(), schema.BEST_CHECKPOINT_ARTIFACT)
 
     def _hand_over(self, stage: StageRun, nxt: StageRun, tracker) -> None:
         """Import ``stage``'s encoder into ``nxt``'s model (every encoder parameter must load; only

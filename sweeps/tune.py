@@ -98,7 +98,7 @@ class TrialOutcome:
 
     def time(self, part: str) -> float:
         """``time/<part>`` of the trial's time account (0 when the trial did not report it)."""
-        value = self.metrics.get(f"time/{part}", 0.0)
+        value = self.metrics.get(f"{schema.TIME_NS}{part}", 0.0)
         return float(value) if isinstance(value, (int, float)) else 0.0
 
 
@@ -400,12 +400,12 @@ class Progress(Callback):
         return _trial_name(trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if "pretrain/epoch" in result and schema.EVAL_ACC not in result:
-            seen = (self._key(trial), -int(result["pretrain/epoch"]))  # its own epoch counter
+        if schema.PRETRAIN_EPOCH in result and schema.EVAL_ACC not in result:
+            seen = (self._key(trial), -int(result[schema.PRETRAIN_EPOCH]))  # its own epoch counter
             if seen not in self.printed:
                 self.printed.add(seen)
                 losses = " ".join(f"{k.rsplit('_', 1)[-1]} {v:.3f}" for k, v in sorted(result.items())
-                                  if k.startswith("pretrain/loss_") and k.count("_") == 1)  # fmt: skip
+                                  if k.startswith(f"{schema.PRETRAIN_STAGE}/loss_") and k.count("_") == 1)  # fmt: skip
                 print(f"{self._stamp()} {self._key(trial):<22} pretrain epoch {int(result['pretrain/epoch'])}: "
                       f"{losses} {result.get('pretrain/samples_per_s', 0):.0f} samples/s", flush=True)
             return
