@@ -451,7 +451,20 @@ def _run(args: argparse.Namespace, plan: Plan, name: str, runs_dir: Path, lock, 
         report_path = build_report(uri, name, runs_dir, args.experiment or tracking.DEFAULT_EXPERIMENT)
         if report_path:
             print(f"report: {report_path}")
+    print(browse_hint(uri, sweeper.experiment_id, name))
     return 0 if not failed else 1
+
+
+def browse_hint(uri: str, experiment_id: str, sweep: str) -> str:
+    """How to open the sweep's runs in the MLflow UI on its runs table (docs/tracking.md): the
+    ``workflowType=machine_learning`` link, because the UI's GenAI / model-training switch is kept per
+    browser, so a browser that never used it opens on the GenAI overview whatever the experiment says."""
+    from sweeps import tracking
+
+    server = uri if tracking.is_remote(uri) else "http://127.0.0.1:5000"
+    start = "" if tracking.is_remote(uri) else f"mlflow ui --backend-store-uri {uri}, then "
+    return (f"browse: {start}open {server.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning "
+            f"(Group by the param `cell`, filter tags.`sweep.id` = '{sweep}')")
 
 
 def timing_lines(timing, total_wall: float) -> list[str]:

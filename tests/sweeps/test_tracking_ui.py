@@ -54,3 +54,13 @@ def test_experiment_kind_and_group_params(tmp_path):
     # What the runs table's Group by uses: a search on the param finds exactly the cell's seeds.
     found = client.search_runs([sweeper.experiment_id], "params.cell = 'entmax'")
     assert sorted(r.data.params["train.seed"] for r in found) == ["0", "1"]
+
+
+def test_the_sweep_ends_with_the_link_that_opens_its_runs_table():
+    from sweeps.ablation import browse_hint
+
+    local = browse_hint("sqlite:////runs/mlflow.db", "7", "default-paper")
+    assert local.startswith("browse: mlflow ui --backend-store-uri sqlite:////runs/mlflow.db, then open ")
+    assert "http://127.0.0.1:5000/#/experiments/7?workflowType=machine_learning" in local
+    remote = browse_hint("http://mlflow.lab:5000/", "12", "s")
+    assert "mlflow ui" not in remote and "http://mlflow.lab:5000/#/experiments/12?workflowType=machine_learning" in remote
