@@ -173,9 +173,9 @@ def test_gqa_head_starts_from_the_pretraining_qa_head_through_the_loops_import(r
 
 @pytest.mark.parametrize(("name", "rel", "entry", "message"), [
     ("gqa", "gqa/train.json", 1, r"entry 1 \(question_id=.*\): lacks 'img_id'"),
-    ("nlvr2", "nlvr2/train.json", 2, r"entry 2 \(identifier=.*\): label must be 0 \(False\) or 1 \(True\)"),
+    ("nlvr2", "nlvr2/train.json", 2, r"entry 2 \(identifier=.*\): label must be 0 \(False\) or 1 \(True\), got 'True'"),
 ])  # fmt: skip
-def test_a_wrong_format_file_is_refused_naming_it_before_any_trial(root, tmp_path, name, rel, entry, message):
+def test_a_wrong_format_file_is_refused_naming_file_entry_and_line_before_any_trial(root, tmp_path, name, rel, entry, message):
     import shutil
 
     bad = tmp_path / "bad"
@@ -185,6 +185,8 @@ def test_a_wrong_format_file_is_refused_naming_it_before_any_trial(root, tmp_pat
         del items[entry]["img_id"]
     else:
         items[entry]["label"] = "True"
-    (bad / rel).write_text(json.dumps(items, indent=4))
-    with pytest.raises(ValueError, match=rf"{bad / rel}: {message}"):
+    text = json.dumps(items, indent=4)
+    (bad / rel).write_text(text)
+    line = [n for n, row in enumerate(text.splitlines(), 1) if row == "    {"][entry]  # where the entry opens
+    with pytest.raises(ValueError, match=rf"{bad / rel}: {message} \(the entry starts on line {line} of {bad / rel}\)"):
         config(bad, tmp_path / "cache", name)
