@@ -353,7 +353,8 @@ def table3(tables: dict[str, Any]) -> Table:
         notes.append("Share of the last pretraining epoch spent computing task weights (`pretrain/weighting_frac`): "
                      + fracs + ".")
     notes += [n for n in _table_notes(cells)[1:]]  # partial / not-run notes; no paper numbers to mark
-    return _table("table3", f"Table 3: pretraining task weighting, then VQA fine-tuning ({what} in percent)",
+    task = (tables.get("task") or {}).get("name", "VQA")  # GQA / NLVR2 sweeps: reports/task_tables.py
+    return _table("table3", f"Table 3: pretraining task weighting, then {task} fine-tuning ({what} in percent)",
                  header, rows, ["l", "r", "l"] + ["r"] * (len(header) - 3), notes)
 
 
