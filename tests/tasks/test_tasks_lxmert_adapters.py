@@ -190,3 +190,22 @@ def test_a_wrong_format_file_is_refused_naming_file_entry_and_line_before_any_tr
     line = [n for n, row in enumerate(text.splitlines(), 1) if row == "    {"][entry]  # where the entry opens
     with pytest.raises(ValueError, match=rf"{bad / rel}: {message} \(the entry starts on line {line} of {bad / rel}\)"):
         config(bad, tmp_path / "cache", name)
+
+
+@pytest.mark.parametrize("name", ["gqa", "nlvr2"])
+def test_the_paper_grid_applies_to_the_task_from_the_command_line(root, name):
+    from sweeps.config import ConfigError
+    from sweeps.grid import expand, load_grid, load_preset
+
+    grid, preset = load_grid("paper"), load_preset("default")
+    cli = {"data.name": name, "data.root": str(root)}
+    # the pretraining cells' default corpus is easy-VQA's: refused before any trial, saying what to set
+    with pytest.raises(ConfigError, match=r"cell 'pretrain_equal', 'grad_std': pretrain.corpus=synthetic needs "
+                                          r"data.name=easyvqa .* set pretrain.corpus=lxmert"):  # fmt: skip
+        expand(grid, preset, cli_overrides=cli)
+    plan = expand(grid, preset, cli_overrides={**cli, "pretrain.corpus": "lxmert"})
+    assert len(plan.trials) == len(grid.cells) * 3
+    for trial in plan.trials:
+        assert trial.config.data.name == name and trial.config.stages()[-1] == ("finetune", name)
+    smoke = expand(grid, load_preset("smoke_tasks"), cli_overrides=cli)
+    assert [t.key for t in smoke.trials] == ["softmax-s0", "entmax-s0", "layerdrop_955-s0", "pretrain_equal-s0"]
