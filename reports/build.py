@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from reports import figures as figures_mod
-from reports import render
+from reports import render, task_tables
 from reports.store import DEFAULT_EXPERIMENT, ReportError, connect, load_sweep, sqlite_path
 from reports.tables import compute
 
@@ -68,7 +68,9 @@ def build(
     out = Path(out_dir) if out_dir is not None else default_out_dir(tracking_uri, sweep)
     out.mkdir(parents=True, exist_ok=True)
 
+    task = task_tables.strip_vqa_paper(data)  # a GQA / NLVR2 sweep: the grid's VQA paper numbers do not apply
     tables = compute(data)
+    task_tables.add(tables, data, task)
     figs = figures_mod.make_figures(data, tables, out)
     tables["figures"] = figs
     blocks = render.document(tables, figs)

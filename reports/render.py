@@ -207,7 +207,11 @@ def _label(tables: dict[str, Any], cell: str | None) -> str:
 
 def metric_label(tables: dict[str, Any]) -> tuple[str, str, str]:
     """(column label, per-type column suffix, phrase for titles) of what the accuracy columns
-    measure (``tables["metric"]``; reports built before it existed: LXMERT's soft score)."""
+    measure (``tables["metric"]``; reports built before it existed: LXMERT's soft score; another
+    task's sweep: its own, ``tables["task"]``, :mod:`reports.task_tables`)."""
+    task = tables.get("task")
+    if task:
+        return task["acc_label"], "acc.", task["phrase"]
     return {
         "vqa_official": ("VQA acc.", "acc.", "VQA accuracy"),
         "mixed": ("VQA acc. or soft score (mixed)", "acc. or soft score", "VQA accuracy or soft score (mixed metrics)"),
@@ -349,7 +353,8 @@ def table3(tables: dict[str, Any]) -> Table:
         notes.append("Share of the last pretraining epoch spent computing task weights (`pretrain/weighting_frac`): "
                      + fracs + ".")
     notes += [n for n in _table_notes(cells)[1:]]  # partial / not-run notes; no paper numbers to mark
-    return _table("table3", f"Table 3: pretraining task weighting, then VQA fine-tuning ({what} in percent)",
+    task = (tables.get("task") or {}).get("name", "VQA")  # GQA / NLVR2 sweeps: reports/task_tables.py
+    return _table("table3", f"Table 3: pretraining task weighting, then {task} fine-tuning ({what} in percent)",
                  header, rows, ["l", "r", "l"] + ["r"] * (len(header) - 3), notes)
 
 
@@ -486,6 +491,10 @@ def document(tables: dict[str, Any], figures: dict[str, Any]) -> list[Block]:
         blocks.append(("table", table3(tables)))
     if tables["tables"]["other"]:
         blocks.append(("table", table2(tables, "other", "Other cells (percent)")))
+    if tables.get("task"):  # a sweep on GQA / NLVR2: the task's own table (reports/task_tables.py)
+        from reports import task_tables
+
+        blocks.append(("table", task_tables.table(tables)))
     blocks.append(("h", 2, "Differences from " + (_label(tables, tables["reference"]) if tables["reference"]
                                                   else "softmax")))
     if tables["reference"] is None:

@@ -546,7 +546,7 @@ def compute(sweep: Sweep, reference: str = REFERENCE_CELL) -> dict[str, Any]:
             "usable_trials": sum(t.usable for t in sweep.trials),
         },
         "metric": metric,
-        "definitions": {**DEFINITIONS, "accuracy": METRIC_DEFINITIONS[metric] + " " + DEFINITIONS["accuracy"]},
+        "definitions": {**DEFINITIONS, "accuracy": METRIC_DEFINITIONS.get(metric, "") + " " + DEFINITIONS["accuracy"]},
         "reference": reference if reference in rows else None,
         "reference_table3": equal,
         "answer_types": types,

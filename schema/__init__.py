@@ -124,3 +124,14 @@ PREDICTIONS_ARTIFACT = "eval/predictions.csv"
 EXAMPLES_ARTIFACT = "eval/examples_top5.json"
 HEADS_ARTIFACT = "stats/attention_heads.csv"
 BEST_CHECKPOINT_ARTIFACT = "checkpoint/best_model.pt"
+
+# ---- GQA and NLVR2 task adapters (issue 17) --------------------------------------------------------
+#: Values of the ``eval.metric`` tag for the two tasks (what their ``eval/acc`` / ``best/acc`` is).
+EVAL_METRIC_GQA = "gqa_accuracy"  # the label score of the predicted answer (LXMERT's GQAEvaluator)
+EVAL_METRIC_NLVR2 = "nlvr2_accuracy"  # share of statements judged right (LXMERT's NLVR2Evaluator)
+EVAL_CONSISTENCY = "eval/consistency"  # NLVR2: share of sentences whose every image pair is right
+EVAL_N_LABELLED = "eval/n_labelled"  # questions / statements that carry a label (the accuracy's denominator)
+#: Trial tag: how many answers of the task head started from the pretraining QA head (GQA).
+INIT_ANSWER_MAP = "init.answer_map"
+GQA_SUBMISSION_ARTIFACT = "eval/gqa_submission.json"  # [{"questionId", "prediction"}], GQA's server format
+NLVR2_RESULTS_ARTIFACT = "eval/nlvr2_results.csv"  # identifier,True|False per line, as LXMERT writes it

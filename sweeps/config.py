@@ -212,7 +212,9 @@ class ExperimentConfig:
         if self.pretrain.enabled and self.pretrain.corpus == "synthetic" and self.data.name != "easyvqa":
             raise ConfigError(
                 f"pretrain.corpus=synthetic needs data.name=easyvqa (its region features come from easy-VQA's "
-                f"extractor), got data.name={self.data.name!r}; set pretrain.corpus=lxmert and pretrain.root"
+                f"extractor), got data.name={self.data.name!r}: set pretrain.corpus=lxmert and pretrain.root "
+                "(default: data.root, and for the synthetic GQA folder pretrain.sources=vgnococo "
+                "pretrain.eval_source= as the smoke_tasks preset sets)"  # no "; ": it separates problems
             )
         if self.pretrain.enabled and self.pretrain.corpus == "lxmert" and not self.pretrain.lxmert_root(self.data.root):
             raise ConfigError("pretrain.root is empty (and so is data.root): pretrain.corpus=lxmert needs LXMERT's "

@@ -224,7 +224,8 @@ class StageRun:
             from models.checkpoint import load_pretrained
 
             report = load_pretrained(model, cfg.train.init_checkpoint, strict=not cfg.train.init_allow_partial,
-                                     allow=list(adapter.fresh_on_init), verbose=False)  # fmt: skip
+                                     allow=list(adapter.fresh_on_init), verbose=False,
+                                     **adapter.init_options())  # fmt: skip
             loop.log(f"{name} starts from {cfg.train.init_checkpoint}: {report}")
         model.to(loop.device)
         #: The plain model (hooks, state dicts); ``trainable`` is what runs (the adapter's view, wrapped).

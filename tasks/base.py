@@ -146,6 +146,12 @@ class TaskAdapter:
         """The task's whole model (encoder + its heads), plain (not wrapped), on the CPU."""
         raise NotImplementedError
 
+    def init_options(self) -> dict[str, Any]:
+        """Extra keyword arguments of :func:`models.checkpoint.load_pretrained` when the stage's model
+        starts from ``train.init_checkpoint`` (e.g. ``{"answer_map": {task answer: checkpoint row}}``
+        to start the answer head from a pretraining QA head). Called once, before the import."""
+        return {}
+
     def trainable(self, model: nn.Module) -> nn.Module:
         """What trains and evaluates: ``model`` wrapped so that its forward returns only what the
         loss uses (DDP marks parameters used by walking back from the outputs). Default: ``model``."""
@@ -231,6 +237,8 @@ class TaskAdapter:
 TASKS: dict[str, str | type[TaskAdapter]] = {
     "vqa": "tasks.vqa.adapter:VQAAdapter",
     "pretrain": "tasks.pretrain.adapter:PretrainAdapter",
+    "gqa": "tasks.gqa.adapter:GQAAdapter",
+    "nlvr2": "tasks.nlvr2.adapter:NLVR2Adapter",
 }
 
 

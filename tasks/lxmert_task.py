@@ -116,7 +116,32 @@ class Layout:
 def entry_error(path: Path, index: int, item: object, id_key: str, why: str) -> EntryFormatError:
     """``<path>: entry <index> (<id_key>=<id>): <why>`` (the shape of every entry error)."""
     ident = item.get(id_key) if isinstance(item, dict) else None
-    return EntryFormatError(f"{path}: entry {index} ({id_key}={ident!r}): {why}")
+    err = EntryFormatError(f"{path}: entry {index} ({id_key}={ident!r}): {why}")
+    err.index = index  # read_split adds the entry's line in the file
+    return err
+
+
+def entry_line(path: Path, index: int) -> int | None:
+    """The line of ``path`` (a JSON list) on which entry ``index`` starts, 1-based; None when the file
+    is not such a list. Decodes the file once more, entry by entry (only when reporting an error)."""
+    import json
+
+    text = path.read_text()
+    decoder = json.JSONDecoder()
+    pos = len(text) - len(text.lstrip())
+    if not text.startswith("[", pos):
+        return None
+    pos += 1
+    for i in range(index + 1):
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        if i == index:
+            return text.count("\n", 0, pos) + 1
+        try:
+            _, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            return None
+    return None
 
 
 def require_str(path: Path, index: int, item: dict, key: str, id_key: str) -> str:
@@ -134,18 +159,28 @@ def read_split(root: Path, layout: Layout, split: str) -> list[Entry]:
 
     Raises:
         FileNotFoundError: the file is missing (naming it and its source).
-        ValueError: invalid JSON (file, line, column), not a list, or a bad entry (file, entry).
+        ValueError: invalid JSON (file, line, column), not a list, or a bad entry (file, entry, the
+            line it starts on).
     """
     rel = layout.split_files[split]
     items = files.read_json(root, rel, layout.missing)
     if not isinstance(items, list):
         raise EntryFormatError(f"{root / rel}: must hold a list of entries, not a {type(items).__name__}")
-    entries = layout.read_entries(items, root / rel)
+    try:
+        entries = layout.read_entries(items, root / rel)
+    except EntryFormatError as err:
+        index = getattr(err, "index", None)
+        line = entry_line(root / rel, index) if index is not None else None
+        if line is None:
+            raise
+        raise EntryFormatError(f"{err} (the entry starts on line {line} of {root / rel})") from None
     seen: dict[str, int] = {}
     for i, e in enumerate(entries):
         if e.source_id in seen:
+            line = entry_line(root / rel, i)
             raise EntryFormatError(
                 f"{root / rel}: entry {i}: id {e.source_id!r} occurs twice (entries {seen[e.source_id]} and {i})"
+                + (f" (the second starts on line {line})" if line else "")
             )
         seen[e.source_id] = i
     return entries

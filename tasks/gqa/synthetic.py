@@ -52,7 +52,7 @@ def _question(rng: np.random.Generator, scene: Scene) -> tuple[str, str]:
 
 def write_dataset(root: str | Path, train_images: int = 300, valid_images: int = 60, testdev_images: int = 60,
                   submit_images: int = 20, questions_per_image: int = 5, num_boxes: int = 10, feat_dim: int = 64,
-                  objects: int = 2, seed: int = 0) -> dict:  # fmt: skip
+                  objects: int = 2, seed: int = 0, pretraining: bool = True) -> dict:  # fmt: skip
     """Write the data folder; return counts ``{split: questions}`` and the answer list.
 
     Args:
@@ -63,6 +63,8 @@ def write_dataset(root: str | Path, train_images: int = 300, valid_images: int =
         num_boxes, feat_dim: regions per image and feature size (LXMERT: 36, 2,048).
         objects: objects per image (the other regions are background).
         seed: everything is drawn from it.
+        pretraining: also write LXMERT's pretraining files over the training images
+            (``lxmert/vgnococo.json``, ``lxmert/all_ans.json``; :func:`_write_pretraining`).
     """
     root = Path(root)
     rng = np.random.default_rng(seed)
@@ -98,7 +100,29 @@ def write_dataset(root: str | Path, train_images: int = 300, valid_images: int =
                 entries.append(entry)
         _write_json(root / gqa.SPLIT_FILES[split], entries)
         counts[split] = len(entries)
+        if split == "train" and pretraining:
+            _write_pretraining(root, images["train"], scenes, entries)
     return {"questions": counts, "answers": list(ANSWERS)}
+
+
+def _write_pretraining(root: Path, images: list[str], scenes: dict[str, Scene], questions: list[dict]) -> None:
+    """LXMERT's pretraining source ``lxmert/vgnococo.json`` over the training images (a caption under
+    ``vg``, the image's GQA questions under ``gqa`` with their labels) and the QA answer table
+    ``lxmert/all_ans.json``, so that ``pretrain.corpus=lxmert pretrain.sources=vgnococo`` pretrains on
+    this folder's ``vg_gqa_obj36.tsv`` (and the GQA head can start from the pretraining QA head)."""
+    from tasks.pretrain.lxmert import ANSWERS_FILE
+
+    by_image: dict[str, list[dict]] = {}
+    for q in questions:
+        by_image.setdefault(q["img_id"], []).append(q)
+    entries = []
+    for img in images:
+        caption = " and ".join(f"a {color} {obj}" for obj, color in scenes[img].objects).capitalize() + "."
+        qs = by_image.get(img, [])
+        entries.append({"img_id": img, "sentf": {"vg": [caption], "gqa": [q["sent"] for q in qs]},
+                        "labelf": {"gqa": [q["label"] for q in qs]}})
+    _write_json(root / "lxmert/vgnococo.json", entries)
+    _write_json(root / ANSWERS_FILE, [{"ans": a, "dsets": ["gqa"]} for a in ANSWERS])
 
 
 def _write_json(path: Path, obj: object) -> None:
