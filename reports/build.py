@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from reports import figures as figures_mod
-from reports import render
+from reports import finetuning, render
 from reports.store import DEFAULT_EXPERIMENT, ReportError, connect, load_sweep, sqlite_path
 from reports.tables import compute
 
@@ -69,7 +69,9 @@ def build(
     out.mkdir(parents=True, exist_ok=True)
 
     tables = compute(data)
+    tables["finetuning"] = finetuning.compute(data)
     figs = figures_mod.make_figures(data, tables, out)
+    finetuning.add_figure(tables, figs, out)
     tables["figures"] = figs
     blocks = render.document(tables, figs)
     (out / "tables.json").write_text(dumps_tables(tables), encoding="utf-8")

@@ -480,6 +480,10 @@ def document(tables: dict[str, Any], figures: dict[str, Any]) -> list[Block]:
         blocks.append(("table", table2(tables)))
     if tables["tables"].get("table3"):
         blocks.append(("table", table3(tables)))
+    if tables.get("finetuning"):
+        from reports import finetuning
+
+        blocks.append(("table", finetuning.table(tables)))
     if tables["tables"]["other"]:
         blocks.append(("table", table2(tables, "other", "Other cells (percent)")))
     blocks.append(("h", 2, "Differences from " + (_label(tables, tables["reference"]) if tables["reference"]
