@@ -323,9 +323,9 @@ class StageRun:
         #: Optimisers of parameter groups that carry their own (SpotTune's policy), by group name.
         self.extra_optimizers: dict[str, Any] = {}
         self.group_usage: Any = None  # SpotTune's usage per sample group (question type) this epoch
+        self._trainable: nn.Module | None = None  # wrapped on first use: after the plan replaced the encoder
         if final and len(loop.specs) == 1:
-            self.apply_finetune(rewrap=False)  # its starting weights (train.init_checkpoint) are in
-        self.trainable = self._wrap()
+            self.apply_finetune()  # its starting weights (train.init_checkpoint) are in
         self.reset_optimizer()
         self.epoch = 0  # epochs completed
         self.step = 0
@@ -347,11 +347,19 @@ class StageRun:
         """The stage's :class:`tasks.base.OptimSpec` (read from the config each time)."""
         return self.adapter.optim()
 
-    def _wrap(self) -> nn.Module:
-        trainable = self.adapter.trainable(self.model)
-        return self.loop.wrap_model(trainable) if self.loop.wrap_model else trainable
+    @property
+    def trainable(self) -> nn.Module:
+        """What trains and evaluates: the adapter's view of the model, wrapped (e.g. DDP).
 
-    def apply_finetune(self, rewrap: bool = True) -> None:
+        Wrapped when first used, so that the wrapper (DDP registers every trainable parameter) sees the
+        model as it trains: a fine-tuning plan applied at the hand-over replaces the encoder first.
+        """
+        if self._trainable is None:
+            trainable = self.adapter.trainable(self.model)
+            self._trainable = self.loop.wrap_model(trainable) if self.loop.wrap_model else trainable
+        return self._trainable
+
+    def apply_finetune(self) -> None:
         """Apply ``model.finetune`` (``models.finetune``) to the encoder at ``adapter.encoder_attr``.
 
         Called once the stage's starting weights are in (strictly loaded): for a single-stage trial
@@ -375,8 +383,8 @@ class StageRun:
         setattr(self.model, attr, self.plan.encoder)
         self.model.to(self.loop.device)  # the policy network is built on the CPU
         self.group_usage = GroupUsage() if self.plan.adaptive else None
-        if rewrap:
-            self.trainable = self._wrap()
+        # A wrapper built before (none is, in the order the loop runs) would miss the new modules.
+        self._trainable = None
         self.loop.log(f"{self.name}: model.finetune.name={cfg.name} applied to the model's {attr}"
                       + (f" ({len(self.plan.decision_names)} decisions)" if self.plan.adaptive else ""))
 
