@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from reports import figures as figures_mod
-from reports import render, task_tables
+from reports import finetuning, render, task_tables
 from reports.store import DEFAULT_EXPERIMENT, ReportError, connect, load_sweep, sqlite_path
 from reports.tables import compute
 
@@ -71,7 +71,9 @@ def build(
     task = task_tables.strip_vqa_paper(data)  # a GQA / NLVR2 sweep: the grid's VQA paper numbers do not apply
     tables = compute(data)
     task_tables.add(tables, data, task)
+    tables["finetuning"] = finetuning.compute(data)
     figs = figures_mod.make_figures(data, tables, out)
+    finetuning.add_figure(tables, figs, out)
     tables["figures"] = figs
     blocks = render.document(tables, figs)
     (out / "tables.json").write_text(dumps_tables(tables), encoding="utf-8")

@@ -489,6 +489,10 @@ def document(tables: dict[str, Any], figures: dict[str, Any]) -> list[Block]:
         blocks.append(("table", table2(tables)))
     if tables["tables"].get("table3"):
         blocks.append(("table", table3(tables)))
+    if tables.get("finetuning"):
+        from reports import finetuning
+
+        blocks.append(("table", finetuning.table(tables)))
     if tables["tables"]["other"]:
         blocks.append(("table", table2(tables, "other", "Other cells (percent)")))
     if tables.get("task"):  # a sweep on GQA / NLVR2: the task's own table (reports/task_tables.py)

@@ -135,3 +135,22 @@ EVAL_N_LABELLED = "eval/n_labelled"  # questions / statements that carry a label
 INIT_ANSWER_MAP = "init.answer_map"
 GQA_SUBMISSION_ARTIFACT = "eval/gqa_submission.json"  # [{"questionId", "prediction"}], GQA's server format
 NLVR2_RESULTS_ARTIFACT = "eval/nlvr2_results.csv"  # identifier,True|False per line, as LXMERT writes it
+
+# ---- fine-tuning strategies (issue 15: models/finetune applied by sweeps/loop.py; docs/finetuning.md) ------
+PARAM_FINETUNE = "model.finetune.name"
+TRAIN_STEP_S = "train/step_s"  # mean seconds per training step of the epoch
+TRAIN_RESIDENT_MB = "train/resident_mb"  # parameters, buffers and optimiser state
+TRAIN_PEAK_MEM_MB = "train/peak_mem_mb"  # CUDA only: peak allocated in the epoch
+FINETUNE_USAGE = "finetune/usage"  # share of SpotTune decisions at "fine-tuned" (training forwards)
+FINETUNE_EVAL_USAGE = "finetune/eval_usage"
+FINETUNE_USAGE_PREFIX = "finetune/usage/"  # finetune/usage/<stack>/<layer>
+FINETUNE_USAGE_TYPE_PREFIX = "finetune/usage_type/"  # finetune/usage_type/<question type>
+FINETUNE_POLICY_ENTROPY = "finetune/policy_entropy"
+FINETUNE_TEMPERATURE = "finetune/temperature"
+FINETUNE_TRAIN_FLOPS = "model/finetune_train_flops"  # analytic fwd + bwd FLOPs per sample
+FINETUNE_EVAL_FLOPS = "model/finetune_eval_flops"
+FINETUNE_PARAMS_TRAINABLE = "model/finetune_params_trainable"
+FINETUNE_PARAMS_FROZEN = "model/finetune_params_frozen"
+FINETUNE_PARAMS_POLICY = "model/finetune_params_policy"
+FINETUNE_DECISIONS = "model/finetune_decisions"
+FINETUNE_USAGE_DIR = "finetune"  # finetune/usage_epoch<N>.csv: per decision, train / eval / per question type

@@ -203,12 +203,10 @@ class ExperimentConfig:
         if problems:
             raise ConfigError("; ".join(problems))
         if self.model.finetune.name != "standard":
-            # models/finetune builds every strategy, but this loop does not apply them yet (issue 15
-            # waits for the stage-based loop of issue 14): refuse rather than silently train standard.
-            raise ConfigError(
-                f"model.finetune.name={self.model.finetune.name!r} is not wired into the training loop yet; "
-                "only 'standard' runs (the strategies are in models/finetune, see docs/finetuning.md)"
-            )
+            task = self.stages()[-1][1]
+            if get_task(task).encoder_attr is None:
+                raise ConfigError(f"model.finetune.name={self.model.finetune.name!r}: task {task!r} has no encoder "
+                                  "the strategy applies to (its adapter's encoder_attr is None); use standard")
         if self.pretrain.enabled and self.pretrain.corpus == "synthetic" and self.data.name != "easyvqa":
             raise ConfigError(
                 f"pretrain.corpus=synthetic needs data.name=easyvqa (its region features come from easy-VQA's "

@@ -129,9 +129,12 @@ def load_state(path: str | Path) -> dict[str, Any]:
 
 
 def stats_rows(stats: dict[str, list[float]], epoch: int) -> list[dict[str, Any]]:
-    """``{"lang/3/self/span": [per head]}`` -> rows for the per-head table artifact."""
+    """``{"lang/3/self/span": [per head]}`` -> rows for the per-head table artifact (keys of other
+    shapes, e.g. SpotTune's ``<encoder>/policy/entropy``, are logged by :func:`finetune_metrics`)."""
     rows = []
     for key, values in stats.items():
+        if key.count("/") != 3:
+            continue
         stack, layer, attention, stat = key.split("/")
         for head, value in enumerate(values):
             rows.append(dict(epoch=epoch, stack=stack, layer=int(layer), attention=attention,
@@ -143,11 +146,97 @@ def stats_summary(stats: dict[str, list[float]]) -> dict[str, float]:
     """Per-layer summary metrics: ``span/lang/3/self`` = mean span over heads (also ``_max``)."""
     out: dict[str, float] = {}
     for key, values in stats.items():
+        if key.count("/") != 3:
+            continue
         stack, layer, attention, stat = key.split("/")
         name = f"{stat}/{stack}/{layer}/{attention}"
         out[name] = float(np.mean(values))
         out[f"{name}_max"] = float(np.max(values))
     return out
+
+
+def resident_mb(model: nn.Module, optimizers: list[Any]) -> float:
+    """MB held across steps: the model's parameters and buffers (SpotTune's frozen copies and policy
+    included) and the optimisers' state tensors (each storage counted once)."""
+    seen: dict[Any, int] = {}
+
+    def add(t: torch.Tensor) -> None:
+        if torch.is_tensor(t):
+            storage = t.untyped_storage()
+            seen[(storage.data_ptr(), t.device)] = storage.nbytes()
+
+    for t in (*model.parameters(), *model.buffers()):
+        add(t)
+    for opt in optimizers:
+        state = opt.state_dict()
+        for entry in (state.get("base", state).get("state", {}) or {}).values():
+            for value in entry.values():
+                add(value)
+        for slow in state.get("slow", []):
+            add(slow)
+    return sum(seen.values()) / 2**20
+
+
+def finetune_metrics(plan: Any, group_usage: Any, epoch: int) -> tuple[dict[str, float], str]:
+    """A SpotTune plan's epoch statistics: MLflow metrics and the per-decision CSV.
+
+    Metrics: ``finetune/usage`` and ``finetune/eval_usage`` (share of decisions that took the
+    fine-tuned branch in the epoch's training / evaluation forwards), the same per layer
+    (``finetune/usage/<stack>/<layer>``: the mean over the layer's decisions), per sample group
+    (``finetune/usage_type/<question type>``), ``finetune/policy_entropy`` (nats per decision) and
+    ``finetune/temperature``. The CSV (``finetune/usage_epoch<N>.csv``) has one row per decision
+    and column group: ``train``, ``eval`` and each question type.
+    """
+    names = list(plan.decision_names)
+    columns = {"train": plan.encoder.usage("train").double(), "eval": plan.encoder.usage("eval").double()}
+    types = group_usage.rates() if group_usage is not None else {}
+    out: dict[str, float] = {}
+    for split in ("train", "eval"):
+        prefix = "finetune/usage" if split == "train" else "finetune/eval_usage"
+        values = columns[split]
+        out[prefix] = float(values.mean())
+        layers: dict[str, list[float]] = {}
+        for name, value in zip(names, values.tolist()):
+            layers.setdefault("/".join(name.split("/")[:2]), []).append(value)
+        out.update({f"{prefix}/{layer}": float(np.mean(v)) for layer, v in layers.items()})
+    for group, rate in sorted(types.items()):
+        out[f"finetune/usage_type/{_slug(group)}"] = float(rate.mean())
+    policy = plan.extra_modules["policy"].stats()
+    out["finetune/policy_entropy"] = float(policy["entropy"].reshape(-1)[0])
+    out["finetune/temperature"] = float(policy["temperature"].reshape(-1)[0])
+    header = ["epoch", "decision", "train", "eval", *(f"type:{g}" for g in sorted(types))]
+    lines = [",".join(_csv_cell(h) for h in header)]
+    for i, name in enumerate(names):
+        cells = [str(epoch), name, f"{float(columns['train'][i]):.6g}", f"{float(columns['eval'][i]):.6g}",
+                 *(f"{float(types[g][i]):.6g}" for g in sorted(types))]
+        lines.append(",".join(_csv_cell(c) for c in cells))
+    return out, "\n".join(lines) + "\n"
+
+
+def finetune_cost_metrics(cfg: ExperimentConfig, n_tokens: int, n_regions: int) -> dict[str, float]:
+    """``model/finetune_*``: the analytic cost of ``model.finetune`` (:func:`models.flops.finetune_cost`,
+    VQA head) per sample, logged once per trial so that a report compares strategies; empty where it
+    does not apply (LayerDrop, or a model it cannot count)."""
+    from models.flops import finetune_cost
+
+    try:
+        cost = finetune_cost(cfg.model, n_tokens=n_tokens, n_regions=n_regions)
+    except (ValueError, NotImplementedError, KeyError):
+        return {}
+    return {schema.FINETUNE_TRAIN_FLOPS: float(cost.forward + cost.backward),
+            schema.FINETUNE_EVAL_FLOPS: float(cost.eval_forward),
+            schema.FINETUNE_PARAMS_TRAINABLE: float(cost.params_trainable),
+            schema.FINETUNE_PARAMS_FROZEN: float(cost.params_frozen),
+            schema.FINETUNE_PARAMS_POLICY: float(cost.params_policy),
+            schema.FINETUNE_DECISIONS: float(cost.decisions)}
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in str(text).lower()).strip("_")
+
+
+def _csv_cell(text: str) -> str:
+    return f'"{text.replace(chr(34), chr(34) * 2)}"' if any(c in text for c in ',"\n') else text
 
 
 #: The parts of a trial's wall-clock time (seconds), logged as ``time/<part>`` (docs/tracking.md).
@@ -230,8 +319,14 @@ class StageRun:
         model.to(loop.device)
         #: The plain model (hooks, state dicts); ``trainable`` is what runs (the adapter's view, wrapped).
         self.model = model
-        trainable = adapter.trainable(model)
-        self.trainable = loop.wrap_model(trainable) if loop.wrap_model else trainable
+        #: ``model.finetune`` applied to the model's encoder (:meth:`apply_finetune`), or None.
+        self.plan: Any = None
+        #: Optimisers of parameter groups that carry their own (SpotTune's policy), by group name.
+        self.extra_optimizers: dict[str, Any] = {}
+        self.group_usage: Any = None  # SpotTune's usage per sample group (question type) this epoch
+        self._trainable: nn.Module | None = None  # wrapped on first use: after the plan replaced the encoder
+        if final and len(loop.specs) == 1:
+            self.apply_finetune()  # its starting weights (train.init_checkpoint) are in
         self.reset_optimizer()
         self.epoch = 0  # epochs completed
         self.step = 0
@@ -254,11 +349,63 @@ class StageRun:
         """The stage's :class:`tasks.base.OptimSpec` (read from the config each time)."""
         return self.adapter.optim()
 
+    @property
+    def trainable(self) -> nn.Module:
+        """What trains and evaluates: the adapter's view of the model, wrapped (e.g. DDP).
+
+        Wrapped when first used, so that the wrapper (DDP registers every trainable parameter) sees the
+        model as it trains: a fine-tuning plan applied at the hand-over replaces the encoder first.
+        """
+        if self._trainable is None:
+            trainable = self.adapter.trainable(self.model)
+            self._trainable = self.loop.wrap_model(trainable) if self.loop.wrap_model else trainable
+        return self._trainable
+
+    def apply_finetune(self) -> None:
+        """Apply ``model.finetune`` (``models.finetune``) to the encoder at ``adapter.encoder_attr``.
+
+        Called once the stage's starting weights are in (strictly loaded): for a single-stage trial
+        when the stage is built, else by :meth:`TrialLoop._hand_over` after the previous stage's
+        encoder was imported, and on resume before the checkpoint is loaded (the same plan, whose
+        frozen copies, policy and usage counts the checkpoint then overwrites). SpotTune's frozen
+        copies are taken here, so they hold the starting weights. ``standard`` leaves the model as
+        it is. The caller rebuilds the optimiser (:meth:`reset_optimizer`).
+        """
+        cfg = self.loop.cfg.model.finetune
+        if cfg.name == "standard" or self.plan is not None:
+            return
+        from models.configkit import ConfigError
+        from models.finetune import GroupUsage, apply_finetune
+
+        attr = self.adapter.encoder_attr
+        if attr is None or not hasattr(self.model, attr):
+            raise ConfigError(f"model.finetune.name={cfg.name!r}: task {self.adapter.name!r} has no encoder to "
+                              f"apply it to (its adapter's encoder_attr is {attr!r}); use model.finetune.name=standard")
+        self.plan = apply_finetune(getattr(self.model, attr), cfg)
+        setattr(self.model, attr, self.plan.encoder)
+        self.model.to(self.loop.device)  # the policy network is built on the CPU
+        self.group_usage = GroupUsage() if self.plan.adaptive else None
+        # A wrapper built before (none is, in the order the loop runs) would miss the new modules.
+        self._trainable = None
+        self.loop.log(f"{self.name}: model.finetune.name={cfg.name} applied to the model's {attr}"
+                      + (f" ({len(self.plan.decision_names)} decisions)" if self.plan.adaptive else ""))
+
     def reset_optimizer(self) -> None:
-        """A fresh optimiser and schedule on the model's current weights (Lookahead keeps copies)."""
+        """A fresh optimiser and schedule on the model's current weights (Lookahead keeps copies);
+        parameter groups of the fine-tuning plan that carry their own optimiser get it."""
+        from models.finetune import make_optimizer
+
         s = self.spec
+        own = [g for g in self.plan.param_groups if "optimizer" in g] if self.plan is not None else []
+        scaled = [g["name"] for g in self.plan.param_groups if g.get("lr_scale", 1.0) != 1.0] if self.plan else []
+        if scaled:
+            raise ValueError(f"fine-tuning plan groups {scaled} ask for a scaled learning rate, which the loop's "
+                             "optimiser does not apply")
+        exclude = {id(p) for g in own for p in g["params"]}
         self.optimizer = build_optimizer(self.adapter.optimized(self.model), s.optimizer, s.lr, s.weight_decay,
-                                         s.lookahead_k, s.lookahead_alpha, s.mechanism_lr_scale)  # fmt: skip
+                                         s.lookahead_k, s.lookahead_alpha, s.mechanism_lr_scale,
+                                         exclude)  # fmt: skip
+        self.extra_optimizers = {g["name"]: make_optimizer(g) for g in own}
         steps = total_steps(self.adapter.train_length(), s.batch_size, self.loop.world_size, s.epochs)
         self.schedule = build_schedule(self.optimizer, s.schedule, max(1, steps), s.warmup_ratio, s.lr_min,
                                        s.cycle_steps)  # fmt: skip
@@ -282,13 +429,21 @@ class StageRun:
             "best": self.best,
             "steps_dropping": self.steps_dropping,
             "nonfinite_steps": self.guard.count,
+            # The plan applied (a resume applies it again before loading "model") and its own optimisers.
+            "finetune_plan": self.plan.name if self.plan is not None else "",
+            "extra_optimizers": {k: o.state_dict() for k, o in self.extra_optimizers.items()},
             **self.adapter.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("finetune_plan") and self.plan is None:
+            self.apply_finetune()
+            self.reset_optimizer()
         self.model.load_state_dict(state["model"])
         self.adapter.load_state_dict(state)
         self.optimizer.load_state_dict(state["optimizer"])
+        for name, opt_state in state.get("extra_optimizers", {}).items():
+            self.extra_optimizers[name].load_state_dict(opt_state)
         self.schedule.load_state_dict(state["schedule"])
         self.epoch = int(state["epoch"])
         self.passes = int(state.get("passes", self.epoch))
@@ -314,6 +469,12 @@ class StageRun:
         loop, adapter, model = self.loop, self.adapter, self.model
         adapter.start_epoch(self.epoch)
         self.trainable.train()
+        if self.plan is not None:
+            self.plan.reset_usage()  # the epoch's usage statistics (and eval_mode=global's policy)
+        if self.group_usage is not None:
+            self.group_usage.reset()
+        if loop.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(loop.device)
         samples, n_batches = 0, 0
         layer_counts: dict[str, float] = {}
         depths = {"lang": loop.cfg.model.l_layers, "visn": loop.cfg.model.r_layers, "cross": loop.cfg.model.x_layers}
@@ -346,7 +507,11 @@ class StageRun:
             f"{ns}samples_per_s": samples * loop.world_size / max(seconds, 1e-9),
             f"{ns}steps": float(self.step),
             f"{ns}nonfinite_steps": float(self.guard.count),
+            f"{ns}step_s": seconds / max(1, n_batches),
+            f"{ns}resident_mb": resident_mb(self.model, [self.optimizer, *self.extra_optimizers.values()]),
         })  # fmt: skip
+        if loop.device.type == "cuda":
+            metrics[f"{ns}peak_mem_mb"] = torch.cuda.max_memory_allocated(loop.device) / 2**20
         for stack, total_layers in layer_counts.items():
             metrics[f"{self.layers_ns}{stack}_ran"] = total_layers / max(1, n_batches)
         return metrics, bare
@@ -357,24 +522,34 @@ class StageRun:
         :class:`sweeps.failures.FiniteGuard`), the schedule, ``post_step()``. Returns the adapter's
         :class:`tasks.base.StepLoss` and whether the step was applied, or None when the adapter
         skipped the batch."""
+        if self.plan is not None:
+            self.plan.set_temperature(self.epoch, self.step)  # a function of (epoch, step): resumes exactly
         ctx = self.context()
         out = self.adapter.train_loss(self.trainable, batch, ctx)
         if out is None:
             return None
         model = self.model
+        if self.group_usage is not None:
+            groups = self.adapter.sample_groups(batch)
+            if groups is not None:
+                self.group_usage.update(self.plan.last_decisions(), groups)
         aux = hooks.aux_loss(model)
         total = out.loss + aux if torch.is_tensor(aux) else out.loss
-        self.optimizer.zero_grad(set_to_none=True)
+        optimizers = [self.optimizer, *self.extra_optimizers.values()]
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
         total.backward()
         self.adapter.after_backward()
         norm = grad_norm(model.parameters(), self.spec.grad_clip)
         total_value = float(total.detach())
         finite = self.guard.finite(total_value, norm)
         if finite:
-            self.optimizer.step()
+            for opt in optimizers:
+                opt.step()
         else:  # its NaN gradient would poison every weight: skip it, or stop the trial
             self.guard.skip(self.epoch + 1, self.step + 1, total_value, norm, self.loop.last_checkpoint)
-            self.optimizer.zero_grad(set_to_none=True)
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
         self.schedule.step()
         hooks.post_step(model)
         self.adapter.after_step(ctx, out, finite, total_value, float(aux.detach()) if torch.is_tensor(aux) else 0.0)
@@ -570,6 +745,7 @@ class TrialLoop:
                 schema.MODEL_PARAMS: float(count_params(cfg.model)),
                 schema.MODEL_FLOPS: float(flops_per_sample(cfg.model, n_tokens=n_tokens, n_regions=n_regions)),
                 **final.adapter.describe(),
+                **finetune_cost_metrics(cfg, n_tokens, n_regions),
             })  # fmt: skip
             tracker.set_tags({schema.TRIAL_PRECISION: self.precision, schema.TRIAL_DEVICE: self.device.type,
                               schema.TRIAL_WORLD_SIZE: str(self.world_size), **final.adapter.tags()})
@@ -616,11 +792,15 @@ class TrialLoop:
             if self.rank == 0:
                 metrics.update({f"{stage.eval_ns}{k}": v for k, v in result.metrics.items()})
                 bare.update({f"eval_{k}": v for k, v in result.metrics.items()})
+            usage_csv = ""
             if stage.final:
                 stats = hooks.collect_stats(stage.model)
                 if self.rank == 0:
                     metrics.update(stats_summary(stats))
                     self.head_rows.extend(stats_rows(stats, stage.epoch))
+                    if stage.plan is not None and stage.plan.adaptive:
+                        found, usage_csv = finetune_metrics(stage.plan, stage.group_usage, stage.epoch)
+                        metrics.update(found)
                     improved = stage.track_best(metrics)
             seconds = time.perf_counter() - t0
             stage.elapsed_s += seconds
@@ -639,6 +819,8 @@ class TrialLoop:
                 self.log(f"{label} {stage.epoch}/{stage.spec.epochs}: {stage.adapter.progress(bare)}{speed}")
             if tracker is not None:
                 self._log_epoch(stage, metrics, result, improved, tracker)
+                if usage_csv:
+                    tracker.log_text(usage_csv, f"{schema.FINETUNE_USAGE_DIR}/usage_epoch{stage.epoch}.csv")
 
     def _log_epoch(self, stage: StageRun, metrics: dict[str, float], result, improved: bool, tracker) -> None:
         from sweeps.tracking import csv_text
@@ -672,6 +854,8 @@ class TrialLoop:
         load = load_pretrained(nxt.model, stage.model.state_dict(), strict=True,
                                allow=list(nxt.adapter.fresh_on_transfer), verbose=False)  # fmt: skip
         self.log(f"{stage.name} encoder -> {nxt.name} model: {load}")
+        if nxt.final:
+            nxt.apply_finetune()  # after the import: SpotTune's frozen copies hold the imported encoder
         nxt.reset_optimizer()
         self.summaries[stage.name] = {
             "history": stage.history,

@@ -153,7 +153,7 @@ class Lookahead:
 
 
 def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None,
-                 mechanism_lr_scale: float = 1.0) -> list[dict]:
+                 mechanism_lr_scale: float = 1.0, exclude: set[int] | None = None) -> list[dict]:
     """Decay weights of linear/embedding layers; never biases, LayerNorm, span z or entmax alpha
     (decaying those would pull spans to 0 and alpha to 1.5 for reasons unrelated to the task).
 
@@ -161,13 +161,16 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None,
     (:func:`models.hooks.mechanism_parameters`: span z, alpha logits) form a third group, without
     decay, at ``lr * mechanism_lr_scale``: one scalar per head that must travel a long way (a span
     from full to a few tokens) in a few hundred steps. The group is left out when empty.
+
+    Parameters whose ``id`` is in ``exclude`` are left out (they train under an optimiser of their
+    own, e.g. SpotTune's policy network).
     """
     import models.hooks as hooks
 
     mechanism = {id(p) for p in hooks.mechanism_parameters(model)}
     decay, no_decay, mech = [], [], []
     for name, p in model.named_parameters():
-        if not p.requires_grad:
+        if not p.requires_grad or (exclude and id(p) in exclude):
             continue
         if id(p) in mechanism:
             mech.append(p)
@@ -189,8 +192,8 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None,
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
                     lookahead_k: int = 5, lookahead_alpha: float = 0.8,
-                    mechanism_lr_scale: float = 1.0) -> Optimizer | Lookahead:
-    groups = param_groups(model, weight_decay, lr, mechanism_lr_scale)
+                    mechanism_lr_scale: float = 1.0, exclude: set[int] | None = None) -> Optimizer | Lookahead:
+    groups = param_groups(model, weight_decay, lr, mechanism_lr_scale, exclude)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-6, fused=True)  # 6x faster step on CPU
     if name == "lookahead_lamb":

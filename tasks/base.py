@@ -112,6 +112,11 @@ class TaskAdapter:
     #: imported (strict otherwise), and when the previous stage's weights are imported.
     fresh_on_init: ClassVar[tuple[str, ...]] = ()
     fresh_on_transfer: ClassVar[tuple[str, ...]] = ("head.*",)
+    #: The attribute of :meth:`build_model`'s model that holds the encoder (an ``LxmertModel``) to
+    #: which ``model.finetune`` applies: in the trial's last stage the loop replaces it by the
+    #: strategy's encoder (``models.finetune``) once the starting weights are in. None: the task's
+    #: model has no such encoder, and only ``model.finetune.name=standard`` runs.
+    encoder_attr: ClassVar[str | None] = "lxmert"
 
     def __init__(self, cfg: Any, rank: int = 0, world_size: int = 1, device: torch.device | None = None,
                  log: Callable[[str], None] = print):  # fmt: skip
@@ -191,6 +196,11 @@ class TaskAdapter:
         """Forward ``batch`` through ``model`` (the :meth:`trainable`; inside ``ctx.autocast()``)
         and return the task loss; None skips the batch (no step)."""
         raise NotImplementedError
+
+    def sample_groups(self, batch: dict[str, Tensor]) -> list[str] | None:
+        """A label per sample of a training batch (e.g. VQA's question type) by which the loop breaks
+        down per-sample statistics (SpotTune's usage of the fine-tuned branch); None: no groups."""
+        return None
 
     def after_backward(self) -> None:
         """After ``backward`` and before clipping (e.g. all-reduce gradients outside DDP)."""

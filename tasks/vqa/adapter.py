@@ -132,6 +132,10 @@ class VQAAdapter(TaskAdapter):
             loss = F.binary_cross_entropy_with_logits(logits.float(), targets) * targets.shape[1]
         return StepLoss(loss, targets.shape[0])
 
+    def sample_groups(self, batch: dict[str, torch.Tensor]) -> list[str]:
+        """The question type of each question in a training batch."""
+        return self.data.train.question_type_of(batch["question_id"].numpy())
+
     def after_step(self, ctx: StepContext, out: StepLoss, finite: bool, total: float, aux: float) -> None:
         if finite:  # a skipped step's loss would make the epoch's mean NaN
             self._sums[0] += out.loss.item() * out.n

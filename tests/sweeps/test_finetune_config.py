@@ -1,5 +1,5 @@
-"""``model.finetune.*`` keys in the experiment config: listed, round-tripped, and refused by today's loop
-until it applies them (models/finetune builds the strategies; issue 14's loop will run them)."""
+"""``model.finetune.*`` keys in the experiment config: listed, round-tripped, validated (the loop applies
+every registered strategy: tests/sweeps/test_finetune_loop.py)."""
 
 import pytest
 
@@ -25,9 +25,25 @@ def test_finetune_keys_round_trip_as_mlflow_strings():
     cfg.validate()  # standard: runs as before
 
 
-def test_strategies_the_loop_does_not_apply_yet_are_refused_by_name():
-    cfg = apply_overrides(ExperimentConfig(), {"model.finetune.name": "spottune"})
-    with pytest.raises(ConfigError, match="model.finetune.name='spottune' is not wired into the training loop"):
-        cfg.validate()
+def test_every_registered_strategy_validates_and_a_misspelt_one_is_refused_by_name():
+    for name in ("frozen", "last_k", "spottune_block", "spottune", "spottune_res"):
+        apply_overrides(ExperimentConfig(), {"model.finetune.name": name}).validate()
     with pytest.raises(ConfigError, match="finetune.name='spotune' is not a registered"):
         apply_overrides(ExperimentConfig(), {"model.finetune.name": "spotune"}).validate()
+
+
+def test_a_strategy_on_a_task_without_an_encoder_is_refused_naming_the_task():
+    from tasks.base import TASKS, TaskAdapter
+
+    class NoEncoder(TaskAdapter):
+        name = "no_encoder_task"
+        encoder_attr = None
+
+    TASKS[NoEncoder.name] = NoEncoder
+    try:
+        cfg = apply_overrides(ExperimentConfig(), {"model.finetune.name": "frozen", "train.task": NoEncoder.name})
+        with pytest.raises(ConfigError, match="task 'no_encoder_task' has no encoder"):
+            cfg.validate()
+        apply_overrides(cfg, {"model.finetune.name": "standard"}).validate()
+    finally:
+        del TASKS[NoEncoder.name]
