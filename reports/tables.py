@@ -55,6 +55,10 @@ STAT_DISPLAY: dict[str, dict[str, Any]] = {
               "axis": "alpha (1 softmax, 2 sparsemax)", "ylim": (0.95, 2.05), "hline": 1.5,
               "note": "The paper reports text heads preferring sparse attention (alpha toward 2) and vision / "
                       "cross-modal heads dense (alpha below 1.5)."},
+    # SpotTune's per-decision usage rides in the same per-head CSV but is no attention statistic: its
+    # own section (reports/finetuning.py: table and heatmap) shows it.
+    "usage": {"attention": False},
+    "eval_usage": {"attention": False},
 }
 #: Stacks of the model in display order (others follow alphabetically).
 STACK_ORDER = ("lang", "visn", "cross")
@@ -69,9 +73,11 @@ def stat_display(stat: str) -> dict[str, Any]:
 
 
 def stat_order(stats: set[str] | list[str]) -> list[str]:
-    """Statistics in display order: the known ones by figure number, then the rest alphabetically."""
-    known = sorted((s for s in set(stats) if s in STAT_DISPLAY), key=lambda s: STAT_DISPLAY[s]["figure"])
-    return known + sorted(set(stats) - set(STAT_DISPLAY))
+    """The attention statistics among ``stats`` in display order: the known ones by figure number, then
+    the rest alphabetically (statistics marked ``"attention": False`` are left to their own section)."""
+    stats = {s for s in stats if STAT_DISPLAY.get(s, {}).get("attention", True)}
+    known = sorted((s for s in stats if s in STAT_DISPLAY), key=lambda s: STAT_DISPLAY[s]["figure"])
+    return known + sorted(stats - set(STAT_DISPLAY))
 
 
 #: The child-run tag that says what a trial's `eval/acc` (and `best/acc`) measures. Runs that lack

@@ -84,3 +84,6 @@ def test_finetuning_smoke_sweep_fills_the_report_table_and_heatmap(ray_head, tmp
     heat = [f for f in tables["figures"]["files"] if f["file"].endswith("_finetune_usage.png")]
     assert len(heat) == 1 and heat[0]["cells"] == ["spottune_block", "spottune"]
     assert (runs / "reports" / "smoke-finetuning" / heat[0]["file"]).is_file() and heat[0]["file"] in md
+    # Usage is shown by its own section, not as a learned attention statistic (table or per-stat figure).
+    assert not any(a["stat"] in ("usage", "eval_usage") for a in tables["attention"])
+    assert not any(f.get("stat") in ("usage", "eval_usage") for f in tables["figures"]["files"])
