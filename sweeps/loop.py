@@ -662,12 +662,16 @@ class TrialLoop:
 
     def _hand_over(self, stage: StageRun, nxt: StageRun, tracker) -> None:
         """Import ``stage``'s encoder into ``nxt``'s model (every encoder parameter must load; only
-        ``nxt``'s task heads may stay fresh), restart ``nxt``'s optimiser, keep ``stage``'s summary."""
+        ``nxt``'s task heads may stay fresh), or its whole model when ``nxt``'s adapter says
+        ``transfer = "model"``; restart ``nxt``'s optimiser, keep ``stage``'s summary."""
         from models.checkpoint import load_pretrained
 
-        load = load_pretrained(nxt.model, stage.model.state_dict(), strict=True,
-                               allow=list(nxt.adapter.fresh_on_transfer), verbose=False)  # fmt: skip
-        self.log(f"{stage.name} encoder -> {nxt.name} model: {load}")
+        if nxt.adapter.transfer == "model":
+            load = _whole_model(stage, nxt)
+        else:
+            load = load_pretrained(nxt.model, stage.model.state_dict(), strict=True,
+                                   allow=list(nxt.adapter.fresh_on_transfer), verbose=False)  # fmt: skip
+        self.log(f"{stage.name} {'model' if nxt.adapter.transfer == 'model' else 'encoder'} -> {nxt.name} model: {load}")
         nxt.reset_optimizer()
         self.summaries[stage.name] = {
             "history": stage.history,
@@ -677,7 +681,8 @@ class TrialLoop:
             "transfer": {"loaded": len(load.loaded), "fresh": len(load.fresh), "ignored": len(load.ignored),
                          "kernel": len(load.kernel)},
         }  # fmt: skip
-        self.running = None  # frees the stage's model and its optimizer state
+        # Frees the stage's model and its optimizer state; a next stage that is not the last is now the running one.
+        self.running = None if nxt.final else nxt
         if tracker is not None:
             tracker.log_text(str(load) + "\n", f"{stage.name}/transfer_report.txt")
             tracker.set_tags({f"{stage.name}.transfer": f"{len(load.loaded)} loaded, {len(load.fresh)} fresh "
@@ -694,6 +699,27 @@ class TrialLoop:
         self.times.add("checkpoint_s", time.perf_counter() - t0)
         if isinstance(where, str) and where:
             self.last_checkpoint = where
+
+
+def _whole_model(stage: StageRun, nxt: StageRun):
+    """Load ``stage``'s whole state dict (parameters and buffers, heads included) into ``nxt``'s model,
+    strictly; returns a :class:`models.checkpoint.LoadReport` of it.
+
+    Raises:
+        CheckpointError: the two models differ (a key missing, unexpected or of another shape).
+    """
+    from models.checkpoint import CheckpointError, LoadReport
+
+    state = stage.model.state_dict()
+    report = LoadReport(source=f"the {stage.name} stage's model", format="native")
+    try:
+        nxt.model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"stage {nxt.name!r} takes over the whole model of stage {stage.name!r} "
+                              f"(its adapter's transfer = 'model'), but the two models differ: {err}", report) from None
+    report.loaded = [n for n, _ in nxt.model.named_parameters()]
+    report.applied = True
+    return report
 
 
 def _log_artifact(tracker, name: str, content: Any) -> None:

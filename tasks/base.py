@@ -110,6 +110,12 @@ class TaskAdapter:
     #: imported (strict otherwise), and when the previous stage's weights are imported.
     fresh_on_init: ClassVar[tuple[str, ...]] = ()
     fresh_on_transfer: ClassVar[tuple[str, ...]] = ("head.*",)
+    #: What this stage takes from the previous stage of the trial: ``"encoder"`` (its encoder,
+    #: strictly; only ``fresh_on_transfer`` may stay fresh, the previous stage's heads stay behind)
+    #: or ``"model"`` (its whole state dict, heads and buffers included, loaded with
+    #: ``load_state_dict(strict=True)``: this stage's model must be built exactly as the previous
+    #: one's, e.g. the retrieval stage scoring the pretraining model with its matching head).
+    transfer: ClassVar[str] = "encoder"
 
     def __init__(self, cfg: Any, rank: int = 0, world_size: int = 1, device: torch.device | None = None,
                  log: Callable[[str], None] = print):  # fmt: skip
@@ -229,6 +235,7 @@ class TaskAdapter:
 TASKS: dict[str, str | type[TaskAdapter]] = {
     "vqa": "tasks.vqa.adapter:VQAAdapter",
     "pretrain": "tasks.pretrain.adapter:PretrainAdapter",
+    "retrieval": "tasks.retrieval.adapter:RetrievalAdapter",
 }
 
 

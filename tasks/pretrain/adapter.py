@@ -72,6 +72,20 @@ def shared_parameters(model: nn.Module, which: str) -> list[torch.Tensor]:
     raise ValueError(f"pretrain.shared={which!r}: expected encoder or last_layer")
 
 
+def pretraining_model(cfg, corpus) -> nn.Module:
+    """The pretraining model of ``cfg`` (encoder + the heads of ``pretrain.tasks``, sized by the
+    corpus ``corpus``): what the ``pretrain`` stage trains and what a stage that takes over its
+    whole model (``retrieval``) rebuilds before the hand-over."""
+    import models
+
+    p = cfg.pretrain
+    return models.lxmert_pretraining(
+        cfg.model, tuple(p.task_list), num_object_labels=corpus.num_object_labels,
+        num_attr_labels=corpus.num_attr_labels, num_qa_answers=len(corpus.answers), contrastive_dim=p.contrastive_dim,
+        contrastive_temperature=p.contrastive_temperature, contrastive_learn_temperature=p.contrastive_learn_temperature,
+    )  # fmt: skip
+
+
 class PretrainAdapter(TaskAdapter):
     """LXMERT's pretraining objectives (``pretrain.tasks``) under a task weighting (``pretrain.weighting``)."""
 
@@ -133,12 +147,7 @@ class PretrainAdapter(TaskAdapter):
                          grad_clip=p.grad_clip)  # fmt: skip
 
     def build_model(self) -> nn.Module:
-        import models
-
-        model = models.lxmert_pretraining(
-            self.cfg.model, tuple(self.tasks), num_object_labels=self.data.num_object_labels,
-            num_attr_labels=self.data.num_attr_labels, num_qa_answers=len(self.data.answers),
-        )  # fmt: skip
+        model = pretraining_model(self.cfg, self.data)
         self.shared = shared_parameters(model, self.pcfg.shared)
         return model
 

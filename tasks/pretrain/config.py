@@ -131,6 +131,11 @@ class PretrainConfig:
         mlm_prob: Fraction of tokens masked (80% [MASK], 10% random, 10% kept).
         mor_prob: Fraction of regions masked (80% zeroed, 10% another region's feature, 10% kept).
         mismatch_prob: Fraction of sentences replaced by another image's (matching negatives).
+        contrastive_dim: ``contrastive``: embedding size of the contrastive head.
+        contrastive_temperature: ``contrastive``: the InfoNCE temperature (CLIP's initial 0.07), fixed
+            or the initial value of a learned one.
+        contrastive_learn_temperature: ``contrastive``: learn the temperature (its inverse kept at or
+            below 100, as CLIP does) or keep it fixed.
     """
 
     enabled: bool = False
@@ -161,6 +166,9 @@ class PretrainConfig:
     mlm_prob: float = 0.15
     mor_prob: float = 0.15
     mismatch_prob: float = 0.5
+    contrastive_dim: int = 256
+    contrastive_temperature: float = 0.07
+    contrastive_learn_temperature: bool = True
 
     def __post_init__(self) -> None:
         normalise_lists(self, "pretrain.")
@@ -201,6 +209,13 @@ class PretrainConfig:
         for key in ("mlm_prob", "mor_prob", "mismatch_prob"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ConfigError(f"pretrain.{key}={getattr(self, key)} must lie in [0, 1]")
+        if self.contrastive_dim < 1:
+            raise ConfigError(f"pretrain.contrastive_dim={self.contrastive_dim} must be >= 1")
+        if not self.contrastive_temperature > 0:
+            raise ConfigError(f"pretrain.contrastive_temperature={self.contrastive_temperature} must be > 0")
+        if self.contrastive_learn_temperature and self.contrastive_temperature < 0.01:
+            raise ConfigError(f"pretrain.contrastive_temperature={self.contrastive_temperature}: a learned temperature "
+                              "starts at or above 0.01 (its inverse is kept <= 100)")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"pretrain.warmup_ratio={self.warmup_ratio} must lie in [0, 1)")
         if not 0.0 < self.grad_std_floor <= 1.0:
