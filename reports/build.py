@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from reports import decoupling, render
 from reports import figures as figures_mod
-from reports import render
 from reports.store import DEFAULT_EXPERIMENT, ReportError, connect, load_sweep, sqlite_path
 from reports.tables import compute
 
@@ -69,6 +69,7 @@ def build(
     out.mkdir(parents=True, exist_ok=True)
 
     tables = compute(data)
+    tables["decoupling"] = decoupling.compute(data, tables)  # None unless trials ran the retrieval stage
     figs = figures_mod.make_figures(data, tables, out)
     tables["figures"] = figs
     blocks = render.document(tables, figs)

@@ -482,6 +482,10 @@ def document(tables: dict[str, Any], figures: dict[str, Any]) -> list[Block]:
         blocks.append(("table", table3(tables)))
     if tables["tables"]["other"]:
         blocks.append(("table", table2(tables, "other", "Other cells (percent)")))
+    if tables.get("decoupling"):
+        from reports.decoupling import table as decoupling_table
+
+        blocks.append(("table", decoupling_table(tables)))
     blocks.append(("h", 2, "Differences from " + (_label(tables, tables["reference"]) if tables["reference"]
                                                   else "softmax")))
     if tables["reference"] is None:

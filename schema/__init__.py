@@ -99,3 +99,19 @@ HISTORY_PREFIXES = ("eval/", "train/samples_per_s", "train/loss", "best/", EPOCH
 PREDICTIONS_ARTIFACT = "eval/predictions.csv"
 EXAMPLES_ARTIFACT = "eval/examples_top5.json"
 HEADS_ARTIFACT = "stats/attention_heads.csv"
+
+# ---- zero-shot retrieval stage (issue 16; docs/decoupling.md) -----------------------------------------
+#: The evaluation-only stage between pretraining and fine-tuning, its MLflow namespace and counter.
+RETRIEVAL_STAGE = "retrieval"
+RETRIEVAL_EPOCH = "retrieval/epoch"
+#: Its metrics: ``retrieval/eval_<i2t|t2i>_<r1|r5|r10|medr|meanr|tied>``, ``retrieval/eval_rsum``, ...
+RETRIEVAL_PREFIX = "retrieval/eval_"
+RETRIEVAL_RECALLS = tuple(f"{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10))
+RETRIEVAL_RSUM = "rsum"
+#: The config key that turns the stage on, and those the report groups cells by.
+PARAM_RETRIEVAL_ENABLED = "retrieval.enabled"
+PARAM_RETRIEVAL_SCORING = "retrieval.scoring"
+PARAM_FLOW = "model.flow"
+PARAM_PRETRAIN_TASKS = "pretrain.tasks"
+#: Per-query ranks of the retrieval stage (``query, index, positive, rank``).
+RETRIEVAL_RANKS_ARTIFACT = "retrieval/ranks.csv"
