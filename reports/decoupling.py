@@ -129,7 +129,7 @@ def table(tables: dict[str, Any]):
     if not d:
         return None
     ref = d["reference"]
-    ref_label = d["cells"][ref]["label"]
+    ref_label = f"`{ref}`"
     header = ["Variant", "Seeds", "Attention flow, layers (l-x-r)", "Pretraining losses", "Scoring",
               "Image→text R@1 / R@5 / R@10", "Text→image R@1 / R@5 / R@10", "Median rank i2t / t2i",
               "rsum mean ± std", f"Δ rsum vs {ref_label} [95% CI]", "Verdict (rsum, seeds as the unit)",
@@ -154,13 +154,13 @@ def table(tables: dict[str, Any]):
             _mean_std(r["acc"], 100.0, 2),
             "reference" if name == ref else _delta(vs.get("acc"), 100.0),
             DASH if name == ref else _verdict(vs.get("acc"), ref_label),
-            constant(r["params"], False), constant(r["flops_per_sample"], False),
+            DASH if r["params"] is None else f"{int(r['params']):,}", constant(r["flops_per_sample"], False),
         ])  # fmt: skip
     sizes = sorted({n for r in d["cells"].values() for n in r["candidates"]})
     notes = [
         "Zero-shot retrieval of the pretraining model before fine-tuning (the `retrieval` stage: "
         f"`retrieval/eval_*`), on {', '.join(str(n) for n in sizes) or '?'} candidate images with their captions. "
-        "Recalls are percentages (image→text: an image's best-ranked own caption; text→image: the caption's image); "
+        f"The reference `{ref}` is {d['cells'][ref]['label']}. Recalls are percentages (image→text: an image's best-ranked own caption; text→image: the caption's image); "
         "ties rank pessimistically (docs/decoupling.md). rsum is the six recalls summed (0-600).",
         f"Each cell is compared with {ref_label} over seeds (paired t-test over common seeds, 95% t-interval), "
         "Holm-corrected within each column's family (rsum; VQA accuracy). Params and FLOPs are the fine-tuning "
