@@ -121,6 +121,12 @@ class PretrainAdapter(TaskAdapter):
                                   pcfg.mismatch_prob if "match" in self.tasks else 0.0)  # fmt: skip
         self.weight_rows: list[dict[str, Any]] = []
         self.shared: list[torch.Tensor] = []
+        #: Extra contrastive negatives from earlier batches (``pretrain.contrastive_negatives``).
+        self.queue = None
+        if "contrastive" in self.tasks and pcfg.contrastive_negatives > 0:
+            from tasks.pretrain.contrastive import NegativeQueue
+
+            self.queue = NegativeQueue(pcfg.contrastive_negatives, pcfg.contrastive_dim).to(self.device)
 
     @classmethod
     def prepare(cls, cfg) -> tuple[dict[str, Any], str]:
@@ -197,10 +203,17 @@ class PretrainAdapter(TaskAdapter):
             return None  # the schedule has every task off at this point: nothing to train
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         out = self._forward(model, batch, active, ctx)
+        push = None
+        if self.queue is not None and "contrastive" in active:
+            # The queue's entries join this batch's candidates (the objective reads them from the
+            # head's output); this batch's own true pairs are pushed after the step (after_step).
+            c = out.contrastive
+            push = _true_pairs(c, batch)
+            out.contrastive = {**c, **self.queue.negatives()}
         results = {t: self.objectives[t].loss(out, batch) for t in active}
         losses = {t: r.loss for t, r in results.items()}
         weights = self.weighting.update(ctx.step, losses, self.shared, {t: r.n for t, r in results.items()})
-        return StepLoss(self.weighting.combine(losses), batch["input_ids"].shape[0], (results, weights, active))
+        return StepLoss(self.weighting.combine(losses), batch["input_ids"].shape[0], (results, weights, active, push))
 
     def after_backward(self) -> None:
         """The strategy's parameters live outside DDP: average their gradients by hand."""
@@ -214,7 +227,9 @@ class PretrainAdapter(TaskAdapter):
                 p.grad /= self.world_size
 
     def after_step(self, ctx: StepContext, out: StepLoss, finite: bool, total: float, aux: float) -> None:
-        results, weights, active = out.extra
+        results, weights, active, push = out.extra
+        if push is not None and finite:
+            self.queue.push(*push)
         if ctx.step % self.pcfg.weight_every == 0:
             signals = self.weighting.signals()
             for t in self.tasks:
@@ -252,6 +267,8 @@ class PretrainAdapter(TaskAdapter):
             if n:
                 metrics[f"loss_{k}"] = v / n
         metrics.update(self.weighting.signals())
+        if self.queue is not None:
+            metrics["contrastive_queue"] = float(self.queue.filled)  # extra negatives at the epoch's end
         return metrics
 
     # -- evaluation ------------------------------------------------------------------------------
@@ -301,11 +318,27 @@ class PretrainAdapter(TaskAdapter):
     # -- checkpoint ------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        return {"weighting": self.weighting.state_dict(), "weight_rows": self.weight_rows}
+        state = {"weighting": self.weighting.state_dict(), "weight_rows": self.weight_rows}
+        if self.queue is not None:  # rank 0's queue (under DDP every rank resumes with it)
+            state["contrastive_queue"] = self.queue.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.weighting.load_state_dict(state["weighting"])
         self.weight_rows = list(state["weight_rows"])
+        if self.queue is not None and "contrastive_queue" in state:
+            self.queue.load_state_dict(state["contrastive_queue"])
+
+
+def _true_pairs(c: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]):
+    """(text (P, D), image (P, D), groups (P,)) of the batch's true pairs (``match_labels == 1``, every
+    row without matching labels): what the contrastive objective's queries are, and what the queue keeps."""
+    from tasks.pretrain.contrastive import batch_groups
+
+    text, image = c["text"].detach(), c["image"].detach()
+    labels = batch.get("match_labels")
+    valid = labels == 1 if labels is not None else torch.ones(text.shape[0], dtype=torch.bool, device=text.device)
+    return text[valid], image[valid], batch_groups(batch, text.shape[0], text.device)[valid]
 
 
 def _signal_of(signals: dict[str, float], task: str) -> float:

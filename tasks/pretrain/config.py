@@ -136,6 +136,9 @@ class PretrainConfig:
             or the initial value of a learned one.
         contrastive_learn_temperature: ``contrastive``: learn the temperature (its inverse kept at or
             below 100, as CLIP does) or keep it fixed.
+        contrastive_negatives: ``contrastive``: extra negatives from earlier batches (a MoCo-style
+            queue of this many text and image embeddings, checkpointed with the trial); 0 = the
+            batch's own pairs only.
     """
 
     enabled: bool = False
@@ -169,6 +172,7 @@ class PretrainConfig:
     contrastive_dim: int = 256
     contrastive_temperature: float = 0.07
     contrastive_learn_temperature: bool = True
+    contrastive_negatives: int = 0
 
     def __post_init__(self) -> None:
         normalise_lists(self, "pretrain.")
@@ -198,7 +202,7 @@ class PretrainConfig:
         for key in ("epochs", "weight_every", "batch_size", "eval_batch_size", "corpus_images"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"pretrain.{key}={getattr(self, key)} must be >= 1")
-        for key in ("corpus_eval_images", "image_limit", "max_seq_len", "corpus_seed", "weight_decay", "grad_clip"):
+        for key in ("corpus_eval_images", "contrastive_negatives", "image_limit", "max_seq_len", "corpus_seed", "weight_decay", "grad_clip"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"pretrain.{key}={getattr(self, key)} must be >= 0")
         if 0 < self.max_seq_len < 3:
