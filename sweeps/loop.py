@@ -1,7 +1,8 @@
 """The one training loop: :class:`TrialLoop` runs a trial's stages, each a task adapter's.
 
 A trial is a list of stages (``ExperimentConfig.stages()``: ``pretrain`` then ``finetune`` with
-``pretrain.enabled``, else ``finetune`` alone), each driven by a task adapter (``tasks.base``:
+``pretrain.enabled``, with the evaluation-only ``retrieval`` between them when ``retrieval.enabled``,
+else ``finetune`` alone), each driven by a task adapter (``tasks.base``:
 ``vqa``, ``pretrain``, ...) with its own data, model, optimiser, schedule and budget. The loop knows
 no task: per step it asks the adapter for the loss, adds every module's ``aux_loss()`` (the span
 penalty), backpropagates, clips, steps the optimiser (or skips a non-finite step, up to
@@ -9,8 +10,8 @@ penalty), backpropagates, clips, steps the optimiser (or skips a non-finite step
 and alpha); per epoch it evaluates through the adapter, checkpoints the whole state through
 ``report`` and logs to MLflow (rank 0; idempotent per epoch, so a resumed trial never logs an epoch
 twice and catches up any it missed). When an earlier stage ends, its encoder is imported into the
-next stage's model (strict: only the next task's heads may stay fresh), and the next stage's
-optimiser starts on the imported weights.
+next stage's model (strict: only the next task's heads may stay fresh), or its whole model when the
+next adapter's ``transfer`` is ``"model"``, and the next stage's optimiser starts on the imported weights.
 
 Metric names: the last stage's are ``train/*``, ``eval/*``, ``layers/*`` and ``best/<primary
 metric>`` at ``step`` = its epoch (``epoch``); an earlier stage's are ``<stage>/*``,
@@ -634,7 +635,8 @@ class TrialLoop:
                 label = "epoch" if stage.final else f"{stage.name} epoch"
                 speed = (f" ({metrics[f'{stage.train_ns}samples_per_s']:.0f} samples/s, "
                          f"{metrics[f'{stage.train_ns}epoch_s']:.1f} s)") if stage.spec.epochs else ""  # fmt: skip
-                self.log(f"{label} {stage.epoch}/{stage.spec.epochs}: {stage.adapter.progress(bare)}{speed}")
+                where = f"{label} {stage.epoch}/{stage.spec.epochs}" if stage.spec.epochs else f"{stage.name} (evaluation only)"
+                self.log(f"{where}: {stage.adapter.progress(bare)}{speed}")
             if tracker is not None:
                 self._log_epoch(stage, metrics, result, improved, tracker)
 

@@ -6,6 +6,7 @@ fine-tuning; the report built from the store carries the decoupling table with t
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 
@@ -29,6 +30,8 @@ def test_decoupling_smoke_grid_runs_and_its_table_is_in_the_report(ray_head, tmp
     proc = subprocess.run(args, cwd=tmp_path, env=ray_head.env(), capture_output=True, text=True, timeout=600)
     print(f"decoupling smoke grid: {len(CELLS)} trials, {time.perf_counter() - t0:.0f} s wall")
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    for cell in CELLS:  # the driver's progress line of each trial's retrieval stage
+        assert re.search(rf"{cell}-s0 +zero-shot retrieval: i2t_r1 [0-9.]+ t2i_r1 [0-9.]+ rsum", proc.stdout), cell
     client, _, children = sweep_runs(f"sqlite:///{runs / 'mlflow.db'}", "dec")
     by_cell = {r.data.tags["trial.cell"]: r for r in children}
     assert sorted(by_cell) == sorted(CELLS) and all(r.info.status == "FINISHED" for r in children)
