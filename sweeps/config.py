@@ -2,7 +2,8 @@
 
 One trial is fully described by an :class:`ExperimentConfig`: the model (``models.ModelConfig``),
 the data (``tasks.DataConfig``), the optimisation (:class:`TrainConfig`), the resources
-(:class:`ResourcesConfig`) and the optional pretraining stage (``tasks.pretrain.PretrainConfig``).
+(:class:`ResourcesConfig`), the optional pretraining stage (``tasks.pretrain.PretrainConfig``) and
+the optional zero-shot retrieval stage after it (``tasks.retrieval.config.RetrievalConfig``).
 Every leaf is a ``str``, ``int``, ``float`` or ``bool``, so a config round-trips through MLflow
 params, grid files and the command line::
 
