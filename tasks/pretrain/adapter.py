@@ -121,6 +121,7 @@ class PretrainAdapter(TaskAdapter):
                                   pcfg.mismatch_prob if "match" in self.tasks else 0.0)  # fmt: skip
         self.weight_rows: list[dict[str, Any]] = []
         self.shared: list[torch.Tensor] = []
+        self._itm_k_min = pcfg.itm_negatives
         #: Extra contrastive negatives from earlier batches (``pretrain.contrastive_negatives``).
         self.queue = None
         if "contrastive" in self.tasks and pcfg.contrastive_negatives > 0:
@@ -190,10 +191,58 @@ class PretrainAdapter(TaskAdapter):
             # The objectives read the heads as attributes (out.mlm, out.mor["feat"], ...).
             return SimpleNamespace(**model(**{k: batch[k] for k in MODEL_INPUTS}, **kwargs))
 
+    def _forward_scored(self, model: nn.Module, batch: dict[str, torch.Tensor], active: list[str], ctx: StepContext,
+                        seed: int) -> tuple[SimpleNamespace, Any]:  # fmt: skip
+        """The forward of ``batch`` and, with ``pretrain.itm_negatives`` = K and ``match`` active, the
+        contrastive matching loss (Hendricks et al. 2021) from the same forward.
+
+        The batch's true pairs (``match_labels == 1``) are laid out with K texts of other images each
+        (:func:`tasks.pretrain.contrastive.negative_pairs`, drawn with ``seed``) and appended to the
+        batch: one forward (so DDP sees one), every head on the batch's own rows as before (MLM / MRM
+        read masked positions, which the appended rows have none of), the matching head's log-odds of
+        the appended rows under InfoNCE over 1 + K. Returns (the outputs of the batch's own rows, the
+        matching :class:`tasks.pretrain.objectives.TaskLoss` or None).
+        """
+        k = self.pcfg.itm_negatives
+        if not k or "match" not in active:
+            return self._forward(model, batch, active, ctx), None
+        from tasks.pretrain.contrastive import batch_groups, itm_info_nce, negative_pairs
+        from tasks.pretrain.objectives import TaskLoss
+
+        b = batch["input_ids"].shape[0]
+        true = batch["match_labels"] == 1
+        groups = batch_groups(batch, b, batch["input_ids"].device)[true]
+        other = (groups[:, None] != groups[None, :]).sum(1)
+        k = min(k, int(other.min())) if len(groups) else 0  # a small batch: as many as every row has
+        self._itm_k_min = min(self._itm_k_min, k)
+        if k == 0:
+            out = self._forward(model, batch, active, ctx)
+            return out, TaskLoss(out.match.float().sum() * 0.0, 0, correct=0.0)
+        pairs = negative_pairs({key: batch[key][true] for key in MODEL_INPUTS}, k, groups,
+                               torch.Generator().manual_seed(seed))  # fmt: skip
+        n = pairs["input_ids"].shape[0]
+        joint = {key: torch.cat([batch[key], pairs[key]]) for key in MODEL_INPUTS}
+        kwargs: dict[str, Any] = {"heads": tuple(active)}
+        if "mlm" in active:  # the appended rows have no masked token and no masked region
+            mlm = batch["mlm_labels"] >= 0
+            kwargs["mlm_mask"] = torch.cat([mlm, mlm.new_zeros(n, mlm.shape[1])])
+        if "mor" in active:
+            regions = batch["region_mask"]
+            kwargs["region_mask"] = torch.cat([regions, regions.new_zeros(n, regions.shape[1])])
+        with ctx.autocast():
+            raw = model(**joint, **kwargs)
+        itm = itm_info_nce(raw["match"][b:], 1 + k)
+        out = {name: (value[:b] if name in ("match", "qa") else value) for name, value in raw.items()}
+        if "contrastive" in out:
+            c = out["contrastive"]
+            out["contrastive"] = {**c, "text": c["text"][:b], "image": c["image"][:b]}
+        return SimpleNamespace(**out), TaskLoss(itm.loss, itm.n, {}, correct=itm.correct)
+
     def start_epoch(self, epoch: int) -> None:
         self._sums = {t: {"loss": 0.0, "n": 0, "correct": 0.0, "weight": 0.0} for t in self.tasks}
         self._parts: dict[str, list[float]] = {}
         self._total, self._steps, self._weighting_s, self._t0 = 0.0, 0, 0.0, time.perf_counter()
+        self._itm_k_min = self.pcfg.itm_negatives  # the fewest contrastive-matching negatives a batch had
 
     def train_loss(self, model: nn.Module, batch: dict[str, torch.Tensor], ctx: StepContext) -> StepLoss | None:
         from tasks.pretrain import active_tasks
@@ -202,7 +251,7 @@ class PretrainAdapter(TaskAdapter):
         if not active:
             return None  # the schedule has every task off at this point: nothing to train
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        out = self._forward(model, batch, active, ctx)
+        out, itm = self._forward_scored(model, batch, active, ctx, seed=self.cfg.train.seed * 1_000_003 + ctx.step)
         push = None
         if self.queue is not None and "contrastive" in active:
             # The queue's entries join this batch's candidates (the objective reads them from the
@@ -210,7 +259,7 @@ class PretrainAdapter(TaskAdapter):
             c = out.contrastive
             push = _true_pairs(c, batch)
             out.contrastive = {**c, **self.queue.negatives()}
-        results = {t: self.objectives[t].loss(out, batch) for t in active}
+        results = {t: itm if t == "match" and itm is not None else self.objectives[t].loss(out, batch) for t in active}
         losses = {t: r.loss for t, r in results.items()}
         weights = self.weighting.update(ctx.step, losses, self.shared, {t: r.n for t, r in results.items()})
         return StepLoss(self.weighting.combine(losses), batch["input_ids"].shape[0], (results, weights, active, push))
@@ -267,6 +316,8 @@ class PretrainAdapter(TaskAdapter):
             if n:
                 metrics[f"loss_{k}"] = v / n
         metrics.update(self.weighting.signals())
+        if self.pcfg.itm_negatives and "match" in self.tasks:
+            metrics["itm_negatives_min"] = float(self._itm_k_min)
         if self.queue is not None:
             metrics["contrastive_queue"] = float(self.queue.filled)  # extra negatives at the epoch's end
         return metrics
@@ -280,13 +331,15 @@ class PretrainAdapter(TaskAdapter):
             return EvalResult({})
         model.eval()
         sums = {t: [0.0, 0, 0.0] for t in self.tasks}
-        for batch in self.data.eval.batches(self.pcfg.eval_batch_size, self.masking, shuffle=False,
-                                            seed=self.cfg.train.seed, epoch=EVAL_EPOCH, rank=self.rank,
-                                            world_size=self.world_size):  # fmt: skip
+        self._itm_k_min = self.pcfg.itm_negatives
+        batches = self.data.eval.batches(self.pcfg.eval_batch_size, self.masking, shuffle=False,
+                                         seed=self.cfg.train.seed, epoch=EVAL_EPOCH, rank=self.rank,
+                                         world_size=self.world_size)  # fmt: skip
+        for index, batch in enumerate(batches):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-            out = self._forward(model, batch, self.tasks, ctx)
+            out, itm = self._forward_scored(model, batch, self.tasks, ctx, seed=self.cfg.train.seed + EVAL_EPOCH + index)
             for t in self.tasks:
-                r = self.objectives[t].loss(out, batch)
+                r = itm if t == "match" and itm is not None else self.objectives[t].loss(out, batch)
                 sums[t][0] += float(r.loss) * r.n
                 sums[t][1] += r.n
                 sums[t][2] += r.correct or 0.0
