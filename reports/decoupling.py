@@ -34,6 +34,18 @@ def _params(trials, key: str) -> str:
     return ", ".join(values) if values else "?"
 
 
+def _losses(trials) -> str:
+    """``match,mlm,mor`` plus how the contrastive losses were set (contrastive ITM's K, queued negatives)."""
+    text = _params(trials, schema.PARAM_PRETRAIN_TASKS)
+    extras = []
+    for key, what in ((schema.PARAM_ITM_NEGATIVES, "contrastive ITM, K={}"),
+                      (schema.PARAM_CONTRASTIVE_NEGATIVES, "{} queued negatives")):  # fmt: skip
+        value = _params(trials, key)
+        if value not in ("?", "0"):
+            extras.append(what.format(value))
+    return text + (f" ({'; '.join(extras)})" if extras else "")
+
+
 def _layout(trials) -> str:
     """``merged, 0-6-0`` (flow, language-fusion-vision layers) from the runs' params."""
     for t in trials:
@@ -76,7 +88,7 @@ def compute(sweep: Sweep, tables: dict[str, Any]) -> dict[str, Any] | None:
             "cell": name,
             "label": sweep.cells[name].label or name,
             "flow": _layout(trials),
-            "losses": _params(trials, schema.PARAM_PRETRAIN_TASKS),
+            "losses": _losses(trials),
             "scoring": _params(trials, schema.PARAM_RETRIEVAL_SCORING),
             "seeds": seeds,
             "n": len(used),

@@ -113,5 +113,7 @@ PARAM_RETRIEVAL_ENABLED = "retrieval.enabled"
 PARAM_RETRIEVAL_SCORING = "retrieval.scoring"
 PARAM_FLOW = "model.flow"
 PARAM_PRETRAIN_TASKS = "pretrain.tasks"
+PARAM_ITM_NEGATIVES = "pretrain.itm_negatives"
+PARAM_CONTRASTIVE_NEGATIVES = "pretrain.contrastive_negatives"
 #: Per-query ranks of the retrieval stage (``query, index, positive, rank``).
 RETRIEVAL_RANKS_ARTIFACT = "retrieval/ranks.csv"

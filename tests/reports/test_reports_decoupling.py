@@ -25,7 +25,8 @@ def _trial(cell: str, seed: int) -> Trial:
         metrics[f"{schema.RETRIEVAL_PREFIX}{name}"] = float(10 * i + seed)
     params = {schema.PARAM_RETRIEVAL_ENABLED: "True", schema.PARAM_FLOW: FLOW[cell], "model.l_layers": "0",
               "model.x_layers": "6", "model.r_layers": "0", schema.PARAM_RETRIEVAL_SCORING: "itm",
-              schema.PARAM_PRETRAIN_TASKS: "match,mlm,mor" + (",contrastive" if cell == "contrastive" else "")}
+              schema.PARAM_PRETRAIN_TASKS: "match,mlm,mor" + (",contrastive" if cell == "contrastive" else ""),
+              schema.PARAM_ITM_NEGATIVES: "0", schema.PARAM_CONTRASTIVE_NEGATIVES: "1024" if cell == "contrastive" else "0"}
     return Trial(key=f"{cell}-s{seed}", cell=cell, seed=seed, status="FINISHED", run_id=f"{cell}{seed}",
                  metrics=metrics, params=params)
 
@@ -60,6 +61,8 @@ def test_statistics_match_scipy_and_statsmodels(sweep):
     assert d["cells"]["contrastive"]["vs_reference"]["rsum"]["verdict"] == "better"
     assert d["cells"]["base"]["retrieval"]["rsum"]["mean"] == pytest.approx(110.0)
     assert d["cells"]["single_stream"]["flow"] == "single_stream, 0-6-0"
+    assert d["cells"]["base"]["losses"] == "match,mlm,mor"
+    assert d["cells"]["contrastive"]["losses"] == "match,mlm,mor,contrastive (1024 queued negatives)"
 
     frame = decoupling.table({"decoupling": d}).frame
     assert list(frame["Variant"]) == ["label of base", "label of single_stream", "label of contrastive"]
