@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from reports import decoupling, finetuning, render, task_tables
 from reports import figures as figures_mod
-from reports import finetuning, render, task_tables
 from reports.store import DEFAULT_EXPERIMENT, ReportError, connect, load_sweep, sqlite_path
 from reports.tables import compute
 
@@ -72,6 +72,7 @@ def build(
     tables = compute(data)
     task_tables.add(tables, data, task)
     tables["finetuning"] = finetuning.compute(data)
+    tables["decoupling"] = decoupling.compute(data, tables)  # None unless trials ran the retrieval stage
     figs = figures_mod.make_figures(data, tables, out)
     finetuning.add_figure(tables, figs, out)
     tables["figures"] = figs

@@ -499,6 +499,10 @@ def document(tables: dict[str, Any], figures: dict[str, Any]) -> list[Block]:
         from reports import task_tables
 
         blocks.append(("table", task_tables.table(tables)))
+    if tables.get("decoupling"):
+        from reports.decoupling import table as decoupling_table
+
+        blocks.append(("table", decoupling_table(tables)))
     blocks.append(("h", 2, "Differences from " + (_label(tables, tables["reference"]) if tables["reference"]
                                                   else "softmax")))
     if tables["reference"] is None:

@@ -154,3 +154,21 @@ FINETUNE_PARAMS_FROZEN = "model/finetune_params_frozen"
 FINETUNE_PARAMS_POLICY = "model/finetune_params_policy"
 FINETUNE_DECISIONS = "model/finetune_decisions"
 FINETUNE_USAGE_DIR = "finetune"  # finetune/usage_epoch<N>.csv: per decision, train / eval / per question type
+
+# ---- zero-shot retrieval stage (issue 16; docs/decoupling.md) -----------------------------------------
+#: The evaluation-only stage between pretraining and fine-tuning, its MLflow namespace and counter.
+RETRIEVAL_STAGE = "retrieval"
+RETRIEVAL_EPOCH = stage_epoch(RETRIEVAL_STAGE)
+#: Its metrics: ``retrieval/eval_<i2t|t2i>_<r1|r5|r10|medr|meanr|tied>``, ``retrieval/eval_rsum``, ...
+RETRIEVAL_PREFIX = "retrieval/eval_"
+RETRIEVAL_RECALLS = tuple(f"{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10))
+RETRIEVAL_RSUM = "rsum"
+#: The config key that turns the stage on, and those the report groups cells by.
+PARAM_RETRIEVAL_ENABLED = "retrieval.enabled"
+PARAM_RETRIEVAL_SCORING = "retrieval.scoring"
+PARAM_FLOW = "model.flow"
+PARAM_PRETRAIN_TASKS = "pretrain.tasks"
+PARAM_ITM_NEGATIVES = "pretrain.itm_negatives"
+PARAM_CONTRASTIVE_NEGATIVES = "pretrain.contrastive_negatives"
+#: Per-query ranks of the retrieval stage (``query, index, positive, rank``).
+RETRIEVAL_RANKS_ARTIFACT = "retrieval/ranks.csv"

@@ -106,6 +106,10 @@ def print_plan(plan: Plan, name: str) -> None:
                                               f"(p={ld.p})" if ld.mode == "prob" else "")
         pt = c.pretrain
         pretrain = (f" pretrain={pt.weighting}({pt.epochs} ep, {pt.corpus}, {','.join(pt.tasks)})" if pt.enabled else "")
+        if pt.enabled and c.retrieval.enabled:
+            pretrain += f" retrieval={c.retrieval.scoring}({c.retrieval.source})"
+        if c.model.flow != "modality_specific":
+            pretrain = f" flow={c.model.flow}{pretrain}"
         print(f"  {trial.key:<24} attention={c.model.attention.name} layers={c.model.l_layers}-"
               f"{c.model.x_layers}-{c.model.r_layers} hidden={c.model.hidden_size}{layerdrop if ld.mode != 'none' else ''} "
               f"data={c.data.name} epochs={c.train.epochs} seed={c.train.seed}{pretrain}")

@@ -2,7 +2,8 @@
 
 One trial is fully described by an :class:`ExperimentConfig`: the model (``models.ModelConfig``),
 the data (``tasks.DataConfig``), the optimisation (:class:`TrainConfig`), the resources
-(:class:`ResourcesConfig`) and the optional pretraining stage (``tasks.pretrain.PretrainConfig``).
+(:class:`ResourcesConfig`), the optional pretraining stage (``tasks.pretrain.PretrainConfig``) and
+the optional zero-shot retrieval stage after it (``tasks.retrieval.config.RetrievalConfig``).
 Every leaf is a ``str``, ``int``, ``float`` or ``bool``, so a config round-trips through MLflow
 params, grid files and the command line::
 
@@ -28,6 +29,7 @@ from models.configkit import (  # noqa: F401  (re-exported: the sweep's one conf
 )
 from tasks import DataConfig
 from tasks.pretrain.config import PretrainConfig
+from tasks.retrieval.config import RetrievalConfig
 
 OPTIMIZERS = ("adamw", "lookahead_lamb")
 SCHEDULES = ("linear", "cyclic", "constant")
@@ -166,22 +168,28 @@ class ExperimentConfig:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     #: Multi-task pretraining before fine-tuning (off unless ``pretrain.enabled``).
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    #: Zero-shot image-text retrieval after pretraining, evaluation only (off unless ``retrieval.enabled``).
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
 
     def stages(self) -> list[tuple[str, str]]:
         """The trial's stages in order, each ``(stage name, task adapter name)``: ``("pretrain",
-        "pretrain")`` when ``pretrain.enabled``, then ``("finetune", <train.task or data.name's task>)``.
+        "pretrain")`` when ``pretrain.enabled``, then ``("retrieval", "retrieval")`` (evaluation only)
+        when ``retrieval.enabled`` too, then ``("finetune", <train.task or data.name's task>)``.
         The last stage is what the trial reports (``train/*``, ``eval/*``, ``best/*``); an earlier
         one logs under ``<stage name>/*`` (sweeps/loop.py)."""
         from tasks.base import task_for_data
 
         final = ("finetune", self.train.task or task_for_data(self.data.name))
-        return [("pretrain", "pretrain"), final] if self.pretrain.enabled else [final]
+        if not self.pretrain.enabled:
+            return [final]
+        retrieval = [("retrieval", "retrieval")] if self.retrieval.enabled else []
+        return [("pretrain", "pretrain"), *retrieval, final]
 
     def validate(self) -> None:
         """Validate every section; raises :class:`ConfigError` naming the keys at fault (every
         section's problems, not just the first section's)."""
         problems = []
-        for section in ("model", "data", "train", "resources", "pretrain"):
+        for section in ("model", "data", "train", "resources", "pretrain", "retrieval"):
             value = getattr(self, section)
             try:
                 value.validate()
@@ -193,6 +201,7 @@ class ExperimentConfig:
                 if not message.startswith(f"{section}."):
                     message = f"{section}: {message}"
                 problems.append(message)
+        problems += self.retrieval.trial_problems(self.pretrain.enabled, list(self.pretrain.tasks), self.data.name)
         try:
             from tasks.base import get_task
 

@@ -1,7 +1,8 @@
 """The one training loop: :class:`TrialLoop` runs a trial's stages, each a task adapter's.
 
 A trial is a list of stages (``ExperimentConfig.stages()``: ``pretrain`` then ``finetune`` with
-``pretrain.enabled``, else ``finetune`` alone), each driven by a task adapter (``tasks.base``:
+``pretrain.enabled``, with the evaluation-only ``retrieval`` between them when ``retrieval.enabled``,
+else ``finetune`` alone), each driven by a task adapter (``tasks.base``:
 ``vqa``, ``pretrain``, ...) with its own data, model, optimiser, schedule and budget. The loop knows
 no task: per step it asks the adapter for the loss, adds every module's ``aux_loss()`` (the span
 penalty), backpropagates, clips, steps the optimiser (or skips a non-finite step, up to
@@ -9,8 +10,8 @@ penalty), backpropagates, clips, steps the optimiser (or skips a non-finite step
 and alpha); per epoch it evaluates through the adapter, checkpoints the whole state through
 ``report`` and logs to MLflow (rank 0; idempotent per epoch, so a resumed trial never logs an epoch
 twice and catches up any it missed). When an earlier stage ends, its encoder is imported into the
-next stage's model (strict: only the next task's heads may stay fresh), and the next stage's
-optimiser starts on the imported weights.
+next stage's model (strict: only the next task's heads may stay fresh), or its whole model when the
+next adapter's ``transfer`` is ``"model"``, and the next stage's optimiser starts on the imported weights.
 
 Metric names: the last stage's are ``train/*``, ``eval/*``, ``layers/*`` and ``best/<primary
 metric>`` at ``step`` = its epoch (``epoch``); an earlier stage's are ``<stage>/*``,
@@ -816,7 +817,8 @@ class TrialLoop:
                 label = "epoch" if stage.final else f"{stage.name} epoch"
                 speed = (f" ({metrics[f'{stage.train_ns}samples_per_s']:.0f} samples/s, "
                          f"{metrics[f'{stage.train_ns}epoch_s']:.1f} s)") if stage.spec.epochs else ""  # fmt: skip
-                self.log(f"{label} {stage.epoch}/{stage.spec.epochs}: {stage.adapter.progress(bare)}{speed}")
+                where = f"{label} {stage.epoch}/{stage.spec.epochs}" if stage.spec.epochs else f"{stage.name} (evaluation only)"
+                self.log(f"{where}: {stage.adapter.progress(bare)}{speed}")
             if tracker is not None:
                 self._log_epoch(stage, metrics, result, improved, tracker)
                 if usage_csv:
@@ -848,12 +850,16 @@ class TrialLoop:
 
     def _hand_over(self, stage: StageRun, nxt: StageRun, tracker) -> None:
         """Import ``stage``'s encoder into ``nxt``'s model (every encoder parameter must load; only
-        ``nxt``'s task heads may stay fresh), restart ``nxt``'s optimiser, keep ``stage``'s summary."""
+        ``nxt``'s task heads may stay fresh), or its whole model when ``nxt``'s adapter says
+        ``transfer = "model"``; restart ``nxt``'s optimiser, keep ``stage``'s summary."""
         from models.checkpoint import load_pretrained
 
-        load = load_pretrained(nxt.model, stage.model.state_dict(), strict=True,
-                               allow=list(nxt.adapter.fresh_on_transfer), verbose=False)  # fmt: skip
-        self.log(f"{stage.name} encoder -> {nxt.name} model: {load}")
+        if nxt.adapter.transfer == "model":
+            load = _whole_model(stage, nxt)
+        else:
+            load = load_pretrained(nxt.model, stage.model.state_dict(), strict=True,
+                                   allow=list(nxt.adapter.fresh_on_transfer), verbose=False)  # fmt: skip
+        self.log(f"{stage.name} {'model' if nxt.adapter.transfer == 'model' else 'encoder'} -> {nxt.name} model: {load}")
         if nxt.final:
             nxt.apply_finetune()  # after the import: SpotTune's frozen copies hold the imported encoder
         nxt.reset_optimizer()
@@ -865,7 +871,8 @@ class TrialLoop:
             "transfer": {"loaded": len(load.loaded), "fresh": len(load.fresh), "ignored": len(load.ignored),
                          "kernel": len(load.kernel)},
         }  # fmt: skip
-        self.running = None  # frees the stage's model and its optimizer state
+        # Frees the stage's model and its optimizer state; a next stage that is not the last is now the running one.
+        self.running = None if nxt.final else nxt
         if tracker is not None:
             tracker.log_text(str(load) + "\n", f"{stage.name}/transfer_report.txt")
             tracker.set_tags({f"{stage.name}.transfer": f"{len(load.loaded)} loaded, {len(load.fresh)} fresh "
@@ -882,6 +889,27 @@ class TrialLoop:
         self.times.add("checkpoint_s", time.perf_counter() - t0)
         if isinstance(where, str) and where:
             self.last_checkpoint = where
+
+
+def _whole_model(stage: StageRun, nxt: StageRun):
+    """Load ``stage``'s whole state dict (parameters and buffers, heads included) into ``nxt``'s model,
+    strictly; returns a :class:`models.checkpoint.LoadReport` of it.
+
+    Raises:
+        CheckpointError: the two models differ (a key missing, unexpected or of another shape).
+    """
+    from models.checkpoint import CheckpointError, LoadReport
+
+    state = stage.model.state_dict()
+    report = LoadReport(source=f"the {stage.name} stage's model", format="native")
+    try:
+        nxt.model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"stage {nxt.name!r} takes over the whole model of stage {stage.name!r} "
+                              f"(its adapter's transfer = 'model'), but the two models differ: {err}", report) from None
+    report.loaded = [n for n, _ in nxt.model.named_parameters()]
+    report.applied = True
+    return report
 
 
 def _log_artifact(tracker, name: str, content: Any) -> None:

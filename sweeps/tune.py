@@ -409,6 +409,16 @@ class Progress(Callback):
                 print(f"{self._stamp()} {self._key(trial):<22} pretrain epoch {int(result['pretrain/epoch'])}: "
                       f"{losses} {result.get('pretrain/samples_per_s', 0):.0f} samples/s", flush=True)
             return
+        if schema.RETRIEVAL_EPOCH in result and schema.EVAL_ACC not in result:
+            seen = (self._key(trial), "retrieval")  # evaluated once
+            rsum = f"{schema.RETRIEVAL_PREFIX}{schema.RETRIEVAL_RSUM}"
+            if seen not in self.printed and rsum in result:
+                self.printed.add(seen)
+                recalls = " ".join(f"{k} {result[schema.RETRIEVAL_PREFIX + k]:.1f}" for k in ("i2t_r1", "t2i_r1")
+                                   if schema.RETRIEVAL_PREFIX + k in result)  # fmt: skip
+                print(f"{self._stamp()} {self._key(trial):<22} zero-shot retrieval: {recalls} rsum {result[rsum]:.1f}",
+                      flush=True)
+            return
         if schema.EVAL_ACC in result and schema.EPOCH in result:
             # The trainable's return value repeats the last epoch's metrics: print each epoch once.
             seen = (self._key(trial), int(result[schema.EPOCH]))

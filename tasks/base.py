@@ -117,6 +117,12 @@ class TaskAdapter:
     #: strategy's encoder (``models.finetune``) once the starting weights are in. None: the task's
     #: model has no such encoder, and only ``model.finetune.name=standard`` runs.
     encoder_attr: ClassVar[str | None] = "lxmert"
+    #: What this stage takes from the previous stage of the trial: ``"encoder"`` (its encoder,
+    #: strictly; only ``fresh_on_transfer`` may stay fresh, the previous stage's heads stay behind)
+    #: or ``"model"`` (its whole state dict, heads and buffers included, loaded with
+    #: ``load_state_dict(strict=True)``: this stage's model must be built exactly as the previous
+    #: one's, e.g. the retrieval stage scoring the pretraining model with its matching head).
+    transfer: ClassVar[str] = "encoder"
 
     def __init__(self, cfg: Any, rank: int = 0, world_size: int = 1, device: torch.device | None = None,
                  log: Callable[[str], None] = print):  # fmt: skip
@@ -249,6 +255,7 @@ TASKS: dict[str, str | type[TaskAdapter]] = {
     "pretrain": "tasks.pretrain.adapter:PretrainAdapter",
     "gqa": "tasks.gqa.adapter:GQAAdapter",
     "nlvr2": "tasks.nlvr2.adapter:NLVR2Adapter",
+    "retrieval": "tasks.retrieval.adapter:RetrievalAdapter",
 }
 
 

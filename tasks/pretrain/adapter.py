@@ -72,6 +72,20 @@ def shared_parameters(model: nn.Module, which: str) -> list[torch.Tensor]:
     raise ValueError(f"pretrain.shared={which!r}: expected encoder or last_layer")
 
 
+def pretraining_model(cfg, corpus) -> nn.Module:
+    """The pretraining model of ``cfg`` (encoder + the heads of ``pretrain.tasks``, sized by the
+    corpus ``corpus``): what the ``pretrain`` stage trains and what a stage that takes over its
+    whole model (``retrieval``) rebuilds before the hand-over."""
+    import models
+
+    p = cfg.pretrain
+    return models.lxmert_pretraining(
+        cfg.model, tuple(p.task_list), num_object_labels=corpus.num_object_labels,
+        num_attr_labels=corpus.num_attr_labels, num_qa_answers=len(corpus.answers), contrastive_dim=p.contrastive_dim,
+        contrastive_temperature=p.contrastive_temperature, contrastive_learn_temperature=p.contrastive_learn_temperature,
+    )  # fmt: skip
+
+
 class PretrainAdapter(TaskAdapter):
     """LXMERT's pretraining objectives (``pretrain.tasks``) under a task weighting (``pretrain.weighting``)."""
 
@@ -107,6 +121,13 @@ class PretrainAdapter(TaskAdapter):
                                   pcfg.mismatch_prob if "match" in self.tasks else 0.0)  # fmt: skip
         self.weight_rows: list[dict[str, Any]] = []
         self.shared: list[torch.Tensor] = []
+        self._itm_k_min = pcfg.itm_negatives
+        #: Extra contrastive negatives from earlier batches (``pretrain.contrastive_negatives``).
+        self.queue = None
+        if "contrastive" in self.tasks and pcfg.contrastive_negatives > 0:
+            from tasks.pretrain.contrastive import NegativeQueue
+
+            self.queue = NegativeQueue(pcfg.contrastive_negatives, pcfg.contrastive_dim).to(self.device)
 
     @classmethod
     def prepare(cls, cfg) -> tuple[dict[str, Any], str]:
@@ -133,12 +154,7 @@ class PretrainAdapter(TaskAdapter):
                          grad_clip=p.grad_clip)  # fmt: skip
 
     def build_model(self) -> nn.Module:
-        import models
-
-        model = models.lxmert_pretraining(
-            self.cfg.model, tuple(self.tasks), num_object_labels=self.data.num_object_labels,
-            num_attr_labels=self.data.num_attr_labels, num_qa_answers=len(self.data.answers),
-        )  # fmt: skip
+        model = pretraining_model(self.cfg, self.data)
         self.shared = shared_parameters(model, self.pcfg.shared)
         return model
 
@@ -175,10 +191,58 @@ class PretrainAdapter(TaskAdapter):
             # The objectives read the heads as attributes (out.mlm, out.mor["feat"], ...).
             return SimpleNamespace(**model(**{k: batch[k] for k in MODEL_INPUTS}, **kwargs))
 
+    def _forward_scored(self, model: nn.Module, batch: dict[str, torch.Tensor], active: list[str], ctx: StepContext,
+                        seed: int) -> tuple[SimpleNamespace, Any]:  # fmt: skip
+        """The forward of ``batch`` and, with ``pretrain.itm_negatives`` = K and ``match`` active, the
+        contrastive matching loss (Hendricks et al. 2021) from the same forward.
+
+        The batch's true pairs (``match_labels == 1``) are laid out with K texts of other images each
+        (:func:`tasks.pretrain.contrastive.negative_pairs`, drawn with ``seed``) and appended to the
+        batch: one forward (so DDP sees one), every head on the batch's own rows as before (MLM / MRM
+        read masked positions, which the appended rows have none of), the matching head's log-odds of
+        the appended rows under InfoNCE over 1 + K. Returns (the outputs of the batch's own rows, the
+        matching :class:`tasks.pretrain.objectives.TaskLoss` or None).
+        """
+        k = self.pcfg.itm_negatives
+        if not k or "match" not in active:
+            return self._forward(model, batch, active, ctx), None
+        from tasks.pretrain.contrastive import batch_groups, itm_info_nce, negative_pairs
+        from tasks.pretrain.objectives import TaskLoss
+
+        b = batch["input_ids"].shape[0]
+        true = batch["match_labels"] == 1
+        groups = batch_groups(batch, b, batch["input_ids"].device)[true]
+        other = (groups[:, None] != groups[None, :]).sum(1)
+        k = min(k, int(other.min())) if len(groups) else 0  # a small batch: as many as every row has
+        self._itm_k_min = min(self._itm_k_min, k)
+        if k == 0:
+            out = self._forward(model, batch, active, ctx)
+            return out, TaskLoss(out.match.float().sum() * 0.0, 0, correct=0.0)
+        pairs = negative_pairs({key: batch[key][true] for key in MODEL_INPUTS}, k, groups,
+                               torch.Generator().manual_seed(seed))  # fmt: skip
+        n = pairs["input_ids"].shape[0]
+        joint = {key: torch.cat([batch[key], pairs[key]]) for key in MODEL_INPUTS}
+        kwargs: dict[str, Any] = {"heads": tuple(active)}
+        if "mlm" in active:  # the appended rows have no masked token and no masked region
+            mlm = batch["mlm_labels"] >= 0
+            kwargs["mlm_mask"] = torch.cat([mlm, mlm.new_zeros(n, mlm.shape[1])])
+        if "mor" in active:
+            regions = batch["region_mask"]
+            kwargs["region_mask"] = torch.cat([regions, regions.new_zeros(n, regions.shape[1])])
+        with ctx.autocast():
+            raw = model(**joint, **kwargs)
+        itm = itm_info_nce(raw["match"][b:], 1 + k)
+        out = {name: (value[:b] if name in ("match", "qa") else value) for name, value in raw.items()}
+        if "contrastive" in out:
+            c = out["contrastive"]
+            out["contrastive"] = {**c, "text": c["text"][:b], "image": c["image"][:b]}
+        return SimpleNamespace(**out), TaskLoss(itm.loss, itm.n, {}, correct=itm.correct)
+
     def start_epoch(self, epoch: int) -> None:
         self._sums = {t: {"loss": 0.0, "n": 0, "correct": 0.0, "weight": 0.0} for t in self.tasks}
         self._parts: dict[str, list[float]] = {}
         self._total, self._steps, self._weighting_s, self._t0 = 0.0, 0, 0.0, time.perf_counter()
+        self._itm_k_min = self.pcfg.itm_negatives  # the fewest contrastive-matching negatives a batch had
 
     def train_loss(self, model: nn.Module, batch: dict[str, torch.Tensor], ctx: StepContext) -> StepLoss | None:
         from tasks.pretrain import active_tasks
@@ -187,11 +251,18 @@ class PretrainAdapter(TaskAdapter):
         if not active:
             return None  # the schedule has every task off at this point: nothing to train
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        out = self._forward(model, batch, active, ctx)
-        results = {t: self.objectives[t].loss(out, batch) for t in active}
+        out, itm = self._forward_scored(model, batch, active, ctx, seed=self.cfg.train.seed * 1_000_003 + ctx.step)
+        push = None
+        if self.queue is not None and "contrastive" in active:
+            # The queue's entries join this batch's candidates (the objective reads them from the
+            # head's output); this batch's own true pairs are pushed after the step (after_step).
+            c = out.contrastive
+            push = _true_pairs(c, batch)
+            out.contrastive = {**c, **self.queue.negatives()}
+        results = {t: itm if t == "match" and itm is not None else self.objectives[t].loss(out, batch) for t in active}
         losses = {t: r.loss for t, r in results.items()}
         weights = self.weighting.update(ctx.step, losses, self.shared, {t: r.n for t, r in results.items()})
-        return StepLoss(self.weighting.combine(losses), batch["input_ids"].shape[0], (results, weights, active))
+        return StepLoss(self.weighting.combine(losses), batch["input_ids"].shape[0], (results, weights, active, push))
 
     def after_backward(self) -> None:
         """The strategy's parameters live outside DDP: average their gradients by hand."""
@@ -205,7 +276,9 @@ class PretrainAdapter(TaskAdapter):
                 p.grad /= self.world_size
 
     def after_step(self, ctx: StepContext, out: StepLoss, finite: bool, total: float, aux: float) -> None:
-        results, weights, active = out.extra
+        results, weights, active, push = out.extra
+        if push is not None and finite:
+            self.queue.push(*push)
         if ctx.step % self.pcfg.weight_every == 0:
             signals = self.weighting.signals()
             for t in self.tasks:
@@ -243,6 +316,10 @@ class PretrainAdapter(TaskAdapter):
             if n:
                 metrics[f"loss_{k}"] = v / n
         metrics.update(self.weighting.signals())
+        if self.pcfg.itm_negatives and "match" in self.tasks:
+            metrics["itm_negatives_min"] = float(self._itm_k_min)
+        if self.queue is not None:
+            metrics["contrastive_queue"] = float(self.queue.filled)  # extra negatives at the epoch's end
         return metrics
 
     # -- evaluation ------------------------------------------------------------------------------
@@ -254,13 +331,15 @@ class PretrainAdapter(TaskAdapter):
             return EvalResult({})
         model.eval()
         sums = {t: [0.0, 0, 0.0] for t in self.tasks}
-        for batch in self.data.eval.batches(self.pcfg.eval_batch_size, self.masking, shuffle=False,
-                                            seed=self.cfg.train.seed, epoch=EVAL_EPOCH, rank=self.rank,
-                                            world_size=self.world_size):  # fmt: skip
+        self._itm_k_min = self.pcfg.itm_negatives
+        batches = self.data.eval.batches(self.pcfg.eval_batch_size, self.masking, shuffle=False,
+                                         seed=self.cfg.train.seed, epoch=EVAL_EPOCH, rank=self.rank,
+                                         world_size=self.world_size)  # fmt: skip
+        for index, batch in enumerate(batches):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-            out = self._forward(model, batch, self.tasks, ctx)
+            out, itm = self._forward_scored(model, batch, self.tasks, ctx, seed=self.cfg.train.seed + EVAL_EPOCH + index)
             for t in self.tasks:
-                r = self.objectives[t].loss(out, batch)
+                r = itm if t == "match" and itm is not None else self.objectives[t].loss(out, batch)
                 sums[t][0] += float(r.loss) * r.n
                 sums[t][1] += r.n
                 sums[t][2] += r.correct or 0.0
@@ -292,11 +371,27 @@ class PretrainAdapter(TaskAdapter):
     # -- checkpoint ------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        return {"weighting": self.weighting.state_dict(), "weight_rows": self.weight_rows}
+        state = {"weighting": self.weighting.state_dict(), "weight_rows": self.weight_rows}
+        if self.queue is not None:  # rank 0's queue (under DDP every rank resumes with it)
+            state["contrastive_queue"] = self.queue.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.weighting.load_state_dict(state["weighting"])
         self.weight_rows = list(state["weight_rows"])
+        if self.queue is not None and "contrastive_queue" in state:
+            self.queue.load_state_dict(state["contrastive_queue"])
+
+
+def _true_pairs(c: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]):
+    """(text (P, D), image (P, D), groups (P,)) of the batch's true pairs (``match_labels == 1``, every
+    row without matching labels): what the contrastive objective's queries are, and what the queue keeps."""
+    from tasks.pretrain.contrastive import batch_groups
+
+    text, image = c["text"].detach(), c["image"].detach()
+    labels = batch.get("match_labels")
+    valid = labels == 1 if labels is not None else torch.ones(text.shape[0], dtype=torch.bool, device=text.device)
+    return text[valid], image[valid], batch_groups(batch, text.shape[0], text.device)[valid]
 
 
 def _signal_of(signals: dict[str, float], task: str) -> float:

@@ -131,6 +131,19 @@ class PretrainConfig:
         mlm_prob: Fraction of tokens masked (80% [MASK], 10% random, 10% kept).
         mor_prob: Fraction of regions masked (80% zeroed, 10% another region's feature, 10% kept).
         mismatch_prob: Fraction of sentences replaced by another image's (matching negatives).
+        contrastive_dim: ``contrastive``: embedding size of the contrastive head.
+        contrastive_temperature: ``contrastive``: the InfoNCE temperature (CLIP's initial 0.07), fixed
+            or the initial value of a learned one.
+        contrastive_learn_temperature: ``contrastive``: learn the temperature (its inverse kept at or
+            below 100, as CLIP does) or keep it fixed.
+        contrastive_negatives: ``contrastive``: extra negatives from earlier batches (a MoCo-style
+            queue of this many text and image embeddings, checkpointed with the trial); 0 = the
+            batch's own pairs only.
+        itm_negatives: ``match`` as Hendricks et al.'s contrastive image-text matching: each true
+            pair of the batch is scored by the matching head beside this many texts of other images
+            of the batch (InfoNCE over 1 + K pair scores) instead of the binary matched / mismatched
+            classification; 0 = LXMERT's binary matching. A batch with fewer texts of other images
+            uses as many as every row has (``pretrain/itm_negatives_min`` says how many).
     """
 
     enabled: bool = False
@@ -161,6 +174,11 @@ class PretrainConfig:
     mlm_prob: float = 0.15
     mor_prob: float = 0.15
     mismatch_prob: float = 0.5
+    contrastive_dim: int = 256
+    contrastive_temperature: float = 0.07
+    contrastive_learn_temperature: bool = True
+    contrastive_negatives: int = 0
+    itm_negatives: int = 0
 
     def __post_init__(self) -> None:
         normalise_lists(self, "pretrain.")
@@ -190,7 +208,8 @@ class PretrainConfig:
         for key in ("epochs", "weight_every", "batch_size", "eval_batch_size", "corpus_images"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"pretrain.{key}={getattr(self, key)} must be >= 1")
-        for key in ("corpus_eval_images", "image_limit", "max_seq_len", "corpus_seed", "weight_decay", "grad_clip"):
+        for key in ("corpus_eval_images", "contrastive_negatives", "itm_negatives", "image_limit", "max_seq_len",
+                    "corpus_seed", "weight_decay", "grad_clip"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"pretrain.{key}={getattr(self, key)} must be >= 0")
         if 0 < self.max_seq_len < 3:
@@ -201,6 +220,16 @@ class PretrainConfig:
         for key in ("mlm_prob", "mor_prob", "mismatch_prob"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ConfigError(f"pretrain.{key}={getattr(self, key)} must lie in [0, 1]")
+        if self.itm_negatives > 0 and "match" not in names:
+            raise ConfigError(f"pretrain.itm_negatives={self.itm_negatives} makes the matching objective contrastive: "
+                              f"it needs match in pretrain.tasks (now {','.join(self.tasks)})")
+        if self.contrastive_dim < 1:
+            raise ConfigError(f"pretrain.contrastive_dim={self.contrastive_dim} must be >= 1")
+        if not self.contrastive_temperature > 0:
+            raise ConfigError(f"pretrain.contrastive_temperature={self.contrastive_temperature} must be > 0")
+        if self.contrastive_learn_temperature and self.contrastive_temperature < 0.01:
+            raise ConfigError(f"pretrain.contrastive_temperature={self.contrastive_temperature}: a learned temperature "
+                              "starts at or above 0.01 (its inverse is kept <= 100)")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"pretrain.warmup_ratio={self.warmup_ratio} must lie in [0, 1)")
         if not 0.0 < self.grad_std_floor <= 1.0:
