@@ -249,6 +249,33 @@ class TaskAdapter:
         """Restore :meth:`state_dict` (``state`` is the whole stage state)."""
 
 
+def gather_per_example(local: dict[str, Any], keys: tuple[str, ...], world_size: int) -> dict[str, Any]:
+    """Gather one rank's per-example evaluation arrays (``keys``, the first ``question_id``; plus the sums
+    ``loss_sum`` and ``n``) from every rank, and keep each example once (a padded last shard repeats
+    some), in first-seen order.
+
+    Args:
+        local: This rank's ``{key: (N_rank, ...) array}`` and ``loss_sum`` / ``n``.
+        keys: The per-example arrays, ``question_id`` first.
+        world_size: Ranks in the group (1: no communication).
+    """
+    import numpy as np
+
+    if world_size > 1:
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * world_size
+        dist.all_gather_object(gathered, local)
+        merged = {k: np.concatenate([g[k] for g in gathered]) for k in keys}
+        merged["loss_sum"] = sum(g["loss_sum"] for g in gathered)
+        merged["n"] = sum(g["n"] for g in gathered)
+        local = merged
+    _, first = np.unique(local[keys[0]], return_index=True)
+    for k in keys:
+        local[k] = local[k][np.sort(first)]
+    return local
+
+
 #: Task name -> ``"module:Class"`` of its adapter (imported on first use) or the class itself.
 TASKS: dict[str, str | type[TaskAdapter]] = {
     "vqa": "tasks.vqa.adapter:VQAAdapter",

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 import schema
-from tasks.base import MODEL_INPUTS, EvalResult, StepContext, StepLoss
+from tasks.base import MODEL_INPUTS, EvalResult, StepContext, StepLoss, gather_per_example
 from tasks.vqa.adapter import VQAAdapter, _csv
 
 _PER_EXAMPLE = ("question_id", "pred", "score")
@@ -130,19 +130,7 @@ class NLVR2Adapter(VQAAdapter):
             parts["logits"].append(logits.cpu())
         local = {k: torch.cat(v).numpy() if v else np.zeros((0, 2) if k == "logits" else 0) for k, v in parts.items()}
         local.update(loss_sum=loss_sum, n=n)
-        keys = (*_PER_EXAMPLE, "logits")
-        if self.world_size > 1:
-            import torch.distributed as dist
-
-            gathered: list[Any] = [None] * self.world_size
-            dist.all_gather_object(gathered, local)
-            local = {k: np.concatenate([g[k] for g in gathered]) for k in keys}
-            local["loss_sum"] = sum(g["loss_sum"] for g in gathered)
-            local["n"] = sum(g["n"] for g in gathered)
-        _, first = np.unique(local["question_id"], return_index=True)  # a padded last shard repeats some
-        for k in keys:
-            local[k] = local[k][np.sort(first)]
-        return local
+        return gather_per_example(local, (*_PER_EXAMPLE, "logits"), self.world_size)
 
     def question_scores(self, result: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
         score = np.asarray(result["score"], np.float64)

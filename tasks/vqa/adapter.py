@@ -18,7 +18,15 @@ import torch.nn.functional as F
 from torch import nn
 
 import schema
-from tasks.base import MODEL_INPUTS, EvalResult, OptimSpec, StepContext, StepLoss, TaskAdapter
+from tasks.base import (
+    MODEL_INPUTS,
+    EvalResult,
+    OptimSpec,
+    StepContext,
+    StepLoss,
+    TaskAdapter,
+    gather_per_example,
+)
 
 #: Values of the MLflow tag ``eval.metric``: what a trial's ``eval/acc`` (and ``best/acc``) is.
 EVAL_OFFICIAL = "vqa_official"
@@ -183,19 +191,7 @@ class VQAAdapter(TaskAdapter):
         parts = dict(zip(_PER_QUESTION, (qids, preds, scores, top_ids, top_probs)))
         local = {k: torch.cat(v).numpy() if v else empty[k] for k, v in parts.items()}
         local.update(loss_sum=loss_sum, n=n)
-        if self.world_size > 1:
-            import torch.distributed as dist
-
-            gathered: list[Any] = [None] * self.world_size
-            dist.all_gather_object(gathered, local)
-            local = {k: np.concatenate([g[k] for g in gathered]) for k in _PER_QUESTION}
-            local["loss_sum"] = sum(g["loss_sum"] for g in gathered)
-            local["n"] = sum(g["n"] for g in gathered)
-        # A padded last shard may repeat questions: keep each question once.
-        _, first = np.unique(local["question_id"], return_index=True)
-        for k in _PER_QUESTION:
-            local[k] = local[k][np.sort(first)]
-        return local
+        return gather_per_example(local, _PER_QUESTION, self.world_size)
 
     def question_scores(self, result: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
         """Per-question ``(acc, soft_score)`` of a :meth:`predict` result (rank 0), each (N,) in [0, 1].

@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import copy
 import math
-import tempfile
-from pathlib import Path
 
 import pytest
 import torch
+from test_pretrain_loop import Crash, FakeTracker, roundtrip
 
 from sweeps.config import parse_cli_overrides
 from sweeps.grid import expand, load_grid, load_preset
-from sweeps.loop import STATE_FILE, TrialLoop, load_state, prepared_config
+from sweeps.loop import TrialLoop, prepared_config
 
 pytestmark = pytest.mark.slow
 
@@ -39,14 +38,6 @@ def cell_config(cache, cell: str, *overrides: str):
                                 *overrides])  # fmt: skip
     plan = expand(load_grid("finetuning"), load_preset("smoke"), cli_overrides=over, cells=[cell])
     return prepared_config(plan.trials[0].config)
-
-
-def roundtrip(state):
-    """The checkpoint as a new worker reads it (``torch.load(weights_only=True)``)."""
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / STATE_FILE
-        torch.save(state, path)
-        return load_state(path)
 
 
 def pretrain_then_hand_over(cfg):
@@ -132,56 +123,13 @@ def test_frozen_layers_stay_bit_identical_and_only_the_chosen_ones_train(cache, 
     assert "finetune/usage" not in loop.history[-1][1]  # no policy, no usage statistics
 
 
-class Crash(RuntimeError):
-    pass
-
-
-class Tracker:
-    """Records what the loop sends to MLflow (the TrialTracker calls a trial makes)."""
-
-    def __init__(self):
-        self.epochs, self.stage, self.texts, self.tags, self.metrics = {}, {}, {}, {}, []
-
-    def catch_up(self, history):
-        return sum(self.log_epoch(e, m) for e, m in history)
-
-    def log_epoch(self, epoch, metrics):
-        new = epoch not in self.epochs
-        self.epochs.setdefault(epoch, dict(metrics))
-        return new
-
-    def log_stage_epoch(self, counter, epoch, metrics):
-        logged = self.stage.setdefault(counter, {})
-        new = epoch not in logged
-        logged.setdefault(epoch, dict(metrics))
-        return new
-
-    def log_metrics(self, metrics, step=0):
-        self.metrics.append((dict(metrics), step))
-
-    def set_tags(self, tags):
-        self.tags.update(tags)
-
-    def log_text(self, text, name):
-        self.texts[name] = text
-
-    def log_dict(self, data, name):
-        self.texts[name] = str(data)
-
-    def log_bytes(self, data, name):
-        self.texts[name] = f"{len(data)} bytes"
-
-    def finish(self, status="FINISHED"):
-        self.tags["status"] = status
-
-
 def test_resuming_mid_finetuning_rebuilds_the_plan_and_continues_exactly(cache):
     torch.set_num_threads(1)
     # Adam for the policy: its optimiser then has a state that the checkpoint must carry.
     cfg = cell_config(cache, "spottune", "train.epochs=2", "model.finetune.policy_optimizer=adam",
                       "model.finetune.policy_lr=0.001", "model.finetune.temperature_schedule=exp",
                       "model.finetune.temperature_decay=0.9", "model.finetune.temperature_unit=step")
-    tracker = Tracker()
+    tracker = FakeTracker()
     straight = TrialLoop(copy.deepcopy(cfg), log=lambda _m: None)
     straight.fit(lambda metrics, state: None, tracker)
 
