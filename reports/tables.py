@@ -418,8 +418,8 @@ def _caveats(rows: dict[str, dict[str, Any]], comp: dict[str, Any]) -> list[str]
             out.append(f"{name}: still learning at its last epoch (seed "
                        f"{', '.join(str(s) for s in row['still_learning'])})")
         if row.get("at_prior"):
-            shares = [d["share"] for d in row["at_prior"]]
-            out.append(f"{name}: no better than the blind prior on {100 * min(shares):.0f}-{100 * max(shares):.0f}% "
+            lo, hi = (f"{100 * f([d['share'] for d in row['at_prior']]):.0f}" for f in (min, max))
+            out.append(f"{name}: no better than the blind prior on {lo if lo == hi else f'{lo}-{hi}'}% "
                        f"of questions (seed {', '.join(str(d['seed']) for d in row['at_prior'])})")
     return out
 

@@ -173,7 +173,7 @@ def test_trials_at_the_blind_prior_are_flagged_with_their_question_types(new_sto
     assert [(d["seed"], d["share"]) for d in cells["span"]["at_prior"]] == [(0, 0.34), (1, 0.34), (2, 0.34)]
     assert "has color" in cells["span"]["at_prior"][0]["types"]
     (comp,) = out["tables"]["comparisons"]
-    assert any("no better than the blind prior on 34-34% of questions" in c for c in comp["caveats"])
+    assert any("no better than the blind prior on 34% of questions" in c for c in comp["caveats"])
     assert "at the blind prior on 34.0% of questions" in out["md"] and "most frequent training answer" in out["md"]
 
 
