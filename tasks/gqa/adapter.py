@@ -76,7 +76,7 @@ class GQAAdapter(VQAAdapter):
         result = self.predict(model, ctx)
         return EvalResult(self.eval_metrics(result) if self.rank == 0 else {}, result)
 
-    def eval_metrics(self, result: dict[str, Any]) -> dict[str, float]:
+    def eval_metrics(self, result: dict[str, Any], at_prior: tuple | None = None) -> dict[str, float]:
         """Bare names: ``acc`` (fraction; LXMERT's GQA accuracy over the labelled questions),
         ``loss``, ``n`` (questions scored) and ``n_labelled``."""
         from tasks.gqa.metrics import accuracy

@@ -136,7 +136,7 @@ class NLVR2Adapter(VQAAdapter):
         score = np.asarray(result["score"], np.float64)
         return score, score
 
-    def eval_metrics(self, result: dict[str, Any]) -> dict[str, float]:
+    def eval_metrics(self, result: dict[str, Any], at_prior: tuple | None = None) -> dict[str, float]:
         """Bare names: ``acc`` and ``consistency`` (fractions; :func:`tasks.nlvr2.metrics.evaluate`),
         ``loss``, ``n`` (statements scored), ``n_labelled``, ``sentences`` (consistency groups)."""
         from tasks.nlvr2.metrics import evaluate

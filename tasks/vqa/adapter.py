@@ -210,9 +210,10 @@ class VQAAdapter(TaskAdapter):
                 result["acc"] = humans.scores(result["question_id"], predicted)
         return result["acc"], soft
 
-    def eval_metrics(self, result: dict[str, Any]) -> dict[str, float]:
+    def eval_metrics(self, result: dict[str, Any], at_prior: tuple | None = None) -> dict[str, float]:
         """Bare names: ``acc``, ``soft_score``, ``loss``, ``n``, ``acc_<answer type>``, ``soft_score_<type>``,
-        and against the question-type prior (:meth:`prior`): ``prior_acc`` and ``at_prior_share``."""
+        and against the question-type prior (:meth:`prior`): ``prior_acc`` and ``at_prior_share``
+        (``at_prior``: :meth:`at_prior` of ``result`` when the caller has it already)."""
         acc, soft = self.question_scores(result)
         types = np.asarray(self.data.eval.answer_type_of(result["question_id"]))
         n = len(acc)
@@ -223,7 +224,7 @@ class VQAAdapter(TaskAdapter):
             out[f"acc_{_slug(group)}"] = float(acc[mask].mean())
             out[f"soft_score_{_slug(group)}"] = float(soft[mask].mean())
         if n:
-            at_prior, prior = self.at_prior(result)
+            at_prior, prior = at_prior or self.at_prior(result)
             out["prior_acc"] = prior
             out["at_prior_share"] = sum(k for _, _, _, k in at_prior) / n
         return out
@@ -295,9 +296,9 @@ class VQAAdapter(TaskAdapter):
         result = self.predict(model, ctx)
         if self.rank != 0:
             return EvalResult({}, result)
-        at_prior, _ = self.at_prior(result)
-        words = "; ".join(f"{t}: {100 * a:.1f}% vs prior {100 * p:.1f}% ({k} questions)" for t, a, p, k in at_prior)
-        return EvalResult(self.eval_metrics(result), result, {schema.EVAL_AT_PRIOR: words or "none"})
+        found = self.at_prior(result)  # once: the metric and the tag both read it
+        words = "; ".join(f"{t}: {100 * a:.1f}% vs prior {100 * p:.1f}% ({k} questions)" for t, a, p, k in found[0])
+        return EvalResult(self.eval_metrics(result, found), result, {schema.EVAL_AT_PRIOR: words or "none"})
 
     def artifacts(self, result: EvalResult) -> dict[str, Any]:
         return {schema.PREDICTIONS_ARTIFACT: self.predictions_table(result.payload),
